@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make demo` (the full pipeline on the shipped toy
+# model) and `make test` (the test suite). Both create .venv in the repo on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch, installed only when the environment has no torch yet. On machines
+# with a local wheel this takes seconds; a bare `torch` requirement would pull CUDA wheels.
+# Bring your own torch: `make TORCH_SPEC=torch==2.5.1` or install it into .venv first.
+TORCH_SPEC ?= torch==2.13.0
+RUN_DIR ?= runs/demo
+
+.PHONY: setup demo test clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/latent-hops demo --out $(RUN_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

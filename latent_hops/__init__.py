@@ -1,0 +1,16 @@
+"""latent_hops: mechanistic interpretability of latent multi-hop reasoning on TransformerLens.
+
+Reproduces and extends *Hopping Too Late* (Biran et al., EMNLP 2024). Start with
+``load_model("toy")`` and ``load_dataset("toy")``.
+"""
+
+from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
+from latent_hops.models import ModelLoadError, load_model
+from latent_hops.positions import hidden_state_hook, tokenize_prompts
+from latent_hops.queries import DatasetError, TwoHopQuery, load_dataset, save_dataset
+
+__version__ = "0.1.0"
+__all__ = [
+    "DatasetError", "EvaluationConfig", "ModelLoadError", "TwoHopQuery", "evaluate", "hidden_state_hook",
+    "load_dataset", "load_model", "save_dataset", "summarize", "tokenize_prompts",
+]

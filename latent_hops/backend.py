@@ -1,0 +1,159 @@
+"""Everything that depends on the TransformerLens version lives here, and only here.
+
+latent_hops targets TransformerLens 3.x (``HookedTransformer``). TL 4 replaced it with
+``TransformerBridge`` (and, measured with transformers 5.24, its KV-cached generation was
+silently wrong and ``start_at_layer`` saved no compute), so a TL 4 backend must re-implement
+the functions of this module, and nothing else: the analyses talk to the model only through
+the TransformerLens surface (``cfg``, ``to_tokens``, ``run_with_hooks``, ``run_with_cache``,
+``hooks()``, ``blocks``, ``ln_final``, ``unembed``) and the functions below.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import HookedTransformer, HookedTransformerConfig, TransformerLensKeyValueCache
+from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
+
+
+def _rope_theta(hf_config: Any) -> float:
+    theta = getattr(hf_config, "rope_theta", None)
+    if theta is None:  # transformers >= 5 keeps it in rope_parameters
+        theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def tl_config_from_hf(hf_config: Any, dtype: torch.dtype, device: str) -> HookedTransformerConfig:
+    """TransformerLens config for a Hugging Face config (Llama or GPT-2 architecture).
+
+    Read from the config itself: TL 3.9's own local-path loader guesses the architecture
+    from the directory name (a path containing "llama" never reads config.json).
+    """
+    arch = (hf_config.architectures or [""])[0]
+    if arch == "LlamaForCausalLM":
+        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"Llama rope scaling {rope!r} is not supported yet (only the default RoPE)")
+        kv = hf_config.num_key_value_heads
+        d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        cfg = dict(
+            d_model=hf_config.hidden_size, d_head=d_head, n_heads=hf_config.num_attention_heads,
+            d_mlp=hf_config.intermediate_size, n_layers=hf_config.num_hidden_layers,
+            n_ctx=hf_config.max_position_embeddings, eps=hf_config.rms_norm_eps,
+            d_vocab=hf_config.vocab_size, act_fn=hf_config.hidden_act,
+            n_key_value_heads=kv if kv != hf_config.num_attention_heads else None,
+            normalization_type="RMS", positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+            rotary_dim=d_head, rotary_base=_rope_theta(hf_config), final_rms=True, gated_mlp=True,
+        )
+    elif arch == "GPT2LMHeadModel":
+        cfg = dict(
+            d_model=hf_config.n_embd, d_head=hf_config.n_embd // hf_config.n_head, n_heads=hf_config.n_head,
+            d_mlp=hf_config.n_inner or 4 * hf_config.n_embd, n_layers=hf_config.n_layer,
+            n_ctx=hf_config.n_positions, eps=hf_config.layer_norm_epsilon, d_vocab=hf_config.vocab_size,
+            act_fn=hf_config.activation_function, use_attn_scale=hf_config.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=hf_config.scale_attn_by_inverse_layer_idx,
+            normalization_type="LN",
+        )
+    else:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return HookedTransformerConfig(
+        **cfg, original_architecture=arch, dtype=dtype, device=device, init_weights=False,
+        model_name=getattr(hf_config, "_name_or_path", "") or arch,
+    )
+
+
+def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: str) -> HookedTransformer:
+    """Convert a loaded HF causal LM with TransformerLens' own weight converters.
+
+    No weight processing (no LayerNorm folding or centering): hidden states are the HF
+    model's own, as in the paper's code, and logits match the HF model.
+    """
+    cfg = tl_config_from_hf(hf_model.config, dtype, device)
+    convert = convert_llama_weights if cfg.original_architecture == "LlamaForCausalLM" else convert_gpt2_weights
+    state_dict = convert(hf_model, cfg)
+    with warnings.catch_warnings():
+        # TL 3.9 warns at construction that HookedTransformer is deprecated in favour of
+        # TL 4's TransformerBridge; we pin TL 3 on purpose (see this module's docstring).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
+        fold_value_biases=False, refactor_factored_attn_matrices=False,
+    )
+    return model.to(device, print_details=False).eval()
+
+
+def hooked_from_pretrained(name: str, dtype: torch.dtype, device: str) -> HookedTransformer:
+    """A TransformerLens model by its official name, downloaded from the Hugging Face hub."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
+        return HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device).eval()
+
+
+def official_model_names() -> list[str]:
+    """Names (and aliases) that ``HookedTransformer.from_pretrained`` accepts."""
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    return sorted(make_model_alias_map())
+
+
+# ---------------------------------------------------------------------------- generation
+
+HookList = list[tuple[str, Callable]]
+
+
+@dataclass
+class GreedyOutput:
+    """Greedy continuation of a batch: new token ids (``pad_id`` after EOS) and first-step logits."""
+
+    tokens: Int[torch.Tensor, "batch new"]
+    first_logits: Float[torch.Tensor, "batch vocab"]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    max_new_tokens: int = 10,
+    prompt_hooks: HookList = (),
+    use_kv_cache: bool = True,
+) -> GreedyOutput:
+    """Greedy decoding of left-padded prompts, stopping each row at EOS.
+
+    ``prompt_hooks`` are active on the prompt pass only: with the KV cache they run once
+    on the prompt; without it (the exact reference loop) they run on every full forward,
+    and must touch prompt positions only, which left padding keeps fixed.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    batch, device = tokens.shape[0], tokens.device
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch) if use_kv_cache else None
+    with model.hooks(fwd_hooks=list(prompt_hooks)):
+        logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
+    first_logits = logits.float()
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+    seq, mask = tokens, attention_mask
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        out[:, step] = torch.where(finished, pad, nxt)
+        finished |= nxt == eos
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        ones = torch.ones((batch, 1), dtype=mask.dtype, device=device)
+        if cache is not None:
+            logits = model(nxt[:, None], attention_mask=ones, past_kv_cache=cache)[:, -1]
+        else:
+            seq, mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([mask, ones], 1)
+            with model.hooks(fwd_hooks=list(prompt_hooks)):
+                logits = model(seq, attention_mask=mask)[:, -1]
+    return GreedyOutput(out, first_logits)

@@ -1,0 +1,80 @@
+"""Tokenisation with character offsets, and the two positions every analysis uses.
+
+Conventions (written once, used everywhere):
+- t1 = the last token of e1's mention inside the composition prompt;
+- t2 = the last token of the prompt;
+- "hidden state of layer l" = ``blocks.{l}.hook_resid_post`` (see ``hidden_state_hook``).
+
+Prompts are left-padded, so t2 is always the last column of a batch. t1 is found from the
+tokenizer's character offsets, not by searching token subsequences, so it is right whether
+or not a BOS is prepended, for leading-space BPE, SentencePiece and word-level tokenizers,
+and when an entity tokenises differently in context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from transformer_lens import HookedTransformer
+
+Span = tuple[int, int]
+
+
+def hidden_state_hook(layer: int) -> str:
+    """Hook name of the hidden state of ``layer``: the residual stream after block ``layer``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+@dataclass
+class TokenizedPrompts:
+    """Left-padded token ids of a batch of prompts, with per-token character offsets."""
+
+    tokens: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    offsets: list[list[Span]]  # per prompt, per real token; (0, 0) for BOS
+
+    @property
+    def n_pad(self) -> list[int]:
+        """Number of left padding tokens of each prompt."""
+        return [self.tokens.shape[1] - len(o) for o in self.offsets]
+
+    def last_position(self) -> list[int]:
+        """t2 of each prompt, as a column index of ``tokens``."""
+        return [self.tokens.shape[1] - 1] * len(self.offsets)
+
+    def char_span_position(self, row: int, span: Span) -> int | None:
+        """Column index of the last token overlapping the character ``span``, or None."""
+        start, end = span
+        hits = [i for i, (s, e) in enumerate(self.offsets[row]) if e > s and s < end and e > start]
+        return self.n_pad[row] + hits[-1] if hits else None
+
+
+def tokenize_prompts(
+    model: HookedTransformer, prompts: list[str], prepend_bos: bool | None = None
+) -> TokenizedPrompts:
+    """Tokenise like ``model.to_tokens`` does, but left-padded and with character offsets.
+
+    BOS is prepended when ``prepend_bos`` (default: ``model.cfg.default_prepend_bos``).
+    """
+    if not prompts:
+        raise ValueError("no prompts to tokenise")
+    tokenizer = model.tokenizer
+    bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    enc = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], [list(map(tuple, o)) for o in enc["offset_mapping"]]
+    if bos:
+        ids = [[tokenizer.bos_token_id] + row for row in ids]
+        offsets = [[(0, 0)] + row for row in offsets]
+    empty = [p for p, row in zip(prompts, ids) if not row]
+    if empty:
+        raise ValueError(f"prompt tokenises to nothing: {empty[0]!r}")
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return TokenizedPrompts(tokens.to(model.cfg.device), mask.to(model.cfg.device), offsets)

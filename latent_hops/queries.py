@@ -1,0 +1,216 @@
+"""Two-hop queries: the typed record, the table form, the five prompts, and dataset I/O.
+
+A query is (e1, r1, e2, r2, e3): "the spouse of the performer of Imagine is" has e1 =
+Imagine, r1 = performer, e2 = John Lennon (the bridge), r2 = spouse, e3 = Yoko Ono. Many
+queries are a pandas DataFrame with one row per query and the columns of ``QUERY_COLUMNS``
+(aliases as lists of strings); ``TwoHopQuery`` is one row as a typed record.
+
+``load_dataset`` reads ``"toy"`` (shipped with the package), the paper's ``two_hop.csv``
+(aliases stored as Python-list literals), or Parquet / JSONL written by ``save_dataset``.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+PROMPT_KINDS = ("first_hop", "second_hop", "composition", "entity_shortcut", "relation_shortcut")
+"""The five prompts of a query (reference §Data), in this order everywhere."""
+
+PROMPT_SUFFIX = " is"
+REQUIRED_COLUMNS = (
+    "id", "e1_label", "e2_label", "e3_label", "e1_aliases", "e2_aliases", "e3_aliases",
+    "r1_template", "r2_template",
+)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read, with the reason (and the row id where there is one)."""
+
+
+@dataclass(frozen=True)
+class TwoHopQuery:
+    """One two-hop query (a row of the paper's ``two_hop.csv`` plus a ``split``)."""
+
+    id: str
+    e1_label: str
+    e2_label: str
+    e3_label: str
+    r1_template: str  # e.g. "the performer of {}"
+    r2_template: str  # e.g. "the spouse of {}"
+    e1_aliases: tuple[str, ...] = ()
+    e2_aliases: tuple[str, ...] = ()
+    e3_aliases: tuple[str, ...] = ()
+    e1: str = ""
+    r1: str = ""
+    e2: str = ""
+    r2: str = ""
+    e3: str = ""
+    e1_type: str = ""
+    e2_type: str = ""
+    e3_type: str = ""
+    r1_type: str = ""
+    r2_type: str = ""
+    source_prompt: str = ""
+    split: str = "all"
+
+    def names(self, entity: str) -> tuple[str, ...]:
+        """Label and aliases of ``entity`` ("e1", "e2" or "e3"), label first, deduplicated."""
+        label = getattr(self, f"{entity}_label")
+        return tuple(dict.fromkeys((label, *getattr(self, f"{entity}_aliases"))))
+
+    def prompts(self, suffix: str = PROMPT_SUFFIX) -> dict[str, str]:
+        """The five prompts of the reference (first hop, second hop, composition, shortcuts)."""
+        return build_prompts(self.r1_template, self.r2_template, self.e1_label, self.e2_label, suffix)
+
+    def composition_prompt(self, suffix: str = PROMPT_SUFFIX) -> str:
+        """The two-hop prompt: the dataset's ``source_prompt`` when it has one."""
+        return self.source_prompt or self.prompts(suffix)["composition"]
+
+
+QUERY_COLUMNS = tuple(f.name for f in fields(TwoHopQuery))
+ALIAS_COLUMNS = ("e1_aliases", "e2_aliases", "e3_aliases")
+
+
+def build_prompts(r1_template: str, r2_template: str, e1: str, e2: str, suffix: str = PROMPT_SUFFIX) -> dict[str, str]:
+    """The five prompts, from data-driven templates with one ``{}`` slot each.
+
+    The relation shortcut drops e1: ``r2_template(r1_template(""))``, whitespace-normalised.
+    """
+    def fill(template: str, value: str) -> str:
+        return " ".join(template.format(value).split())
+
+    return {
+        "first_hop": fill(r1_template, e1) + suffix,
+        "second_hop": fill(r2_template, e2) + suffix,
+        "composition": fill(r2_template, fill(r1_template, e1)) + suffix,
+        "entity_shortcut": fill(r2_template, e1) + suffix,
+        "relation_shortcut": fill(r2_template, fill(r1_template, "")) + suffix,
+    }
+
+
+def e1_span_in_composition(query: TwoHopQuery, suffix: str = PROMPT_SUFFIX) -> tuple[int, int] | str:
+    """Character span [start, end) of e1's mention in the composition prompt, or a skip reason.
+
+    Computed from the templates, not by searching the prompt, so an e1 name that occurs
+    twice (or inside a relation phrase) still maps to its own mention. A ``source_prompt``
+    that differs from the template form is searched, and must contain e1 exactly once.
+    """
+    prompt = query.composition_prompt(suffix)
+    if prompt == query.prompts(suffix)["composition"]:
+        inner = " ".join(query.r1_template.format("\0").split())
+        outer = " ".join(query.r2_template.format(inner).split())
+        start = outer.index("\0")
+        return start, start + len(query.e1_label)
+    count = prompt.count(query.e1_label)
+    if count != 1:
+        found = "does not occur" if count == 0 else f"occurs {count} times"
+        return f"e1 label {query.e1_label!r} {found} in the prompt {prompt!r}"
+    start = prompt.index(query.e1_label)
+    return start, start + len(query.e1_label)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def queries_to_table(queries: list[TwoHopQuery]) -> pd.DataFrame:
+    """Table form of many queries (aliases as lists)."""
+    rows = [{**asdict(q), **{c: list(getattr(q, c)) for c in ALIAS_COLUMNS}} for q in queries]
+    return pd.DataFrame(rows, columns=list(QUERY_COLUMNS))
+
+
+def iter_queries(table: pd.DataFrame) -> list[TwoHopQuery]:
+    """Typed records for every row of a query table."""
+    records = table[list(QUERY_COLUMNS)].to_dict("records")
+    return [TwoHopQuery(**{**r, **{c: tuple(r[c]) for c in ALIAS_COLUMNS}}) for r in records]
+
+
+def _parse_aliases(value: object, row_id: str, column: str) -> list[str]:
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        items = list(value.tolist() if hasattr(value, "tolist") else value)
+    elif value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        items = []
+    else:
+        try:
+            items = ast.literal_eval(str(value))
+        except (ValueError, SyntaxError):
+            raise DatasetError(f"row id {row_id}: column {column} is not a Python list literal: {value!r}") from None
+        if not isinstance(items, (list, tuple)):
+            raise DatasetError(f"row id {row_id}: column {column} is not a list: {value!r}")
+    return [str(a) for a in items]
+
+
+def normalize_table(raw: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
+    """Validate a raw query table and bring it to ``QUERY_COLUMNS`` (typed, aliases parsed)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in raw.columns]
+    if missing:
+        raise DatasetError(f"{source}: missing required columns: {', '.join(missing)}")
+    if len(raw) == 0:
+        raise DatasetError(f"{source}: the dataset is empty (no queries)")
+    table = raw.copy()
+    table["id"] = table["id"].astype(str)
+    dup = table["id"][table["id"].duplicated()].unique()
+    if len(dup):
+        raise DatasetError(f"{source}: duplicate query ids: {', '.join(map(str, dup[:10]))}")
+    for column in ALIAS_COLUMNS:
+        table[column] = [_parse_aliases(v, i, column) for v, i in zip(table[column], table["id"])]
+    for template in ("r1_template", "r2_template"):
+        bad = table.loc[table[template].astype(str).str.count(r"\{\}") != 1, "id"]
+        if len(bad):
+            raise DatasetError(f"{source}: row id {bad.iloc[0]}: {template} must contain exactly one '{{}}'")
+    for column in QUERY_COLUMNS:
+        if column in ALIAS_COLUMNS:
+            continue
+        if column not in table.columns:
+            table[column] = "all" if column == "split" else ""
+        table[column] = table[column].fillna("").astype(str)
+    return table[list(QUERY_COLUMNS)].reset_index(drop=True)
+
+
+def toy_dataset_path() -> Path:
+    """The toy dataset CSV inside the installed package."""
+    return Path(str(resources.files("latent_hops.toy") / "two_hop.csv"))
+
+
+def load_dataset(spec: str | os.PathLike = "toy") -> pd.DataFrame:
+    """Load queries: ``"toy"``, the paper's CSV, or our Parquet / JSONL; returns the table."""
+    path = toy_dataset_path() if str(spec) == "toy" else Path(spec).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"dataset {str(spec)!r}: no such file (expected 'toy', .csv, .parquet or .jsonl)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+        elif suffix in (".parquet", ".pq"):
+            raw = pd.read_parquet(path)
+        elif suffix in (".jsonl", ".json"):
+            raw = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+        else:
+            raise DatasetError(f"dataset {path}: unknown format {suffix!r} (use .csv, .parquet or .jsonl)")
+    except (pd.errors.ParserError, ValueError, OSError) as err:
+        if isinstance(err, DatasetError):
+            raise
+        raise DatasetError(f"dataset {path}: cannot be parsed: {err}") from None
+    return normalize_table(raw, str(path))
+
+
+def save_dataset(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a query table to Parquet (the project's own format)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    normalize_table(table, str(path)).to_parquet(path, index=False)
+    return path
+
+
+def write_paper_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a query table in the paper's ``two_hop.csv`` schema (aliases as list literals)."""
+    out = table.copy()
+    for column in ALIAS_COLUMNS:
+        out[column] = [repr(list(v)) for v in out[column]]
+    out.to_csv(path, index=False)
+    return Path(path)
