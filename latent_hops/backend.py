@@ -116,6 +116,56 @@ class GreedyOutput:
     first_logits: Float[torch.Tensor, "batch vocab"]
 
 
+class Sampler:
+    """Seeded sampling at a temperature, to use instead of greedy decoding."""
+
+    def __init__(self, seed: int, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.seed, self.temperature = seed, temperature
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or self.generator.device != logits.device:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        probs = (logits.float() / self.temperature).softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def _greedy_loop(model: HookedTransformer, logits: torch.Tensor, step: Callable, max_new_tokens: int,
+                 choose: Callable = _argmax) -> GreedyOutput:
+    """Decoding from the prompt pass's last logits (greedy unless ``choose`` samples);
+    ``step(next_ids)`` gives the next logits."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    batch, device = logits.shape[0], logits.device
+    first_logits = logits.float()
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+    for i in range(max_new_tokens):
+        nxt = choose(logits)
+        out[:, i] = torch.where(finished, pad, nxt)
+        finished |= nxt == eos
+        if i + 1 == max_new_tokens or bool(finished.all()):
+            break
+        logits = step(nxt)
+    return GreedyOutput(out, first_logits)
+
+
+def _cached_step(model: HookedTransformer, cache: TransformerLensKeyValueCache) -> Callable:
+    def step(nxt: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones((nxt.shape[0], 1), dtype=torch.long, device=nxt.device)
+        return model(nxt[:, None], attention_mask=ones, past_kv_cache=cache)[:, -1]
+
+    return step
+
+
 @torch.no_grad()
 def greedy_generate(
     model: HookedTransformer,
@@ -131,29 +181,72 @@ def greedy_generate(
     on the prompt; without it (the exact reference loop) they run on every full forward,
     and must touch prompt positions only, which left padding keeps fixed.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    batch, device = tokens.shape[0], tokens.device
-    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch) if use_kv_cache else None
-    with model.hooks(fwd_hooks=list(prompt_hooks)):
-        logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
-    first_logits = logits.float()
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
-    seq, mask = tokens, attention_mask
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        out[:, step] = torch.where(finished, pad, nxt)
-        finished |= nxt == eos
-        if step + 1 == max_new_tokens or bool(finished.all()):
-            break
-        ones = torch.ones((batch, 1), dtype=mask.dtype, device=device)
-        if cache is not None:
-            logits = model(nxt[:, None], attention_mask=ones, past_kv_cache=cache)[:, -1]
-        else:
-            seq, mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([mask, ones], 1)
-            with model.hooks(fwd_hooks=list(prompt_hooks)):
-                logits = model(seq, attention_mask=mask)[:, -1]
-    return GreedyOutput(out, first_logits)
+    hooks = list(prompt_hooks)
+    if use_kv_cache:
+        cache = new_kv_cache(model, tokens.shape[0])
+        with model.hooks(fwd_hooks=hooks):
+            logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
+        return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens)
+    seq = [tokens, attention_mask]
+
+    def step(nxt: torch.Tensor) -> torch.Tensor:
+        seq[0] = torch.cat([seq[0], nxt[:, None]], 1)
+        seq[1] = torch.cat([seq[1], torch.ones_like(nxt[:, None])], 1)
+        with model.hooks(fwd_hooks=hooks):
+            return model(seq[0], attention_mask=seq[1])[:, -1]
+
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(tokens, attention_mask=attention_mask)[:, -1]
+    return _greedy_loop(model, logits, step, max_new_tokens)
+
+
+# ---------------------------------------------------------------------------- resuming from a layer
+
+
+def new_kv_cache(model: HookedTransformer, batch: int) -> TransformerLensKeyValueCache:
+    return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+
+
+@torch.no_grad()
+def embed(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
+          attention_mask: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
+    return model(tokens, attention_mask=attention_mask, stop_at_layer=0)
+
+
+@torch.no_grad()
+def run_block(model: HookedTransformer, resid: torch.Tensor, layer: int, attention_mask: torch.Tensor,
+              cache: TransformerLensKeyValueCache) -> Float[torch.Tensor, "batch pos d_model"]:
+    """Block ``layer`` on a prompt's residual stream, appending its keys/values to ``cache``."""
+    return model(resid, start_at_layer=layer, stop_at_layer=layer + 1, attention_mask=attention_mask,
+                 past_kv_cache=cache)
+
+
+def select_cache(cache: TransformerLensKeyValueCache, rows: torch.Tensor, n_layers: int,
+                 attention_mask: torch.Tensor) -> TransformerLensKeyValueCache:
+    """A cache for ``rows`` of a prompt batch holding the first ``n_layers`` layers' keys and
+    values (shared with a clean run), the later layers empty, ready to resume from there."""
+    entries = []
+    for i, entry in enumerate(cache.entries):
+        keys, values = (entry.past_keys, entry.past_values) if i < n_layers else (
+            entry.past_keys[:, :0], entry.past_values[:, :0])
+        entries.append(type(entry)(past_keys=keys[rows], past_values=values[rows]))
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=attention_mask)
+
+
+@torch.no_grad()
+def greedy_from_layer(
+    model: HookedTransformer,
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    start_layer: int,
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    cache: TransformerLensKeyValueCache,
+    max_new_tokens: int = 10,
+    sampler: Sampler | None = None,
+) -> GreedyOutput:
+    """Finish a prompt pass from block ``start_layer`` on (``resid`` enters it), then decode
+    greedily with the KV cache. ``cache`` must hold the layers below ``start_layer``
+    (``select_cache``); layers below are not recomputed. ``sampler`` samples instead."""
+    logits = model(resid, start_at_layer=start_layer, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
+    cache.previous_attention_mask = attention_mask  # start_at_layer skips TL's own bookkeeping
+    return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, sampler or _argmax)

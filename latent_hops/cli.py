@@ -1,77 +1,265 @@
 """The ``latent-hops`` command line: it only wires the library's functions to files.
 
-    latent-hops evaluate --model toy --dataset toy --out runs/toy
-    latent-hops demo --out runs/demo
+    latent-hops evaluate  --model toy --dataset toy --out runs/toy
+    latent-hops backpatch --model toy --dataset toy --out runs/toy --positions t1,t2 --subset incorrect
+    latent-hops logit-lens | project | knockout | patchscope --out runs/toy
+    latent-hops stages    --model toy --dataset toy --out runs/toy
+    latent-hops demo      --out runs/demo
+
+Every subcommand writes Parquet into the run directory (``--out``) and reuses what is
+already there (``evaluation.parquet`` and the per-analysis tables ``stages`` needs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from latent_hops import backpatch as bp
+from latent_hops import plots
+from latent_hops.cases import prepare_cases
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
-from latent_hops.models import ModelLoadError, load_model
+from latent_hops.knockout import EDGE_PRESETS, KnockoutConfig, attention_knockout
+from latent_hops.logit_lens import logit_lens
+from latent_hops.models import TOY_SPEC, ModelLoadError, load_model
+from latent_hops.patchscopes import TARGET_PRESETS, PatchscopeConfig, TargetPrompt, patchscope
+from latent_hops.projection import sublayer_projection
 from latent_hops.queries import DatasetError, load_dataset
+from latent_hops.stages import stage_medians, stage_table
 
 
-def _common(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
-    parser.add_argument("--model", default="toy", help="'toy', a local HF checkpoint dir, or a TransformerLens name")
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=TOY_SPEC, help="'toy', a local HF checkpoint dir, or a TransformerLens name")
     parser.add_argument("--dataset", default="toy", help="'toy', a two_hop.csv, or .parquet/.jsonl")
-    parser.add_argument("--out", type=Path, required=out_required, help="run directory")
+    parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="prompts per forward pass")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N queries")
     parser.add_argument("--split", default=None, help="use only queries of this split (e.g. test_id)")
 
 
-def _load_queries(args) -> pd.DataFrame:
-    table = load_dataset(args.dataset)
-    if args.split is not None:
-        table = table[table["split"] == args.split]
-        if table.empty:
-            raise DatasetError(f"no queries with split {args.split!r}")
-    if args.limit is not None:
-        if args.limit < 1:
-            raise DatasetError(f"--limit must be >= 1, got {args.limit}")
-        table = table.iloc[: args.limit]
-    return table.reset_index(drop=True)
+def _analysis(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subset", default="all", help="incorrect, correct, or all (= correct,incorrect)")
+    parser.add_argument("--max-cases", type=int, default=None, help="at most N cases per split x subset")
+
+
+class Session:
+    """What one command shares: the queries, the model and the run directory."""
+
+    def __init__(self, args):
+        self.args = args
+        self.table = self._queries()
+        self.model = load_model(args.model, device=args.device, dtype=args.dtype)
+        self._cases: dict = {}
+        args.out.mkdir(parents=True, exist_ok=True)
+
+    def _queries(self) -> pd.DataFrame:
+        table = load_dataset(self.args.dataset)
+        if self.args.split is not None:
+            table = table[table["split"] == self.args.split]
+            if table.empty:
+                raise DatasetError(f"no queries with split {self.args.split!r}")
+        if self.args.limit is not None:
+            if self.args.limit < 1:
+                raise DatasetError(f"--limit must be >= 1, got {self.args.limit}")
+            table = table.iloc[: self.args.limit]
+        return table.reset_index(drop=True)
+
+    def path(self, name: str) -> Path:
+        return self.args.out / name
+
+    def evaluation(self) -> pd.DataFrame:
+        """``evaluation.parquet`` when it covers the queries, else a fresh evaluation (saved)."""
+        path = self.path("evaluation.parquet")
+        if path.is_file():
+            done = pd.read_parquet(path)
+            if set(self.table["id"]) <= set(done["id"]):
+                return done[done["id"].isin(set(self.table["id"]))].reset_index(drop=True)
+        start = time.time()
+        result = evaluate(self.model, self.table, EvaluationConfig(batch_size=self.args.batch_size, progress=True))
+        result.to_parquet(path, index=False)
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+            print(summarize(result).to_string())
+        print(f"evaluated {len(result)} queries in {time.time() - start:.1f}s -> {path}")
+        return result
+
+    def chosen(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(queries, evaluation) of the analysed cases: subset filter, then --max-cases."""
+        evaluation = self.evaluation()
+        subsets = ("correct", "incorrect") if self.args.subset == "all" else _csv(self.args.subset)
+        ev = evaluation[evaluation["subset"].isin(subsets)]
+        if self.args.max_cases is not None:
+            ev = ev.groupby(["split", "subset"], sort=False).head(self.args.max_cases)
+        if ev.empty:
+            raise DatasetError(f"no queries in subsets {subsets}; see {self.path('evaluation.parquet')}")
+        return self.table[self.table["id"].isin(set(ev["id"]))], evaluation
+
+    def cases(self, positions=("t1", "t2")):
+        """Prepared cases (computed once per positions), skipped queries, evaluation."""
+        key = tuple(positions)
+        if key not in self._cases:
+            table, evaluation = self.chosen()
+            cases, skipped = prepare_cases(self.model, table, positions)
+            if len(skipped):
+                print(f"skipped {len(skipped)} queries (positions unresolved); first: {skipped.reason.iloc[0]}")
+            self._cases[key] = (cases, skipped, evaluation)
+        return self._cases[key]
+
+    def save(self, frame: pd.DataFrame, name: str, seconds: float) -> pd.DataFrame:
+        frame.to_parquet(self.path(name), index=False)
+        print(f"{name}: {len(frame)} rows in {seconds:.1f}s -> {self.path(name)}")
+        return frame
 
 
 def cmd_evaluate(args) -> pd.DataFrame:
-    table = _load_queries(args)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    session = Session(args)
+    session.path("evaluation.parquet").unlink(missing_ok=True)  # evaluate always re-evaluates
+    return session.evaluation()
+
+
+def run_backpatch(session: Session) -> pd.DataFrame:
+    args = session.args
+    config = bp.BackpatchConfig(positions=_csv(args.positions), kinds=_csv(args.kinds),
+                                include_embeddings=args.include_embeddings, batch_rows=args.batch_rows,
+                                memory_budget_mb=args.memory_budget_mb, progress=True)
+    cases, skipped, evaluation = session.cases(config.positions)
     start = time.time()
-    result = evaluate(model, table, EvaluationConfig(batch_size=args.batch_size, progress=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "evaluation.parquet"
-    result.to_parquet(path, index=False)
+    results = session.save(bp.sweep(session.model, cases, config), "backpatch.parquet", time.time() - start)
+    labelled = bp.with_labels(results, evaluation)
+    oracle, cells, non_oracle = bp.oracle_rates(labelled), bp.cell_rates(labelled), bp.non_oracle(labelled)
+    cells.to_parquet(session.path("backpatch_cells.parquet"), index=False)
+    summary = {"model": args.model, "dataset": args.dataset, "cases": len(cases), "rows": len(results),
+               "seconds": round(time.time() - start, 1), "skipped": skipped.to_dict("records"),
+               "oracle": oracle.to_dict("records"), "non_oracle": non_oracle.to_dict("records")}
+    session.path("backpatch_summary.json").write_text(json.dumps(summary, indent=1))
+    figures = [plots.backpatch_heatmap(cells, subset, position, oracle=oracle)
+               for subset in ("incorrect", "correct") if subset in set(oracle.subset) for position in config.positions]
+    plots.save_html(figures, session.path("backpatch_heatmaps.html"), "latent_hops back-patching")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
-        print(summarize(result).to_string())
-    print(f"{len(result)} queries in {time.time() - start:.1f}s -> {path}")
-    return result
+        print(oracle[oracle.split == "all"].to_string(index=False) if "all" in set(oracle.split) else oracle.to_string(index=False))
+        if not non_oracle.empty:
+            print(non_oracle.to_string(index=False))
+    return results
+
+
+def run_logit_lens(session: Session) -> pd.DataFrame:
+    cases, _, _ = session.cases()
+    start = time.time()
+    return session.save(logit_lens(session.model, cases, batch_size=session.args.batch_size), "logit_lens.parquet",
+                        time.time() - start)
+
+
+def run_projection(session: Session) -> pd.DataFrame:
+    cases, _, _ = session.cases()
+    start = time.time()
+    return session.save(sublayer_projection(session.model, cases, batch_size=session.args.batch_size),
+                        "projection.parquet", time.time() - start)
+
+
+def run_knockout(session: Session) -> pd.DataFrame:
+    args = session.args
+    cases, _, _ = session.cases()
+    config = KnockoutConfig(presets=_csv(args.presets), window=args.window, batch_size=args.batch_size, progress=True)
+    start = time.time()
+    return session.save(attention_knockout(session.model, cases, config), "knockout.parquet", time.time() - start)
+
+
+def _target(args) -> TargetPrompt:
+    if args.target == "auto":
+        return TARGET_PRESETS["toy" if args.model == TOY_SPEC else "paper"]
+    return TARGET_PRESETS[args.target] if args.target in TARGET_PRESETS else TargetPrompt.from_text(args.target)
+
+
+def run_patchscope(session: Session) -> pd.DataFrame:
+    args = session.args
+    cases, _, _ = session.cases()
+    config = PatchscopeConfig(target=_target(args), seeds=tuple(int(s) for s in _csv(args.seeds)),
+                              batch_rows=args.batch_rows or 512, progress=True)
+    start = time.time()
+    return session.save(patchscope(session.model, cases, config), "patchscope.parquet", time.time() - start)
+
+
+def run_stages(session: Session) -> pd.DataFrame:
+    """All analyses the stage table needs (each reused from the run directory if there)."""
+    def load_or_run(name: str, run) -> pd.DataFrame:
+        path = session.path(name)
+        if path.is_file():
+            print(f"reusing {path}")
+            return pd.read_parquet(path)
+        return run(session)
+
+    lens = load_or_run("logit_lens.parquet", run_logit_lens)
+    projection = load_or_run("projection.parquet", run_projection)
+    knockout = load_or_run("knockout.parquet", run_knockout)
+    scopes = load_or_run("patchscope.parquet", run_patchscope)
+    stages = stage_table(session.evaluation(), lens, projection, knockout, scopes)
+    stages.to_parquet(session.path("stages.parquet"), index=False)
+    medians = stage_medians(stages)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(medians.to_string())
+    figures = [plots.stage_boxplot(stages, method) for method in stages["method"].unique()]
+    figures.append(plots.resolution_curves(stages))
+    plots.save_html(figures, session.path("stages.html"), "latent_hops stages")
+    print(f"stages -> {session.path('stages.parquet')}")
+    return stages
 
 
 def cmd_demo(args) -> None:
-    """The whole pipeline on the shipped toy model (what exists of it so far)."""
-    args.model, args.dataset = args.model or "toy", args.dataset or "toy"
-    cmd_evaluate(args)
+    """The whole pipeline on the shipped toy model: evaluate, back-patch, stages."""
+    session = Session(args)
+    session.evaluation()
+    run_backpatch(session)
+    run_stages(session)
+    print(f"\nresults in {args.out}/ (backpatch_heatmaps.html, stages.html, *.parquet)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latent-hops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("evaluate", help="hop accuracies and subsets -> RUN_DIR/evaluation.parquet")
-    _common(p)
-    p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("demo", help="run the pipeline on the shipped toy model")
-    _common(p)
-    p.set_defaults(func=cmd_demo)
+
+    def add(name: str, func, help: str, analysis: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        _common(p)
+        if analysis:
+            _analysis(p)
+        p.set_defaults(func=func)
+        return p
+
+    add("evaluate", cmd_evaluate, "hop accuracies and subsets -> evaluation.parquet", analysis=False)
+    for name, help in (("backpatch", "back-patching sweep -> backpatch.parquet + summary + heatmaps"),
+                       ("demo", "the whole pipeline on the shipped toy model")):
+        p = add(name, cmd_demo if name == "demo" else lambda a: run_backpatch(Session(a)), help)
+        p.add_argument("--positions", default="t1,t2", help="comma-separated: t1,t2")
+        p.add_argument("--kinds", default=",".join(bp.KINDS), help="back,forward,random")
+        p.add_argument("--include-embeddings", action="store_true", help="layer -1 (embeddings) as source/target")
+        p.add_argument("--batch-rows", type=int, default=None, help="patched rows per forward (default: budget)")
+        p.add_argument("--memory-budget-mb", type=float, default=1024.0)
+    add("logit-lens", lambda a: run_logit_lens(Session(a)), "logit lens at t1/t2 -> logit_lens.parquet")
+    add("project", lambda a: run_projection(Session(a)), "sublayer projection at t2 -> projection.parquet")
+    for name, func, help in (("knockout", lambda a: run_knockout(Session(a)), "attention knockout -> knockout.parquet"),
+                             ("patchscope", lambda a: run_patchscope(Session(a)), "Patchscopes -> patchscope.parquet"),
+                             ("stages", lambda a: run_stages(Session(a)), "all stage analyses -> stages.parquet"),
+                             ("demo", None, None)):
+        p = sub.choices[name] if name == "demo" else add(name, func, help)
+        if name in ("knockout", "stages", "demo"):
+            p.add_argument("--presets", default="last_to_t1", help=f"knockout edges: {','.join(EDGE_PRESETS)}")
+            p.add_argument("--window", type=int, default=3, help="knockout window half-width k")
+        if name in ("patchscope", "stages", "demo"):
+            p.add_argument("--target", default="auto", help="target prompt: auto, paper, toy, or text with an x")
+            p.add_argument("--seeds", default="", help="sampling seeds (default: greedy)")
+            if name != "demo":
+                p.add_argument("--batch-rows", type=int, default=None, help="patched rows per forward")
     return parser
 
 
@@ -79,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ModelLoadError, DatasetError) as err:
+    except (ModelLoadError, DatasetError, ValueError) as err:
         print(f"latent-hops: error: {err}", file=sys.stderr)
         return 2
     return 0

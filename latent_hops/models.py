@@ -57,6 +57,7 @@ def _looks_like_path(spec: str) -> bool:
 def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str) -> HookedTransformer:
     """A Hugging Face checkpoint directory, converted to TransformerLens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -69,11 +70,16 @@ def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str) -> Hooked
         raise ModelLoadError(
             f"{path}: architecture {arch!r} is not supported; supported: {', '.join(backend.SUPPORTED_ARCHITECTURES)}"
         )
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor bar is noise for small local checkpoints
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the checkpoint in {path}: {err}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return backend.hooked_from_hf(hf_model, tokenizer, dtype, device)
 
 

@@ -22,9 +22,27 @@ from transformer_lens import HookedTransformer
 Span = tuple[int, int]
 
 
+EMBEDDINGS = -1
+"""Layer index of the embedding output (the residual stream entering block 0)."""
+
+
 def hidden_state_hook(layer: int) -> str:
-    """Hook name of the hidden state of ``layer``: the residual stream after block ``layer``."""
+    """Hook name of the hidden state of ``layer``: the residual stream after block ``layer``;
+    ``layer == -1`` names the embedding output (``blocks.0.hook_resid_pre``)."""
+    if layer == EMBEDDINGS:
+        return "blocks.0.hook_resid_pre"
+    if layer < EMBEDDINGS:
+        raise ValueError(f"layer must be >= -1 (the embeddings), got {layer}")
     return f"blocks.{layer}.hook_resid_post"
+
+
+def check_layers(model: HookedTransformer, layers) -> list[int]:
+    """``layers`` as a list, each checked to lie in [-1, n_layers - 1]."""
+    layers = [int(x) for x in layers]
+    bad = [x for x in layers if not EMBEDDINGS <= x < model.cfg.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has layers -1 (embeddings) to {model.cfg.n_layers - 1}")
+    return layers
 
 
 @dataclass
@@ -78,3 +96,22 @@ def tokenize_prompts(
         tokens[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
     return TokenizedPrompts(tokens.to(model.cfg.device), mask.to(model.cfg.device), offsets)
+
+
+def answer_first_tokens(model: HookedTransformer, prompt: str, aliases) -> list[int]:
+    """First token of each alias as it would be generated right after ``prompt``.
+
+    Found by tokenising ``prompt + " " + alias`` and taking the first token past the
+    prompt's own tokens, so leading-space BPE and SentencePiece pieces come out right.
+    Where a tokenizer merges across that boundary, the alias is tokenised on its own.
+    """
+    base = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    firsts = []
+    for alias in aliases:
+        ids = model.tokenizer(f"{prompt} {alias}", add_special_tokens=False)["input_ids"]
+        if len(ids) > len(base) and ids[: len(base)] == base:
+            firsts.append(ids[len(base)])
+        else:
+            alone = model.tokenizer(f" {alias}", add_special_tokens=False)["input_ids"]
+            firsts += alone[:1]
+    return list(dict.fromkeys(firsts))

@@ -94,25 +94,33 @@ def build_prompts(r1_template: str, r2_template: str, e1: str, e2: str, suffix: 
     }
 
 
-def e1_span_in_composition(query: TwoHopQuery, suffix: str = PROMPT_SUFFIX) -> tuple[int, int] | str:
-    """Character span [start, end) of e1's mention in the composition prompt, or a skip reason.
+def composition_spans(query: TwoHopQuery, suffix: str = PROMPT_SUFFIX) -> dict[str, tuple[int, int]] | str:
+    """Character spans [start, end) of ``"e1"`` and of the first-hop phrase ``"r1"`` (r1's
+    template with e1 in it) in the composition prompt, or a skip reason.
 
     Computed from the templates, not by searching the prompt, so an e1 name that occurs
     twice (or inside a relation phrase) still maps to its own mention. A ``source_prompt``
-    that differs from the template form is searched, and must contain e1 exactly once.
+    that differs from the template form is searched, and must contain e1 exactly once (its
+    r1 phrase is then unknown).
     """
     prompt = query.composition_prompt(suffix)
     if prompt == query.prompts(suffix)["composition"]:
-        inner = " ".join(query.r1_template.format("\0").split())
+        inner = "\1" + " ".join(query.r1_template.format("\0").split()) + "\2"
         outer = " ".join(query.r2_template.format(inner).split())
-        start = outer.index("\0")
-        return start, start + len(query.e1_label)
+        a, b, c, n = outer.index("\1"), outer.index("\0"), outer.index("\2"), len(query.e1_label)
+        return {"e1": (b - 1, b - 1 + n), "r1": (a, c + n - 2)}
     count = prompt.count(query.e1_label)
     if count != 1:
         found = "does not occur" if count == 0 else f"occurs {count} times"
         return f"e1 label {query.e1_label!r} {found} in the prompt {prompt!r}"
     start = prompt.index(query.e1_label)
-    return start, start + len(query.e1_label)
+    return {"e1": (start, start + len(query.e1_label))}
+
+
+def e1_span_in_composition(query: TwoHopQuery, suffix: str = PROMPT_SUFFIX) -> tuple[int, int] | str:
+    """Character span of e1's mention in the composition prompt, or a skip reason."""
+    spans = composition_spans(query, suffix)
+    return spans if isinstance(spans, str) else spans["e1"]
 
 
 # ---------------------------------------------------------------------------- tables

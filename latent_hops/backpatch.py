@@ -1,0 +1,267 @@
+"""Back-patching (reference §4): a later layer's hidden state written back into an earlier
+layer of the same run, at the same position (t1 or t2), on the prompt pass only.
+
+A cell (s, t, kind) writes, at target layer t, the clean run's hidden state of source
+layer s (``kind="back"``: s > t, the paper's patch; ``"forward"``: s < t, a control) or a
+random direction with the norm of that source state (``"random"``: s > t, a control).
+Success = an e3 alias in the greedy generation (10 tokens).
+
+Two engines give identical generations (tests check it cell by cell):
+- ``sweep_naive``: per query and cell, ``run_with_hooks`` + generation (the test oracle);
+- ``sweep``: the fast engine. The clean hidden states are read at the needed positions
+  only; the clean forward is then walked block by block with a KV cache, and at each
+  target layer t every (query, position, source) row is patched into the clean residual of
+  layer t and resumed from block t + 1 with ``start_at_layer`` — layers <= t are never
+  recomputed, their keys/values are shared from the clean run
+  (``patching.generate_with_patches``, which Patchscopes uses too).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from latent_hops import backend
+from latent_hops.cases import POSITIONS, Case
+from latent_hops.cases import prepare_cases as cases_for
+from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct, length_batches
+from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at, patch_hook
+from latent_hops.positions import EMBEDDINGS, check_layers, hidden_state_hook, tokenize_prompts
+from latent_hops.queries import PROMPT_SUFFIX
+from latent_hops.ranks import best_rank
+
+KINDS = ("back", "forward", "random")
+RESULT_COLUMNS = ["id", "position", "source_layer", "target_layer", "kind", "generation", "success",
+                  "e3_rank", "e3_logprob"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    source: int
+    target: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class BackpatchConfig:
+    positions: tuple[str, ...] = POSITIONS
+    kinds: tuple[str, ...] = KINDS
+    include_embeddings: bool = False  # layer -1 (embedding output) as a source and target
+    cells: tuple[Cell, ...] | None = None  # explicit cells instead of all pairs of ``kinds``
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    memory_budget_mb: float = 1024.0  # sizes the batches of the fast engine
+    batch_rows: int | None = None  # fixed batch size instead of the memory budget
+    seed: int = 0  # random-direction control
+    suffix: str = PROMPT_SUFFIX
+    progress: bool = False
+
+
+def all_cells(model: HookedTransformer, config: BackpatchConfig) -> list[Cell]:
+    """The cells of a sweep: every (s, t) pair of each kind, or the configured ones."""
+    first = EMBEDDINGS if config.include_embeddings else 0
+    layers = range(first, model.cfg.n_layers)
+    if config.cells is not None:
+        for c in config.cells:
+            check_layers(model, [c.source, c.target])
+        return list(config.cells)
+    unknown = set(config.kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown patch kinds {sorted(unknown)}; use {KINDS}")
+    return [Cell(s, t, kind) for kind in config.kinds for t in layers for s in layers
+            if (s < t if kind == "forward" else s > t)]
+
+
+def prepare_cases(
+    model: HookedTransformer, table: pd.DataFrame, config: BackpatchConfig = BackpatchConfig()
+) -> tuple[list[Case], pd.DataFrame]:
+    """Cases for the queries of ``table`` at the configured positions, and the skipped ones."""
+    return cases_for(model, table, config.positions, config.suffix)
+
+
+def random_direction(case_id: str, position: str, cell: Cell, like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random direction with the norm of ``like``, fixed by (query, position, cell, seed)."""
+    key = f"{seed}|{case_id}|{position}|{cell.source}|{cell.target}".encode()
+    gen = torch.Generator().manual_seed(zlib.crc32(key))
+    v = torch.randn(like.shape[-1], generator=gen, dtype=torch.float32)
+    return (v * like.float().norm() / v.norm()).to(like.device, like.dtype)
+
+
+def _patch_value(case: Case, position: str, cell: Cell, source_state: torch.Tensor, seed: int) -> torch.Tensor:
+    if cell.kind == "random":
+        return random_direction(case.id, position, cell, source_state, seed)
+    return source_state
+
+
+def _records(model: HookedTransformer, rows: Sequence[tuple[Case, str, Cell]], out: backend.GreedyOutput) -> list[dict]:
+    logprobs = out.first_logits.log_softmax(-1)
+    records = []
+    for i, (case, position, cell) in enumerate(rows):
+        text = decode(model, out.tokens[i].tolist())
+        rank, logprob = (float(x) for x in best_rank(logprobs[i], case.first_tokens["e3"]))
+        records.append({"id": case.id, "position": position, "source_layer": cell.source,
+                        "target_layer": cell.target, "kind": cell.kind, "generation": text,
+                        "success": is_correct(text, case.e3_names), "e3_rank": int(rank), "e3_logprob": logprob})
+    return records
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(records, columns=RESULT_COLUMNS)
+
+
+# ---------------------------------------------------------------------------- engines
+
+
+@torch.no_grad()
+def sweep_naive(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
+    """The reference: one ``run_with_hooks`` generation per query, position and cell."""
+    cells = all_cells(model, config)
+    records = []
+    for case in tqdm(cases, desc="backpatch (naive)", disable=not config.progress):
+        tok = tokenize_prompts(model, [case.prompt])
+        _, cache = model.run_with_cache(tok.tokens, attention_mask=tok.attention_mask)
+        for position in config.positions:
+            p = case.positions[position]
+            for cell in cells:
+                value = _patch_value(case, position, cell, cache[hidden_state_hook(cell.source)][0, p], config.seed)
+                hook = patch_hook(cell.target, torch.tensor([p]), value[None])
+                out = backend.greedy_generate(model, tok.tokens, tok.attention_mask, config.max_new_tokens, [hook])
+                records += _records(model, [(case, position, cell)], out)
+    return _frame(records)
+
+
+def rows_per_batch(model: HookedTransformer, seq_len: int, config: BackpatchConfig) -> int:
+    """Rows of the fast engine per forward pass, from the memory budget (or fixed)."""
+    if config.batch_rows is not None:
+        if config.batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {config.batch_rows}")
+        return config.batch_rows
+    cfg = model.cfg
+    length = seq_len + config.max_new_tokens
+    per_row = (2 * cfg.n_layers * length * cfg.d_model  # KV cache
+               + 4 * seq_len * (2 * cfg.d_model + cfg.d_mlp + cfg.n_heads * seq_len))  # live activations
+    bytes_per_row = per_row * torch.finfo(cfg.dtype).bits // 8
+    return max(1, int(config.memory_budget_mb * 2**20 // bytes_per_row))
+
+
+@torch.no_grad()
+def sweep(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
+    """The fast engine; same rows and generations as ``sweep_naive`` (see module docstring)."""
+    cells = all_cells(model, config)
+    if not cases or not cells:
+        return _frame([])
+    layers = sorted({c.source for c in cells} | {c.target for c in cells})
+    layer_index = {layer: i for i, layer in enumerate(layers)}
+    n_targets = len({c.target for c in cells})
+    lengths = [len(model.tokenizer(c.prompt, add_special_tokens=False)["input_ids"]) for c in cases]
+    max_rows = rows_per_batch(model, max(lengths) + 1, config)
+    per_case = len(config.positions) * -(-len(cells) // n_targets)  # rows per case and target layer
+    records: list[dict] = []
+    bar = tqdm(total=len(cases) * len(config.positions) * len(cells), desc="backpatch", unit="cell",
+               disable=not config.progress)
+    for idx in length_batches(lengths, max(1, max_rows // per_case)):
+        batch = [cases[i] for i in idx]
+        tok = tokenize_prompts(model, [c.prompt for c in batch])
+        cols = torch.tensor([[n + c.positions[p] for p in config.positions] for c, n in zip(batch, tok.n_pad)])
+        states = hidden_states_at(model, tok.tokens, tok.attention_mask, cols, layers)  # [q, P, layers, d]
+        rows = [PatchRow(qi, int(cols[qi, pi]), cell.target, (pi, cell))
+                for qi in range(len(batch)) for pi in range(len(config.positions)) for cell in cells]
+
+        def values(chunk: Sequence[PatchRow]) -> torch.Tensor:
+            return torch.stack([
+                _patch_value(batch[r.base], config.positions[r.key[0]], r.key[1],
+                             states[r.base, r.key[0], layer_index[r.key[1].source]], config.seed)
+                for r in chunk])
+
+        def on_output(chunk: Sequence[PatchRow], out: backend.GreedyOutput) -> None:
+            records.extend(_records(model, [(batch[r.base], config.positions[r.key[0]], r.key[1]) for r in chunk], out))
+            bar.update(len(chunk))
+
+        generate_with_patches(model, tok.tokens, tok.attention_mask, rows, values, on_output,
+                              config.max_new_tokens, max_rows)
+    bar.close()
+    order = {c.id: i for i, c in enumerate(cases)}
+    kind_order = {k: i for i, k in enumerate(KINDS)}
+    frame = _frame(records).assign(_q=lambda f: f["id"].map(order), _k=lambda f: f["kind"].map(kind_order))
+    frame = frame.sort_values(["_q", "position", "_k", "target_layer", "source_layer"])
+    return frame.drop(columns=["_q", "_k"]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- summaries
+
+
+def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    x = np.asarray(list(values), dtype=float)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def with_labels(results: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataFrame:
+    """Attach each query's ``subset`` and ``split`` from the evaluation table."""
+    return results.merge(evaluation[["id", "subset", "split"]], on="id", how="left")
+
+
+GROUP = ["split", "subset", "position", "kind"]
+
+
+def _with_all_splits(labelled: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([labelled, labelled.assign(split="all")]) if labelled["split"].nunique() > 1 else labelled
+
+
+def oracle_rates(labelled: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Share of cases with at least one successful cell, per split x subset x position x kind,
+    with bootstrap 95% intervals. A "split" of ``all`` pools the dataset's splits."""
+    per_case = _with_all_splits(labelled).groupby(GROUP + ["id"])["success"].any().reset_index()
+    rows = []
+    for key, g in per_case.groupby(GROUP):
+        low, high = bootstrap_ci(g["success"], seed=seed)
+        rows.append(dict(zip(GROUP, key), cases=len(g), rescued=int(g["success"].sum()),
+                         rate=float(g["success"].mean()), ci_low=low, ci_high=high))
+    return pd.DataFrame(rows, columns=GROUP + ["cases", "rescued", "rate", "ci_low", "ci_high"])
+
+
+def cell_rates(labelled: pd.DataFrame) -> pd.DataFrame:
+    """Success rate of each cell, per split x subset x position x kind (heatmap input)."""
+    g = _with_all_splits(labelled).groupby(GROUP + ["source_layer", "target_layer"])["success"]
+    return g.agg(cases="size", successes="sum", rate="mean").reset_index()
+
+
+def non_oracle(labelled: pd.DataFrame, train_fraction: float = 0.5, seed: int = 0) -> pd.DataFrame:
+    """Beyond the paper's oracle: pick the single best (position, s, t) of each kind on a
+    train part of the incorrect cases, then measure on the held-out incorrect cases the
+    share rescued (accuracy gain) and on the correct cases the share broken (damage)."""
+    rows = []
+    for split, data in _with_all_splits(labelled).groupby("split"):
+        inc_ids = np.array(sorted(data.loc[data.subset == "incorrect", "id"].unique()))
+        np.random.default_rng(seed).shuffle(inc_ids)
+        n_train = int(round(train_fraction * len(inc_ids)))
+        train, held = set(inc_ids[:n_train]), set(inc_ids[n_train:])
+        for kind, d in data.groupby("kind"):
+            key = ["position", "source_layer", "target_layer"]
+            tr = d[d.id.isin(train)]
+            if tr.empty:
+                continue
+            best = tr.groupby(key)["success"].mean().idxmax()
+            cell = d.set_index(key).loc[best].reset_index()
+            gain = cell.loc[cell.id.isin(held), "success"].astype(float)
+            damage = 1.0 - cell.loc[cell.subset == "correct", "success"].astype(float)
+            g_lo, g_hi = bootstrap_ci(gain, seed=seed)
+            d_lo, d_hi = bootstrap_ci(damage, seed=seed)
+            rows.append({"split": split, "kind": kind, "position": best[0], "source_layer": int(best[1]),
+                         "target_layer": int(best[2]), "train_rate": float(tr.groupby(key)["success"].mean().max()),
+                         "train_cases": len(train), "heldout_incorrect": len(gain),
+                         "gain": float(gain.mean()) if len(gain) else float("nan"), "gain_ci_low": g_lo,
+                         "gain_ci_high": g_hi, "correct_cases": len(damage),
+                         "damage": float(damage.mean()) if len(damage) else float("nan"),
+                         "damage_ci_low": d_lo, "damage_ci_high": d_hi})
+    return pd.DataFrame(rows)

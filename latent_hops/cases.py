@@ -1,0 +1,68 @@
+"""Cases: queries made ready for an analysis on one model — the composition prompt, its
+token positions (t1, t2) and the first tokens of the bridge (e2) and answer (e3).
+
+Every analysis (back-patching, logit lens, knockout, projection, Patchscopes) starts from
+``prepare_cases``; a query whose positions cannot be resolved is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+from transformer_lens import HookedTransformer
+
+from latent_hops.evaluation import resolve_positions
+from latent_hops.positions import answer_first_tokens, tokenize_prompts
+from latent_hops.queries import PROMPT_SUFFIX, composition_spans, iter_queries
+
+POSITIONS = ("t1", "t2")
+
+
+@dataclass
+class Case:
+    """A query ready for analysis on one model."""
+
+    id: str
+    prompt: str
+    positions: dict[str, int]  # unpadded token index of t1 and t2
+    names: dict[str, tuple[str, ...]]  # "e1" / "e2" / "e3" -> label and aliases
+    first_tokens: dict[str, list[int]] = field(default_factory=dict)  # "e2" / "e3" -> first answer tokens
+    r1_tokens: list[int] | None = None  # unpadded indices of the first-hop relation's tokens (not e1's)
+
+    @property
+    def e3_names(self) -> tuple[str, ...]:
+        return self.names["e3"]
+
+
+def prepare_cases(
+    model: HookedTransformer, table: pd.DataFrame, positions: tuple[str, ...] = POSITIONS, suffix: str = PROMPT_SUFFIX
+) -> tuple[list[Case], pd.DataFrame]:
+    """Cases for the queries of ``table``, and a table (``id``, ``reason``) of skipped ones."""
+    unknown = set(positions) - set(POSITIONS)
+    if unknown:
+        raise ValueError(f"unknown positions {sorted(unknown)}; use {POSITIONS}")
+    queries = iter_queries(table)
+    pos = resolve_positions(model, queries, suffix).set_index("id")
+    cases, skipped = [], []
+    for q in queries:
+        error = pos.loc[q.id, "position_error"]
+        if error:
+            skipped.append({"id": q.id, "reason": error})
+            continue
+        prompt = q.composition_prompt(suffix)
+        names = {e: q.names(e) for e in ("e1", "e2", "e3")}
+        first = {e: answer_first_tokens(model, prompt, names[e]) for e in ("e2", "e3")}
+        cases.append(Case(q.id, prompt, {p: int(pos.loc[q.id, p]) for p in positions}, names, first,
+                          _r1_tokens(model, prompt, composition_spans(q, suffix))))
+    return cases, pd.DataFrame(skipped, columns=["id", "reason"])
+
+
+def _r1_tokens(model: HookedTransformer, prompt: str, spans: dict) -> list[int] | None:
+    if "r1" not in spans:
+        return None
+    tok = tokenize_prompts(model, [prompt])
+    (r_start, r_end), (e_start, e_end) = spans["r1"], spans["e1"]
+    overlaps = lambda s, e, a, b: e > s and s < b and e > a  # noqa: E731
+    return [i for i, (s, e) in enumerate(tok.offsets[0])
+            if overlaps(s, e, r_start, r_end) and not overlaps(s, e, e_start, e_end)]

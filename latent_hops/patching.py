@@ -1,0 +1,132 @@
+"""The one patching primitive: read or write the hidden state at (layer, position).
+
+Every intervention in latent_hops (back-patching, Patchscopes, cross-prompt patching) goes
+through ``write_positions`` — as a TransformerLens hook (``patch_hook``) on the prompt pass,
+or directly on a residual stream that a resumed forward pass continues from. "Hidden state
+of layer l" is ``blocks.{l}.hook_resid_post`` (``positions.hidden_state_hook``); layer -1
+is the embedding output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import HookedTransformer
+
+from latent_hops import backend
+from latent_hops.positions import EMBEDDINGS, check_layers, hidden_state_hook
+
+Hook = tuple[str, Callable]
+
+
+def write_positions(
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    positions: Int[torch.Tensor, " batch"],
+    values: Float[torch.Tensor, "batch d_model"],
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """Overwrite ``resid[b, positions[b]]`` with ``values[b]`` for every row b (in place)."""
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    resid[rows, positions.to(resid.device)] = values.to(resid.device, resid.dtype)
+    return resid
+
+
+def patch_hook(layer: int, positions: Int[torch.Tensor, " batch"], values: Float[torch.Tensor, "batch d_model"]) -> Hook:
+    """A forward hook writing ``values`` into the hidden state of ``layer`` at ``positions``.
+
+    Positions index the prompt (left-padded) and so stay valid in a no-cache generation
+    loop; with the KV cache the hook is used on the prompt pass only.
+    """
+    def hook(resid: torch.Tensor, hook) -> torch.Tensor:
+        return write_positions(resid, positions, values)
+
+    return hidden_state_hook(layer), hook
+
+
+@torch.no_grad()
+def activations_at(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    positions: Int[torch.Tensor, "batch n_positions"],
+    hook_names: Sequence[str],
+) -> Float[torch.Tensor, "batch n_positions n_hooks d_model"]:
+    """Clean activations of ``hook_names`` at ``positions`` only (never a full cache)."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+    pos = positions.to(tokens.device)
+    found: dict[str, torch.Tensor] = {}
+
+    def read(act: torch.Tensor, hook) -> None:
+        found[hook.name] = act[rows, pos].clone()
+
+    model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
+                         fwd_hooks=[(name, read) for name in dict.fromkeys(hook_names)])
+    return torch.stack([found[name] for name in hook_names], dim=2)
+
+
+def hidden_states_at(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    positions: Int[torch.Tensor, "batch n_positions"],
+    layers,
+) -> Float[torch.Tensor, "batch n_positions n_layers d_model"]:
+    """The clean hidden states of ``layers`` at ``positions`` only."""
+    names = [hidden_state_hook(layer) for layer in check_layers(model, layers)]
+    return activations_at(model, tokens, attention_mask, positions, names)
+
+
+@dataclass(frozen=True)
+class PatchRow:
+    """One patched run: row ``base`` of a prompt batch, hidden state of ``layer`` at column
+    ``position`` overwritten; ``key`` is the caller's label for the row."""
+
+    base: int
+    position: int
+    layer: int
+    key: Any = None
+
+
+@torch.no_grad()
+def generate_with_patches(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    rows: Sequence[PatchRow],
+    values: Callable[[Sequence[PatchRow]], Float[torch.Tensor, "rows d_model"]],
+    on_output: Callable[[Sequence[PatchRow], backend.GreedyOutput], None],
+    max_new_tokens: int,
+    max_rows: int,
+    sampler: backend.Sampler | None = None,
+) -> None:
+    """Greedy generation for many single-position patches of one prompt batch, fast.
+
+    The batch's clean forward is walked block by block with a KV cache; at each layer l the
+    rows patching l are written into the clean residual (``write_positions``) and resumed
+    from block l + 1, so layers <= l are never recomputed (their keys/values are shared).
+    ``values(chunk)`` gives the patch vectors, ``on_output(chunk, out)`` takes the results;
+    decoding is greedy unless a ``sampler`` is given.
+    Equivalent to one ``patch_hook`` generation per row (tests check it).
+    """
+    layers = check_layers(model, {r.layer for r in rows})
+    by_layer: dict[int, list[PatchRow]] = {layer: [] for layer in layers}
+    for r in rows:
+        by_layer[r.layer].append(r)
+    cache = backend.new_kv_cache(model, tokens.shape[0])
+    resid = backend.embed(model, tokens, attention_mask)
+    for layer in range(EMBEDDINGS, max(layers) + 1):
+        if layer >= 0:
+            resid = backend.run_block(model, resid, layer, attention_mask, cache)
+        todo = by_layer.get(layer, [])
+        for start in range(0, len(todo), max_rows):
+            chunk = todo[start : start + max_rows]
+            base = torch.tensor([r.base for r in chunk], device=resid.device)
+            cols = torch.tensor([r.position for r in chunk], device=resid.device)
+            patched = write_positions(resid[base].clone(), cols, values(chunk))
+            mask = attention_mask[base]
+            sub_cache = backend.select_cache(cache, base, layer + 1, mask)
+            on_output(chunk, backend.greedy_from_layer(model, patched, layer + 1, mask, sub_cache, max_new_tokens,
+                                                        sampler))

@@ -1,0 +1,131 @@
+"""Plots: functions from result tables to plotly Figures (the CLI only saves them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+GREY = "#d9d9d9"
+
+
+def backpatch_heatmap(
+    cells: pd.DataFrame,
+    subset: str = "incorrect",
+    position: str = "t1",
+    split: str = "all",
+    kind: str = "back",
+    oracle: pd.DataFrame | None = None,
+) -> go.Figure:
+    """Source layer (y) x target layer (x): % of cases for which the cell gives e3.
+
+    ``cells`` is ``backpatch.cell_rates(...)``. Cells outside the kind's region (s <= t for
+    back-patches) are grey; hovering shows the counts. With ``oracle``
+    (``backpatch.oracle_rates``), the title carries the oracle rate of every kind.
+    """
+    data = cells[(cells.subset == subset) & (cells.position == position) & (cells.split == split)]
+    if data.empty:
+        raise ValueError(f"no cells for subset={subset!r}, position={position!r}, split={split!r}")
+    layers = sorted(set(data.source_layer) | set(data.target_layer))
+    index = {layer: i for i, layer in enumerate(layers)}
+    z = np.full((len(layers), len(layers)), np.nan)
+    text = np.full(z.shape, "", dtype=object)
+    for r in data[data.kind == kind].itertuples():
+        i, j = index[r.source_layer], index[r.target_layer]
+        z[i, j] = 100 * r.rate
+        text[i, j] = f"source {r.source_layer} → target {r.target_layer}<br>{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)"
+    names = [("emb" if layer == -1 else str(layer)) for layer in layers]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=names, y=names, text=text, hoverinfo="text", colorscale="Viridis", zmin=0, zmax=100,
+        colorbar={"title": "% cases"}, hoverongaps=False,
+    ))
+    title = f"Back-patching at {position}: {subset} cases ({split})"
+    if oracle is not None:
+        o = oracle[(oracle.subset == subset) & (oracle.position == position) & (oracle.split == split)]
+        rates = ", ".join(f"{r.kind} {100 * r.rate:.0f}%" for r in o.itertuples())
+        title += f"<br><sup>oracle (≥1 cell succeeds) — {rates}; n = {int(o.cases.max()) if len(o) else 0}</sup>"
+    fig.update_layout(title=title, xaxis_title="target layer t", yaxis_title="source layer s",
+                      plot_bgcolor=GREY, width=560, height=520)
+    fig.update_xaxes(type="category", showgrid=False)
+    fig.update_yaxes(type="category", showgrid=False)
+    return fig
+
+
+def save_html(figures: Sequence[go.Figure], path: str | Path, title: str = "latent_hops") -> Path:
+    """Several figures in one standalone HTML page (plotly.js embedded once: works offline)."""
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    path = Path(path)
+    path.write_text(f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+                    + "\n".join(parts) + "</body></html>")
+    return path
+
+
+STAGE_LABELS = {"first_hop_layer": "first hop resolved", "info_propagation_layer": "information propagation",
+                "second_hop_onset_layer": "second-hop onset", "second_hop_layer": "second hop resolved",
+                "prediction_extracted_layer": "prediction extracted"}
+SUBSET_COLORS = {"correct": "#1b9e77", "incorrect": "#d95f02"}
+
+
+def stage_boxplot(stages: pd.DataFrame, method: str = "patchscopes", split: str | None = None) -> go.Figure:
+    """Boxplots of each stage's layer, correct vs incorrect cases (the paper's Figure)."""
+    data = stages[stages.method == method]
+    if split is not None:
+        data = data[data.split == split]
+    fig = go.Figure()
+    for subset in ("correct", "incorrect"):
+        d = data[data.subset == subset]
+        long = d.melt(value_vars=list(STAGE_LABELS), var_name="stage", value_name="layer").dropna()
+        fig.add_trace(go.Box(x=long.stage.map(STAGE_LABELS), y=long.layer, name=f"{subset} (n={len(d)})",
+                             marker_color=SUBSET_COLORS[subset], boxmean=True))
+    fig.update_layout(boxmode="group", title=f"Stages of two-hop queries ({method}{', ' + split if split else ''})",
+                      yaxis_title="layer", width=820, height=480)
+    return fig
+
+
+def resolution_curves(stages: pd.DataFrame, method: str | None = None) -> go.Figure:
+    """% of cases whose e2 is decoded from t1 (first hop) / e3 from t2 (second hop) by each
+    layer (cumulative over the minimum decoding layer)."""
+    data = stages if method is None else stages[stages.method == method]
+    fig = go.Figure()
+    layers = sorted(set(data.first_hop_layer.dropna()) | set(data.second_hop_layer.dropna()))
+    for (m, subset), d in data[data.subset.isin(["correct", "incorrect"])].groupby(["method", "subset"]):
+        for col, name, dash in (("first_hop_layer", "e2 from t1", "solid"), ("second_hop_layer", "e3 from t2", "dash")):
+            pct = [100 * (d[col] <= layer).mean() for layer in layers]
+            fig.add_trace(go.Scatter(x=layers, y=pct, mode="lines+markers", name=f"{m}: {name}, {subset}",
+                                     line={"dash": dash, "color": SUBSET_COLORS[subset]}))
+    fig.update_layout(title="Cases resolved by layer (minimum decoding layer)", xaxis_title="layer",
+                      yaxis_title="% of cases", width=820, height=480)
+    return fig
+
+
+def patchscope_heatmap(scopes: pd.DataFrame, position: str = "t1", entity: str = "e2",
+                       ids: Sequence[str] | None = None) -> go.Figure:
+    """Source layer (y) x target layer (x): % of cases decoded as ``entity`` from ``position``."""
+    data = scopes[scopes.position == position]
+    if ids is not None:
+        data = data[data.id.isin(set(ids))]
+    hit = data.assign(hit=data.decoded == entity).groupby(["source_layer", "target_layer"])["hit"].mean()
+    grid = hit.unstack("target_layer") * 100
+    fig = go.Figure(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index],
+                               colorscale="Viridis", zmin=0, zmax=100, colorbar={"title": "% cases"}))
+    fig.update_layout(title=f"Patchscopes: {entity} decoded from {position}", xaxis_title="target layer",
+                      yaxis_title="source layer", width=560, height=520)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def knockout_curves(knockout: pd.DataFrame, evaluation: pd.DataFrame) -> go.Figure:
+    """% of cases whose answer changes when each window of layers is knocked out, per preset."""
+    data = knockout[knockout.skip_reason == ""].merge(evaluation[["id", "subset"]], on="id")
+    fig = go.Figure()
+    for (preset, subset), d in data.groupby(["preset", "subset"]):
+        rate = d.groupby("layer")["changed"].mean() * 100
+        fig.add_trace(go.Scatter(x=rate.index, y=rate.values, mode="lines+markers", name=f"{preset}, {subset}",
+                                 line={"color": SUBSET_COLORS.get(subset)}))
+    fig.update_layout(title="Attention knockout: answer changed", xaxis_title="centre layer of the window",
+                      yaxis_title="% of cases", width=820, height=480)
+    return fig

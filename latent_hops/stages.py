@@ -1,0 +1,57 @@
+"""Stages of a two-hop query (reference §5): one row per case with the layer of each stage.
+
+- first hop resolved: min layer where e2 is decoded from t1;
+- information propagation: mean of (min layer where knocking out last -> t1 changes the
+  answer, min layer whose attention output at t2 ranks e2 first, min layer where e2 is
+  decoded from t2), over the measures that exist for the case;
+- second-hop onset: the first layer from which e3's logit-lens rank at t2 stays within the
+  top ``onset_k`` up to the last layer (``logit_lens.onset_layer``);
+- second hop resolved: min layer where e3 is decoded from t2;
+- prediction extracted: min layer whose MLP output at t2 ranks the model's prediction first.
+
+"Decoded" is estimated twice, by Patchscopes and by the logit lens (column ``method``).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from latent_hops.knockout import knockout_layer
+from latent_hops.logit_lens import onset_layer, resolution_layers
+from latent_hops.patchscopes import patchscope_layers
+from latent_hops.projection import projection_layers
+
+STAGES = ["first_hop_layer", "info_propagation_layer", "second_hop_onset_layer", "second_hop_layer",
+          "prediction_extracted_layer"]
+
+
+def stage_table(
+    evaluation: pd.DataFrame,
+    lens: pd.DataFrame,
+    projection: pd.DataFrame,
+    knockout: pd.DataFrame,
+    scopes: pd.DataFrame | None = None,
+    onset_k: int = 10,
+) -> pd.DataFrame:
+    """Columns ``id``, ``subset``, ``split``, ``method``, then the five stage layers."""
+    shared = pd.concat([
+        onset_layer(lens, onset_k),
+        projection_layers(projection).set_index("id"),
+        knockout_layer(knockout),
+    ], axis=1)
+    estimates = {"logit_lens": resolution_layers(lens).set_index("id")}
+    if scopes is not None and not scopes.empty:
+        estimates["patchscopes"] = patchscope_layers(scopes).set_index("id")
+    tables = []
+    for method, decoded in estimates.items():
+        t = shared.join(decoded, how="outer")
+        t["info_propagation_layer"] = t[["knockout_layer", "attn_e2_layer", "e2_at_t2_layer"]].mean(axis=1)
+        t["method"] = method
+        tables.append(t.rename_axis("id").reset_index())
+    out = pd.concat(tables, ignore_index=True).merge(evaluation[["id", "subset", "split"]], on="id", how="left")
+    return out[["id", "subset", "split", "method"] + STAGES]
+
+
+def stage_medians(stages: pd.DataFrame) -> pd.DataFrame:
+    """Median layer of each stage per method x split x subset."""
+    return stages.groupby(["method", "split", "subset"])[STAGES].median()
