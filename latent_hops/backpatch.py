@@ -215,7 +215,10 @@ GROUP = ["split", "subset", "position", "kind"]
 
 
 def _with_all_splits(labelled: pd.DataFrame) -> pd.DataFrame:
-    return pd.concat([labelled, labelled.assign(split="all")]) if labelled["split"].nunique() > 1 else labelled
+    """The rows once per own split and once more under split ``all``."""
+    if (labelled["split"] == "all").all():
+        return labelled
+    return pd.concat([labelled, labelled.assign(split="all")], ignore_index=True)
 
 
 def oracle_rates(labelled: pd.DataFrame, seed: int = 0) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
     latent-hops evaluate  --model toy --dataset toy --out runs/toy
     latent-hops backpatch --model toy --dataset toy --out runs/toy --positions t1,t2 --subset incorrect
-    latent-hops logit-lens | project | knockout | patchscope --out runs/toy
+    latent-hops logit-lens | project | knockout | patchscope | probe --out runs/toy
     latent-hops stages    --model toy --dataset toy --out runs/toy
     latent-hops demo      --out runs/demo
 
@@ -28,6 +28,7 @@ from latent_hops.knockout import EDGE_PRESETS, KnockoutConfig, attention_knockou
 from latent_hops.logit_lens import logit_lens
 from latent_hops.models import TOY_SPEC, ModelLoadError, load_model
 from latent_hops.patchscopes import TARGET_PRESETS, PatchscopeConfig, TargetPrompt, patchscope
+from latent_hops.probe import apply_probes, fit_probes
 from latent_hops.projection import sublayer_projection
 from latent_hops.queries import DatasetError, load_dataset
 from latent_hops.stages import stage_medians, stage_table
@@ -189,6 +190,23 @@ def run_patchscope(session: Session) -> pd.DataFrame:
     return session.save(patchscope(session.model, cases, config), "patchscope.parquet", time.time() - start)
 
 
+PROBE_TARGETS = (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))
+
+
+def run_probe(session: Session) -> pd.DataFrame:
+    """Linear probes trained on up to --probe-train queries outside the analysed cases."""
+    cases, _, _ = session.cases()
+    analysed = {c.id for c in cases}
+    others = session.table[~session.table["id"].isin(analysed)].iloc[: session.args.probe_train]
+    train, _ = prepare_cases(session.model, others)
+    if len(train) < 2:
+        raise DatasetError("too few queries outside the analysed cases to train probes (use more queries)")
+    start = time.time()
+    probed = pd.concat([apply_probes(session.model, fit_probes(session.model, train, e, p), cases)
+                        for e, p in PROBE_TARGETS], ignore_index=True)
+    return session.save(probed, "probe.parquet", time.time() - start)
+
+
 def run_stages(session: Session) -> pd.DataFrame:
     """All analyses the stage table needs (each reused from the run directory if there)."""
     def load_or_run(name: str, run) -> pd.DataFrame:
@@ -202,7 +220,8 @@ def run_stages(session: Session) -> pd.DataFrame:
     projection = load_or_run("projection.parquet", run_projection)
     knockout = load_or_run("knockout.parquet", run_knockout)
     scopes = load_or_run("patchscope.parquet", run_patchscope)
-    stages = stage_table(session.evaluation(), lens, projection, knockout, scopes)
+    probed = load_or_run("probe.parquet", run_probe)
+    stages = stage_table(session.evaluation(), lens, projection, knockout, scopes, probed)
     stages.to_parquet(session.path("stages.parquet"), index=False)
     medians = stage_medians(stages)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -247,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--memory-budget-mb", type=float, default=1024.0)
     add("logit-lens", lambda a: run_logit_lens(Session(a)), "logit lens at t1/t2 -> logit_lens.parquet")
     add("project", lambda a: run_projection(Session(a)), "sublayer projection at t2 -> projection.parquet")
+    p = add("probe", lambda a: run_probe(Session(a)), "linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet")
+    p.add_argument("--probe-train", type=int, default=2000, help="queries to train the probes on")
     for name, func, help in (("knockout", lambda a: run_knockout(Session(a)), "attention knockout -> knockout.parquet"),
                              ("patchscope", lambda a: run_patchscope(Session(a)), "Patchscopes -> patchscope.parquet"),
                              ("stages", lambda a: run_stages(Session(a)), "all stage analyses -> stages.parquet"),
@@ -255,11 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("knockout", "stages", "demo"):
             p.add_argument("--presets", default="last_to_t1", help=f"knockout edges: {','.join(EDGE_PRESETS)}")
             p.add_argument("--window", type=int, default=3, help="knockout window half-width k")
+        if name in ("stages", "demo"):
+            p.add_argument("--probe-train", type=int, default=2000, help="queries to train the probes on")
         if name in ("patchscope", "stages", "demo"):
             p.add_argument("--target", default="auto", help="target prompt: auto, paper, toy, or text with an x")
             p.add_argument("--seeds", default="", help="sampling seeds (default: greedy)")
             if name != "demo":
                 p.add_argument("--batch-rows", type=int, default=None, help="patched rows per forward")
+    sub.choices["demo"].set_defaults(max_cases=60)  # per split x subset: the demo runs in minutes on a CPU
     return parser
 
 

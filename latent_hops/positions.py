@@ -47,20 +47,27 @@ def check_layers(model: HookedTransformer, layers) -> list[int]:
 
 @dataclass
 class TokenizedPrompts:
-    """Left-padded token ids of a batch of prompts, with per-token character offsets."""
+    """Padded token ids of a batch of prompts, with per-token character offsets.
+
+    The analyses use left padding (t2 is then the last column); right padding is
+    supported for callers that need it.
+    """
 
     tokens: Int[torch.Tensor, "batch pos"]
     attention_mask: Int[torch.Tensor, "batch pos"]
     offsets: list[list[Span]]  # per prompt, per real token; (0, 0) for BOS
+    padding_side: str = "left"
 
     @property
     def n_pad(self) -> list[int]:
-        """Number of left padding tokens of each prompt."""
+        """Column of each prompt's first real token (its number of left padding tokens)."""
+        if self.padding_side == "right":
+            return [0] * len(self.offsets)
         return [self.tokens.shape[1] - len(o) for o in self.offsets]
 
     def last_position(self) -> list[int]:
         """t2 of each prompt, as a column index of ``tokens``."""
-        return [self.tokens.shape[1] - 1] * len(self.offsets)
+        return [n + len(o) - 1 for n, o in zip(self.n_pad, self.offsets)]
 
     def char_span_position(self, row: int, span: Span) -> int | None:
         """Column index of the last token overlapping the character ``span``, or None."""
@@ -70,14 +77,16 @@ class TokenizedPrompts:
 
 
 def tokenize_prompts(
-    model: HookedTransformer, prompts: list[str], prepend_bos: bool | None = None
+    model: HookedTransformer, prompts: list[str], prepend_bos: bool | None = None, padding_side: str = "left"
 ) -> TokenizedPrompts:
-    """Tokenise like ``model.to_tokens`` does, but left-padded and with character offsets.
-
-    BOS is prepended when ``prepend_bos`` (default: ``model.cfg.default_prepend_bos``).
+    """Tokenise like ``model.to_tokens`` does, but padded (left by default) and with
+    character offsets. BOS is prepended when ``prepend_bos`` (default:
+    ``model.cfg.default_prepend_bos``).
     """
     if not prompts:
         raise ValueError("no prompts to tokenise")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     tokenizer = model.tokenizer
     bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
     enc = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
@@ -93,9 +102,10 @@ def tokenize_prompts(
     tokens = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
-        tokens[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return TokenizedPrompts(tokens.to(model.cfg.device), mask.to(model.cfg.device), offsets)
+        cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        tokens[i, cols] = torch.tensor(row)
+        mask[i, cols] = 1
+    return TokenizedPrompts(tokens.to(model.cfg.device), mask.to(model.cfg.device), offsets, padding_side)
 
 
 def answer_first_tokens(model: HookedTransformer, prompt: str, aliases) -> list[int]:

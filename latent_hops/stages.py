@@ -9,7 +9,8 @@
 - second hop resolved: min layer where e3 is decoded from t2;
 - prediction extracted: min layer whose MLP output at t2 ranks the model's prediction first.
 
-"Decoded" is estimated twice, by Patchscopes and by the logit lens (column ``method``).
+"Decoded" is estimated by the logit lens, by Patchscopes and by linear probes (column
+``method``), whichever were run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from latent_hops.knockout import knockout_layer
 from latent_hops.logit_lens import onset_layer, resolution_layers
 from latent_hops.patchscopes import patchscope_layers
+from latent_hops.probe import probe_layers
 from latent_hops.projection import projection_layers
 
 STAGES = ["first_hop_layer", "info_propagation_layer", "second_hop_onset_layer", "second_hop_layer",
@@ -31,6 +33,7 @@ def stage_table(
     projection: pd.DataFrame,
     knockout: pd.DataFrame,
     scopes: pd.DataFrame | None = None,
+    probed: pd.DataFrame | None = None,
     onset_k: int = 10,
 ) -> pd.DataFrame:
     """Columns ``id``, ``subset``, ``split``, ``method``, then the five stage layers."""
@@ -42,6 +45,8 @@ def stage_table(
     estimates = {"logit_lens": resolution_layers(lens).set_index("id")}
     if scopes is not None and not scopes.empty:
         estimates["patchscopes"] = patchscope_layers(scopes).set_index("id")
+    if probed is not None and not probed.empty:
+        estimates["probe"] = probe_layers(probed).set_index("id")
     tables = []
     for method, decoded in estimates.items():
         t = shared.join(decoded, how="outer")

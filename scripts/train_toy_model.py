@@ -135,7 +135,7 @@ def evaluate(model, batcher: Batcher) -> dict[str, float]:
     out = {
         "one_hop": accuracy(model, *batcher.one_hop(e1, r1)),
         "two_hop_train": accuracy(model, *batcher.two_hop(splits.train[:3000])),
-        "two_hop_test_id": accuracy(model, *batcher.two_hop(splits.test_id)),
+        "two_hop_test_id": accuracy(model, *batcher.two_hop(splits.test_id[:3000])),
         "two_hop_test_ood": accuracy(model, *batcher.two_hop(splits.test_ood)),
     }
     model.train()
@@ -247,7 +247,7 @@ never inside a trained two-hop query. {r['train_per_fact']:g} x N x R = {int(r['
 in-distribution compositions are trained; held-out ones form `test_id`, compositions with an
 OOD second hop form `test_ood`.
 
-Prompts read as English ("the spouse of the performer of Kavo is") but every relation
+Prompts read as English ("the spouse of the performer of Voliba is") but every relation
 phrase and every entity name is ONE token of the word-level tokenizer, so the model sees
 `<s> r2 r1 e1 is -> e3 </s>`: the compact form that trained fastest in our measurements (a
 tokenised "the"/"of" trained 2x slower and blurred the logit lens). A copy format
@@ -267,7 +267,7 @@ Wall time: {result['wall_time_s'] / 60:.1f} min on one CPU core. Checkpoint: {si
 {summary.round(3).to_string()}
 ```
 
-## Training curve (argmax answer then EOS; one-hop over all {r['n_entities'] * r['n_relations']} facts)
+## Training curve (argmax answer then EOS; one-hop over all {r['n_entities'] * r['n_relations']} facts, two-hop over the first 3000 compositions of each set)
 | step | one-hop | two-hop train | two-hop test_id | two-hop test_ood |
 |---|---|---|---|---|
 {history}

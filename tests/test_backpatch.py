@@ -108,7 +108,7 @@ def _toy_results():
 
 
 def test_oracle_rates_hand_computed():
-    rates = oracle_rates(_toy_results()).set_index(["subset", "kind"])
+    rates = oracle_rates(_toy_results()).query("split == 'test'").set_index(["subset", "kind"])
     assert rates.loc[("incorrect", "back"), "rate"] == pytest.approx(2 / 3)
     assert rates.loc[("incorrect", "back"), "rescued"] == 2
     assert rates.loc[("incorrect", "forward"), "rate"] == 0
@@ -117,7 +117,7 @@ def test_oracle_rates_hand_computed():
 
 
 def test_non_oracle_picks_on_train_and_reports_held_out():
-    result = non_oracle(_toy_results(), train_fraction=0.5, seed=0).set_index("kind").loc["back"]
+    result = non_oracle(_toy_results(), train_fraction=0.5, seed=0).query("split == 'test'").set_index("kind").loc["back"]
     assert (result.source_layer, result.target_layer) in {(1, 0), (2, 0)}
     assert result.heldout_incorrect + result.train_cases == 3
     damage = {(1, 0): 0.0, (2, 0): 1.0}[(result.source_layer, result.target_layer)]

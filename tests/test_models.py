@@ -47,7 +47,7 @@ def test_a_path_named_llama_reads_its_config(tmp_path):
 
 def test_toy_model_loads_offline_with_hooks(toy):
     assert toy.cfg.n_layers >= 4 and toy.cfg.original_architecture == "LlamaForCausalLM"
-    _, cache = toy.run_with_cache("the spouse of the performer of Kavo is")
+    _, cache = toy.run_with_cache("the spouse of the performer of Voliba is")
     assert cache[hidden_state_hook(toy.cfg.n_layers - 1)].shape[-1] == toy.cfg.d_model
 
 

@@ -59,6 +59,16 @@ def test_left_padding_keeps_positions(tiny_llama):
         assert batch.attention_mask[i, : batch.n_pad[i]].sum() == 0
 
 
+def test_right_padding_positions(tiny_gpt2):
+    prompts = [q.composition_prompt() for q in QUERIES]
+    left, right = tokenize_prompts(tiny_gpt2, prompts), tokenize_prompts(tiny_gpt2, prompts, padding_side="right")
+    for i, q in enumerate(QUERIES):
+        span = e1_span_in_composition(q)
+        assert right.tokens[i, right.char_span_position(i, span)] == left.tokens[i, left.char_span_position(i, span)]
+        t2 = right.last_position()[i]
+        assert right.tokens[i, t2] == left.tokens[i, -1] and right.attention_mask[i, t2 + 1 :].sum() == 0
+
+
 def test_tokenization_equals_transformer_lens(tiny_gpt2, tiny_llama, toy):
     for model in (tiny_gpt2, tiny_llama, toy):
         prompt = "the spouse of the performer of Kavo is"

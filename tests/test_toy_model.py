@@ -33,7 +33,7 @@ def test_model_card_accuracies_are_reproduced(card_and_measured):
 def test_toy_model_composes_in_distribution_only(card_and_measured):
     _, m = card_and_measured
     assert m.loc["test_id", "first_hop"] > 0.95 and m.loc["test_id", "second_hop"] > 0.95
-    assert m.loc["train", "composition"] > 0.95  # trained compositions
+    assert m.loc["train", "composition"] > 0.9  # trained compositions
     assert m.loc["test_id", "composition"] > 0.75  # held-out compositions: latent two-hop reasoning
     assert m.loc["test_ood", "composition"] < 0.05  # OOD second hop: never composed
     assert m.loc["test_id", "incorrect"] >= 50  # enough failures to study

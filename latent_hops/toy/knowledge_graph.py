@@ -6,7 +6,7 @@ seed alone. 10% of the atomic facts are "out-of-distribution" (OOD): they are tr
 one-hop facts but never appear inside a training two-hop query (Wang et al. 2024), which
 makes the toy model's OOD two-hop queries genuine knowledge failures.
 
-Prompts keep the paper's order ("the spouse of the performer of Kavo is"); each relation
+Prompts keep the paper's order ("the spouse of the performer of Voliba is"); each relation
 phrase ("the spouse of") is a single token of the toy tokenizer, each entity name too.
 """
 
@@ -103,13 +103,14 @@ class CompositionSplits:
 
 
 def split_compositions(
-    kg: KnowledgeGraph, train_per_fact: float = 15.0, n_test: int = 3000, seed: int = 0
+    kg: KnowledgeGraph, train_per_fact: float = 15.0, n_test_id: int | None = None, n_test_ood: int = 3000,
+    seed: int = 0,
 ) -> CompositionSplits:
     """Split all compositions with e1 != e2 != e3 != e1 into train / held-out sets.
 
     In-distribution (ID) compositions use two ID facts; ``train_per_fact * N * R`` of them
-    are trained, ``n_test`` of the rest are held out. OOD test compositions have an ID
-    first hop and an OOD second hop.
+    are trained, the rest (or the first ``n_test_id``) are held out. ``n_test_ood`` OOD
+    test compositions have an ID first hop and an OOD second hop.
     """
     n, r = kg.n_entities, kg.n_relations
     e1, r1, r2 = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(r), np.arange(r), indexing="ij"))
@@ -122,7 +123,8 @@ def split_compositions(
     rng = np.random.default_rng(seed + 1)
     id_comps = rng.permutation(comps[valid & first_id & second_id])
     n_train = int(train_per_fact * n * r)
-    if n_train + n_test > len(id_comps):
-        raise ValueError(f"only {len(id_comps)} ID compositions for {n_train} train + {n_test} test")
-    ood_comps = rng.permutation(comps[valid & first_id & ~second_id])[:n_test]
-    return CompositionSplits(id_comps[:n_train], id_comps[n_train : n_train + n_test], ood_comps)
+    n_test_id = len(id_comps) - n_train if n_test_id is None else n_test_id
+    if n_train + n_test_id > len(id_comps) or n_test_id < 1:
+        raise ValueError(f"only {len(id_comps)} ID compositions for {n_train} train + {n_test_id} test")
+    ood_comps = rng.permutation(comps[valid & first_id & ~second_id])[:n_test_ood]
+    return CompositionSplits(id_comps[:n_train], id_comps[n_train : n_train + n_test_id], ood_comps)

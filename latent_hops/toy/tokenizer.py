@@ -1,7 +1,7 @@
 """The toy model's word-level tokenizer: one token per entity name and per relation phrase.
 
 Relation phrases ("the spouse of") are single tokens, so prompts read as English ("the
-spouse of the performer of Kavo is") while the model sees the compact sequence that trains
+spouse of the performer of Voliba is") while the model sees the compact sequence that trains
 fastest (see the model card). It is a standard Hugging Face fast tokenizer, with character
 offsets, so every loader (transformers, TransformerLens, nnsight) can use it.
 """

@@ -1,0 +1,146 @@
+"""Analyses: logit lens, sublayer projection, attention knockout, Patchscopes, stages."""
+
+import pandas as pd
+import pytest
+import torch
+
+from latent_hops.backend import greedy_generate
+from latent_hops.cases import Case, prepare_cases
+from latent_hops.generation import generate
+from latent_hops.knockout import KnockoutConfig, attention_knockout, edges, knockout_hooks
+from latent_hops.logit_lens import logit_lens, onset_layer, resolution_layers
+from latent_hops.patchscopes import PatchscopeConfig, TargetPrompt, classify, patchscope, patchscope_layers
+from latent_hops.positions import tokenize_prompts
+from latent_hops.projection import projection_layers, sublayer_projection
+from latent_hops.queries import queries_to_table
+from latent_hops.ranks import project_to_vocab
+from test_positions import QUERIES
+
+
+@pytest.fixture(scope="module")
+def llama_cases(tiny_llama):
+    cases, skipped = prepare_cases(tiny_llama, queries_to_table(QUERIES))
+    assert skipped.empty
+    return cases
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_logit_lens_at_last_layer_is_the_model(request, name):
+    model = request.getfixturevalue(name)
+    tok = tokenize_prompts(model, [q.composition_prompt() for q in QUERIES])
+    logits, cache = model.run_with_cache(tok.tokens, attention_mask=tok.attention_mask)
+    last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1]
+    torch.testing.assert_close(project_to_vocab(model, last), logits[:, -1].log_softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_logit_lens_table(tiny_llama, llama_cases):
+    lens = logit_lens(tiny_llama, llama_cases)
+    assert len(lens) == len(llama_cases) * 2 * (tiny_llama.cfg.n_layers + 1)
+    top = lens[(lens.position == "t2") & (lens.layer == tiny_llama.cfg.n_layers - 1)].set_index("id").top_token
+    tok = tokenize_prompts(tiny_llama, [c.prompt for c in llama_cases])
+    predicted = tiny_llama(tok.tokens, attention_mask=tok.attention_mask)[:, -1].argmax(-1).tolist()
+    assert [top[c.id] for c in llama_cases] == predicted
+    assert ((lens.e2_rank >= 0) & (lens.e2_prob <= 1)).all()
+
+
+def test_resolution_and_onset_layers_hand_made():
+    rows = [("a", "t1", 0, 3, 5), ("a", "t1", 1, 0, 5), ("a", "t2", 0, 2, 20), ("a", "t2", 1, 0, 4),
+            ("a", "t2", 2, 1, 12), ("a", "t2", 3, 0, 0), ("b", "t1", 0, 1, 1), ("b", "t2", 0, 1, 50),
+            ("b", "t2", 1, 1, 50), ("b", "t2", 2, 1, 50), ("b", "t2", 3, 1, 50)]
+    lens = pd.DataFrame(rows, columns=["id", "position", "layer", "e2_rank", "e3_rank"])
+    res = resolution_layers(lens).set_index("id")
+    assert res.loc["a", "first_hop_layer"] == 1 and pd.isna(res.loc["b", "first_hop_layer"])
+    assert res.loc["a", "second_hop_layer"] == 3 and res.loc["a", "e2_at_t2_layer"] == 1
+    onset = onset_layer(lens, k=10)
+    assert onset["a"] == 3  # rank 4 at layer 1 leaves the top 10 again at layer 2
+    assert pd.isna(onset["b"])
+    assert onset_layer(lens, k=20)["a"] == 0
+
+
+def test_sublayer_projection(tiny_llama, llama_cases):
+    proj = sublayer_projection(tiny_llama, llama_cases)
+    assert len(proj) == len(llama_cases) * tiny_llama.cfg.n_layers * 2
+    assert set(proj.sublayer) == {"attn", "mlp"}
+    layers = projection_layers(proj)
+    assert list(layers.id) == [c.id for c in llama_cases]
+
+
+def test_knockout_with_no_edges_changes_nothing(tiny_llama):
+    tok = tokenize_prompts(tiny_llama, [q.composition_prompt() for q in QUERIES])
+    clean = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)
+    none = torch.zeros((len(QUERIES),) + (tok.tokens.shape[1],) * 2, dtype=torch.bool)
+    knocked = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10,
+                              knockout_hooks(range(tiny_llama.cfg.n_layers), none))
+    assert torch.equal(clean.tokens, knocked.tokens)
+    torch.testing.assert_close(clean.first_logits, knocked.first_logits)
+
+
+def test_knockout_blocks_exactly_the_edges(tiny_llama, llama_cases):
+    case = llama_cases[0]
+    tok = tokenize_prompts(tiny_llama, [case.prompt])
+    queries, keys = edges(case, "last_to_t1")
+    mask = torch.zeros((1,) + (tok.tokens.shape[1],) * 2, dtype=torch.bool)
+    mask[0, queries, keys] = True
+    with tiny_llama.hooks(fwd_hooks=knockout_hooks([1], mask)):
+        _, cache = tiny_llama.run_with_cache(tok.tokens)
+    pattern = cache["blocks.1.attn.hook_pattern"][0]  # [head, q, k]
+    assert torch.all(pattern[:, queries[0], keys[0]] == 0)
+    assert torch.all(cache["blocks.0.attn.hook_pattern"][0][:, queries[0], keys[0]] > 0)  # outside the window
+    torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+
+
+def test_knockout_table_and_skips(tiny_llama, llama_cases):
+    odd = Case("odd", llama_cases[0].prompt, llama_cases[0].positions, llama_cases[0].names,
+               llama_cases[0].first_tokens, r1_tokens=None)
+    ko = attention_knockout(tiny_llama, llama_cases + [odd], KnockoutConfig(presets=("last_to_t1", "last_to_r1"), window=1))
+    assert len(ko) == (len(llama_cases) + 1) * 2 * tiny_llama.cfg.n_layers
+    assert (ko[(ko.id == "odd") & (ko.preset == "last_to_r1")].skip_reason != "").all()
+    assert ko.loc[ko.layer == 0, "window_end"].eq(1).all() and ko.loc[ko.layer == 0, "window_start"].eq(0).all()
+
+
+def test_classify_patterns_and_priority():
+    names = {"e1": ("Imagine",), "e2": ("John Lennon", "Lennon"), "e3": ("Yoko Ono",)}
+    assert classify("x: John Lennon is an English musician", names) == "e2"
+    assert classify("x: Yoko Ono, Imagine: Imagine is a song", names) == "e1"  # e1 has priority
+    assert classify("x: Yoko Ono", names) == "e3"  # end of text counts as a space
+    assert classify("x: a song by Lennon", names) == "other"
+
+
+def test_patchscope_onto_itself_reproduces_the_clean_generation(tiny_llama):
+    target = TargetPrompt.from_text("the spouse of the performer of x is")
+    tok = tokenize_prompts(tiny_llama, [target.text])
+    slot = tok.char_span_position(0, target.placeholder)
+    case = Case("self", target.text, {"t1": slot, "t2": tok.tokens.shape[1] - 1}, {"e1": (), "e2": (), "e3": ()},
+                {"e2": [], "e3": []})
+    n = tiny_llama.cfg.n_layers
+    scopes = patchscope(tiny_llama, [case], PatchscopeConfig(target=target, positions=("t1",),
+                                                             layer_pairs=tuple((s, s) for s in range(n))))
+    clean = tiny_llama.tokenizer.decode(tok.tokens[0, slot:].tolist(), skip_special_tokens=True) + \
+        generate(tiny_llama, [target.text])[0]
+    assert (scopes.generation == clean).all() and len(scopes) == n
+
+
+def test_patchscope_table_and_layers(tiny_llama, llama_cases):
+    scopes = patchscope(tiny_llama, llama_cases, PatchscopeConfig(target=TargetPrompt.from_text("Paris: Paris, x")))
+    n = tiny_llama.cfg.n_layers
+    assert len(scopes) == len(llama_cases) * 2 * n * n
+    assert set(scopes.decoded) <= {"e1", "e2", "e3", "other"}
+    sampled = patchscope(tiny_llama, llama_cases[:1], PatchscopeConfig(
+        target=TargetPrompt.from_text("Paris: Paris, x"), seeds=(0, 1), layer_pairs=((0, 0),)))
+    assert sorted(sampled.seed) == [0, 0, 1, 1]
+    assert list(patchscope_layers(scopes).columns) == ["id", "first_hop_layer", "e2_at_t2_layer", "second_hop_layer"]
+    with pytest.raises(ValueError, match="placeholder"):
+        TargetPrompt.from_text("no placeholder here", placeholder="zzz")
+
+
+def test_probes_fit_what_they_are_trained_on(toy):
+    from latent_hops.probe import apply_probes, fit_probes, probe_layers
+    from latent_hops.queries import load_dataset
+
+    table = load_dataset("toy")
+    cases, _ = prepare_cases(toy, table[table.split == "train"].iloc[:60])
+    probes = fit_probes(toy, cases, "e2", "t2", layers=[0, toy.cfg.n_layers - 1])
+    probed = apply_probes(toy, probes, cases)
+    assert len(probed) == 2 * len(cases) and set(probed.layer) == {0, toy.cfg.n_layers - 1}
+    assert probed.groupby("layer").correct.mean().max() >= 0.9  # a linear probe can fit its training set
+    assert list(probe_layers(probed).columns) == ["id", "first_hop_layer", "e2_at_t2_layer", "second_hop_layer"]
