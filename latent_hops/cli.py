@@ -209,11 +209,16 @@ def run_probe(session: Session) -> pd.DataFrame:
 
 def run_stages(session: Session) -> pd.DataFrame:
     """All analyses the stage table needs (each reused from the run directory if there)."""
+    wanted = {c.id for c in session.cases()[0]}
+
     def load_or_run(name: str, run) -> pd.DataFrame:
+        """The table in the run directory if it covers the analysed cases, else a fresh run."""
         path = session.path(name)
         if path.is_file():
-            print(f"reusing {path}")
-            return pd.read_parquet(path)
+            done = pd.read_parquet(path)
+            if wanted <= set(done["id"]):
+                print(f"reusing {path}")
+                return done[done["id"].isin(wanted)]
         return run(session)
 
     lens = load_or_run("logit_lens.parquet", run_logit_lens)
