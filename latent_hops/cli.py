@@ -247,48 +247,63 @@ def cmd_demo(args) -> None:
     print(f"\nresults in {args.out}/ (backpatch_heatmaps.html, stages.html, *.parquet)")
 
 
+def _backpatch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--positions", default="t1,t2", help="comma-separated: t1,t2")
+    p.add_argument("--kinds", default=",".join(bp.KINDS), help="back,forward,random")
+    p.add_argument("--include-embeddings", action="store_true", help="layer -1 (embeddings) as source/target")
+    p.add_argument("--memory-budget-mb", type=float, default=1024.0)
+
+
+def _batch_rows_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-rows", type=int, default=None, help="patched rows per forward (default: from budget)")
+
+
+def _knockout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--presets", default="last_to_t1", help=f"knockout edges: {','.join(EDGE_PRESETS)}")
+    p.add_argument("--window", type=int, default=3, help="knockout window half-width k")
+
+
+def _patchscope_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="auto", help="target prompt: auto, paper, toy, or a text with an x")
+    p.add_argument("--seeds", default="", help="comma-separated sampling seeds (default: greedy)")
+
+
+def _probe_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe-train", type=int, default=2000, help="queries to train the probes on")
+
+
+# name -> (function, help, option groups beyond the common ones)
+COMMANDS = {
+    "evaluate": (cmd_evaluate, "hop accuracies and subsets -> evaluation.parquet", ()),
+    "backpatch": (lambda a: run_backpatch(Session(a)), "back-patching sweep -> backpatch.parquet + summary + heatmaps",
+                  (_analysis, _backpatch_options, _batch_rows_option)),
+    "logit-lens": (lambda a: run_logit_lens(Session(a)), "logit lens at t1/t2 -> logit_lens.parquet", (_analysis,)),
+    "project": (lambda a: run_projection(Session(a)), "sublayer projection at t2 -> projection.parquet", (_analysis,)),
+    "knockout": (lambda a: run_knockout(Session(a)), "attention knockout -> knockout.parquet",
+                 (_analysis, _knockout_options)),
+    "patchscope": (lambda a: run_patchscope(Session(a)), "Patchscopes -> patchscope.parquet",
+                   (_analysis, _patchscope_options, _batch_rows_option)),
+    "probe": (lambda a: run_probe(Session(a)), "linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet",
+              (_analysis, _probe_options)),
+    "stages": (lambda a: run_stages(Session(a)), "all stage analyses -> stages.parquet + stages.html",
+               (_analysis, _knockout_options, _patchscope_options, _probe_options, _batch_rows_option)),
+    "demo": (cmd_demo, "the whole pipeline on the shipped toy model",
+             (_analysis, _backpatch_options, _knockout_options, _patchscope_options, _probe_options,
+              _batch_rows_option)),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latent-hops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, func, help: str, analysis: bool = True) -> argparse.ArgumentParser:
+    for name, (func, help, groups) in COMMANDS.items():
         p = sub.add_parser(name, help=help)
         _common(p)
-        if analysis:
-            _analysis(p)
+        for group in groups:
+            group(p)
         p.set_defaults(func=func)
-        return p
-
-    add("evaluate", cmd_evaluate, "hop accuracies and subsets -> evaluation.parquet", analysis=False)
-    for name, help in (("backpatch", "back-patching sweep -> backpatch.parquet + summary + heatmaps"),
-                       ("demo", "the whole pipeline on the shipped toy model")):
-        p = add(name, cmd_demo if name == "demo" else lambda a: run_backpatch(Session(a)), help)
-        p.add_argument("--positions", default="t1,t2", help="comma-separated: t1,t2")
-        p.add_argument("--kinds", default=",".join(bp.KINDS), help="back,forward,random")
-        p.add_argument("--include-embeddings", action="store_true", help="layer -1 (embeddings) as source/target")
-        p.add_argument("--batch-rows", type=int, default=None, help="patched rows per forward (default: budget)")
-        p.add_argument("--memory-budget-mb", type=float, default=1024.0)
-    add("logit-lens", lambda a: run_logit_lens(Session(a)), "logit lens at t1/t2 -> logit_lens.parquet")
-    add("project", lambda a: run_projection(Session(a)), "sublayer projection at t2 -> projection.parquet")
-    p = add("probe", lambda a: run_probe(Session(a)), "linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet")
-    p.add_argument("--probe-train", type=int, default=2000, help="queries to train the probes on")
-    for name, func, help in (("knockout", lambda a: run_knockout(Session(a)), "attention knockout -> knockout.parquet"),
-                             ("patchscope", lambda a: run_patchscope(Session(a)), "Patchscopes -> patchscope.parquet"),
-                             ("stages", lambda a: run_stages(Session(a)), "all stage analyses -> stages.parquet"),
-                             ("demo", None, None)):
-        p = sub.choices[name] if name == "demo" else add(name, func, help)
-        if name in ("knockout", "stages", "demo"):
-            p.add_argument("--presets", default="last_to_t1", help=f"knockout edges: {','.join(EDGE_PRESETS)}")
-            p.add_argument("--window", type=int, default=3, help="knockout window half-width k")
-        if name in ("stages", "demo"):
-            p.add_argument("--probe-train", type=int, default=2000, help="queries to train the probes on")
-        if name in ("patchscope", "stages", "demo"):
-            p.add_argument("--target", default="auto", help="target prompt: auto, paper, toy, or text with an x")
-            p.add_argument("--seeds", default="", help="sampling seeds (default: greedy)")
-            if name != "demo":
-                p.add_argument("--batch-rows", type=int, default=None, help="patched rows per forward")
-    sub.choices["demo"].set_defaults(max_cases=60)  # per split x subset: the demo runs in minutes on a CPU
+    sub.choices["demo"].set_defaults(max_cases=60)  # per split x subset: the demo runs in about a minute on a CPU
     return parser
 
 
