@@ -4,6 +4,7 @@
     latent-hops backpatch --model toy --dataset toy --out runs/toy --positions t1,t2 --subset incorrect
     latent-hops logit-lens | project | knockout | patchscope | probe --out runs/toy
     latent-hops stages    --model toy --dataset toy --out runs/toy
+    latent-hops report    runs/toy
     latent-hops demo      --out runs/demo
 
 Every subcommand writes Parquet into the run directory (``--out``) and reuses what is
@@ -31,6 +32,7 @@ from latent_hops.patchscopes import TARGET_PRESETS, PatchscopeConfig, TargetProm
 from latent_hops.probe import apply_probes, fit_probes
 from latent_hops.projection import sublayer_projection
 from latent_hops.queries import DatasetError, load_dataset
+from latent_hops.report import build_report
 from latent_hops.stages import stage_medians, stage_table
 
 
@@ -238,13 +240,19 @@ def run_stages(session: Session) -> pd.DataFrame:
     return stages
 
 
+def cmd_report(args) -> Path:
+    path = build_report(args.run_dir)
+    print(f"report -> {path}")
+    return path
+
+
 def cmd_demo(args) -> None:
-    """The whole pipeline on the shipped toy model: evaluate, back-patch, stages."""
+    """The whole pipeline on the shipped toy model: evaluate, back-patch, stages, report."""
     session = Session(args)
     session.evaluation()
     run_backpatch(session)
     run_stages(session)
-    print(f"\nresults in {args.out}/ (backpatch_heatmaps.html, stages.html, *.parquet)")
+    print(f"\nreport: {build_report(args.out)} (tables: {args.out}/*.parquet)")
 
 
 def _backpatch_options(p: argparse.ArgumentParser) -> None:
@@ -297,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latent-hops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("report", help="RUN_DIR/report.html: one self-contained page of the run's results")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_report)
     for name, (func, help, groups) in COMMANDS.items():
         p = sub.add_parser(name, help=help)
         _common(p)
@@ -311,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ModelLoadError, DatasetError, ValueError) as err:
+    except (ModelLoadError, DatasetError, ValueError, FileNotFoundError) as err:
         print(f"latent-hops: error: {err}", file=sys.stderr)
         return 2
     return 0

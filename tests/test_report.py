@@ -1,0 +1,64 @@
+"""report.html: self-contained, and it renders in a real headless Chromium with no JS errors."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from latent_hops.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    common = ["--out", str(out), "--split", "test_id", "--max-cases", "3", "--device", "cpu"]
+    assert main(["backpatch", *common]) == 0
+    assert main(["stages", *common, "--probe-train", "200"]) == 0
+    assert main(["report", str(out)]) == 0
+    return out / "report.html"
+
+
+def test_report_is_self_contained(report):
+    page = report.read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page)  # no external script: plotly.js is inline, works offline
+    assert "plotly.js v" in page or "Plotly" in page
+    assert page.count('id="figure-') >= 8  # 4 heatmaps, 3 stage boxplots, curves, Patchscopes, knockout
+    for heading in ("Dataset and hop accuracies", "Back-patching", "Stages of two-hop queries", "Patchscopes"):
+        assert heading in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHROMIUM and DRIVER) and os.environ.get("CI") != "true",
+                    reason="needs Debian chromium + chromium-driver (.ci/run installs them)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1300,2000"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        driver.get(report.as_uri())
+        count = "return document.querySelectorAll('[id^=\"figure-\"]').length"
+        rendered = ("return [...document.querySelectorAll('[id^=\"figure-\"]')]"
+                    ".filter(d => d.querySelector('svg.main-svg, canvas')).length")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(rendered) == d.execute_script(count))
+        assert driver.execute_script(count) >= 8
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
+        artifacts = ROOT / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(artifacts / "report.png"))
+    finally:
+        driver.quit()
