@@ -17,9 +17,11 @@ import argparse
 import json
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from latent_hops import backpatch as bp
 from latent_hops import plots
@@ -31,8 +33,9 @@ from latent_hops.models import TOY_SPEC, ModelLoadError, load_model
 from latent_hops.patchscopes import TARGET_PRESETS, PatchscopeConfig, TargetPrompt, patchscope
 from latent_hops.probe import apply_probes, fit_probes
 from latent_hops.projection import sublayer_projection
-from latent_hops.queries import DatasetError, load_dataset
+from latent_hops.queries import DatasetError, load_dataset, toy_dataset_path
 from latent_hops.report import build_report
+from latent_hops.rundir import in_shard, merge_parts, parse_shard, record_run, run_in_parts, write_table
 from latent_hops.stages import stage_medians, stage_table
 
 
@@ -43,7 +46,9 @@ def _csv(value: str) -> tuple[str, ...]:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=TOY_SPEC, help="'toy', a local HF checkpoint dir, or a TransformerLens name")
     parser.add_argument("--dataset", default="toy", help="'toy', a two_hop.csv, or .parquet/.jsonl")
-    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (required: flag or config)")
+    parser.add_argument("--config", type=Path, default=None, help="TOML file whose keys mirror these flags")
+    parser.add_argument("--shard", default=None, help="i/n: this process takes shard i of n of the queries")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     parser.add_argument("--batch-size", type=int, default=128, help="prompts per forward pass")
@@ -60,7 +65,10 @@ class Session:
     """What one command shares: the queries, the model and the run directory."""
 
     def __init__(self, args):
+        if args.out is None:
+            raise DatasetError("--out RUN_DIR is required (as a flag or in the --config file)")
         self.args = args
+        self.shard = parse_shard(args.shard)
         self.table = self._queries()
         self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         self._cases: dict = {}
@@ -90,7 +98,7 @@ class Session:
                 return done[done["id"].isin(set(self.table["id"]))].reset_index(drop=True)
         start = time.time()
         result = evaluate(self.model, self.table, EvaluationConfig(batch_size=self.args.batch_size, progress=True))
-        result.to_parquet(path, index=False)
+        write_table(result, path)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
             print(summarize(result).to_string())
         print(f"evaluated {len(result)} queries in {time.time() - start:.1f}s -> {path}")
@@ -103,6 +111,7 @@ class Session:
         ev = evaluation[evaluation["subset"].isin(subsets)]
         if self.args.max_cases is not None:
             ev = ev.groupby(["split", "subset"], sort=False).head(self.args.max_cases)
+        ev = ev[[in_shard(i, self.shard) for i in ev["id"]]]
         if ev.empty:
             raise DatasetError(f"no queries in subsets {subsets}; see {self.path('evaluation.parquet')}")
         return self.table[self.table["id"].isin(set(ev["id"]))], evaluation
@@ -119,7 +128,7 @@ class Session:
         return self._cases[key]
 
     def save(self, frame: pd.DataFrame, name: str, seconds: float) -> pd.DataFrame:
-        frame.to_parquet(self.path(name), index=False)
+        write_table(frame, self.path(name))
         print(f"{name}: {len(frame)} rows in {seconds:.1f}s -> {self.path(name)}")
         return frame
 
@@ -131,28 +140,53 @@ def cmd_evaluate(args) -> pd.DataFrame:
 
 
 def run_backpatch(session: Session) -> pd.DataFrame:
+    """The sweep, resumable: cases are computed in chunks written as parts of RUN_DIR/backpatch/."""
     args = session.args
     config = bp.BackpatchConfig(positions=_csv(args.positions), kinds=_csv(args.kinds),
                                 include_embeddings=args.include_embeddings, batch_rows=args.batch_rows,
-                                memory_budget_mb=args.memory_budget_mb, progress=True)
+                                memory_budget_mb=args.memory_budget_mb)
     cases, skipped, evaluation = session.cases(config.positions)
     start = time.time()
-    results = session.save(bp.sweep(session.model, cases, config), "backpatch.parquet", time.time() - start)
+    bar = tqdm(total=len(cases), desc="backpatch", unit="case")
+    run_in_parts(session.path("backpatch"), cases, args.chunk_cases,
+                 lambda part: (bp.sweep(session.model, part, config), bar.update(len(part)))[0],
+                 on_skip=lambda n: bar.update(n) if n else None)
+    bar.close()
+    print(f"backpatch: {len(cases)} cases in {time.time() - start:.1f}s")
+    return merge_backpatch(session.args.out, evaluation, skipped, {"model": args.model, "dataset": args.dataset})
+
+
+def merge_backpatch(run_dir: Path, evaluation: pd.DataFrame, skipped: pd.DataFrame | None = None,
+                    meta: dict | None = None) -> pd.DataFrame:
+    """backpatch.parquet, cells, summary and heatmaps from every part in RUN_DIR/backpatch/."""
+    results = merge_parts(run_dir / "backpatch", order=list(evaluation["id"]))
+    write_table(results, run_dir / "backpatch.parquet")
     labelled = bp.with_labels(results, evaluation)
     oracle, cells, non_oracle = bp.oracle_rates(labelled), bp.cell_rates(labelled), bp.non_oracle(labelled)
-    cells.to_parquet(session.path("backpatch_cells.parquet"), index=False)
-    summary = {"model": args.model, "dataset": args.dataset, "cases": len(cases), "rows": len(results),
-               "seconds": round(time.time() - start, 1), "skipped": skipped.to_dict("records"),
+    write_table(cells, run_dir / "backpatch_cells.parquet")
+    if meta is None:  # merge: take them from the manifest of the run
+        manifest = run_dir / "manifest.json"
+        meta = json.loads(manifest.read_text())["runs"][0]["config"] if manifest.is_file() else {}
+    summary = {"model": meta.get("model"), "dataset": meta.get("dataset"), "cases": int(results["id"].nunique()),
+               "rows": len(results), "skipped": [] if skipped is None else skipped.to_dict("records"),
                "oracle": oracle.to_dict("records"), "non_oracle": non_oracle.to_dict("records")}
-    session.path("backpatch_summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / "backpatch_summary.json").write_text(json.dumps(summary, indent=1))
+    positions = sorted(set(oracle.position))
     figures = [plots.backpatch_heatmap(cells, subset, position, oracle=oracle)
-               for subset in ("incorrect", "correct") if subset in set(oracle.subset) for position in config.positions]
-    plots.save_html(figures, session.path("backpatch_heatmaps.html"), "latent_hops back-patching")
+               for subset in ("incorrect", "correct") if subset in set(oracle.subset) for position in positions]
+    plots.save_html(figures, run_dir / "backpatch_heatmaps.html", "latent_hops back-patching")
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
-        print(oracle[oracle.split == "all"].to_string(index=False) if "all" in set(oracle.split) else oracle.to_string(index=False))
+        print(oracle[oracle.split == "all"].to_string(index=False))
         if not non_oracle.empty:
-            print(non_oracle.to_string(index=False))
+            print(non_oracle[non_oracle.split == "all"].to_string(index=False))
+    print(f"backpatch.parquet: {len(results)} rows -> {run_dir}")
     return results
+
+
+def cmd_merge(args) -> pd.DataFrame:
+    """Merge the parts that every --shard process wrote, then summarise (no model needed)."""
+    evaluation = pd.read_parquet(args.run_dir / "evaluation.parquet")
+    return merge_backpatch(args.run_dir, evaluation)
 
 
 def run_logit_lens(session: Session) -> pd.DataFrame:
@@ -262,6 +296,10 @@ def _backpatch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget-mb", type=float, default=1024.0)
 
 
+def _resume_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk-cases", type=int, default=50, help="cases per resumable part of the sweep")
+
+
 def _batch_rows_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-rows", type=int, default=None, help="patched rows per forward (default: from budget)")
 
@@ -284,7 +322,7 @@ def _probe_options(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "evaluate": (cmd_evaluate, "hop accuracies and subsets -> evaluation.parquet", ()),
     "backpatch": (lambda a: run_backpatch(Session(a)), "back-patching sweep -> backpatch.parquet + summary + heatmaps",
-                  (_analysis, _backpatch_options, _batch_rows_option)),
+                  (_analysis, _backpatch_options, _batch_rows_option, _resume_options)),
     "logit-lens": (lambda a: run_logit_lens(Session(a)), "logit lens at t1/t2 -> logit_lens.parquet", (_analysis,)),
     "project": (lambda a: run_projection(Session(a)), "sublayer projection at t2 -> projection.parquet", (_analysis,)),
     "knockout": (lambda a: run_knockout(Session(a)), "attention knockout -> knockout.parquet",
@@ -297,7 +335,7 @@ COMMANDS = {
                (_analysis, _knockout_options, _patchscope_options, _probe_options, _batch_rows_option)),
     "demo": (cmd_demo, "the whole pipeline on the shipped toy model",
              (_analysis, _backpatch_options, _knockout_options, _patchscope_options, _probe_options,
-              _batch_rows_option)),
+              _batch_rows_option, _resume_options)),
 }
 
 
@@ -308,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="RUN_DIR/report.html: one self-contained page of the run's results")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("merge", help="merge the back-patching parts of all --shard processes in RUN_DIR")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_merge)
     for name, (func, help, groups) in COMMANDS.items():
         p = sub.add_parser(name, help=help)
         _common(p)
@@ -318,13 +359,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config`` TOML file supplies defaults (flags given still win)."""
+    args = parser.parse_args(argv)
+    path = getattr(args, "config", None)
+    if path is None:
+        return args
     try:
+        values = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise DatasetError(f"config {path}: {err}") from None
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    known = {a.dest for a in sub._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DatasetError(f"config {path}: unknown keys {unknown} for `{args.command}`")
+    for action in sub._actions:
+        if action.dest in values and action.type is not None and values[action.dest] is not None:
+            values[action.dest] = action.type(values[action.dest])
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    started = time.time()
+    try:
+        args = _with_config(parser, argv)
         args.func(args)
     except (ModelLoadError, DatasetError, ValueError, FileNotFoundError) as err:
         print(f"latent-hops: error: {err}", file=sys.stderr)
         return 2
+    out = getattr(args, "out", None)
+    if out is not None and args.command != "report":
+        dataset = toy_dataset_path() if args.dataset == "toy" else Path(args.dataset)
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        record_run(out, args.command, config, dataset, started)
     return 0
 
 

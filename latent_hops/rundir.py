@@ -1,0 +1,128 @@
+"""Run directories: resumable Parquet shards, query sharding, and the manifest.
+
+A long analysis writes its results chunk by chunk into ``RUN_DIR/<name>/part-*.parquet``;
+each part is written to a temporary file and renamed into place, so a process killed at any
+moment (even ``kill -9``) leaves only whole parts. Started again, it skips the cases whose
+part exists, so nothing is recomputed, lost or duplicated. ``merge_parts`` reads all parts
+(of every ``--shard i/n`` process) into one table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
+
+
+def in_shard(query_id: str, shard: tuple[int, int]) -> bool:
+    """Deterministic assignment of a query to one of n shards (by a hash of its id)."""
+    i, n = shard
+    return zlib.crc32(str(query_id).encode()) % n == i
+
+
+def _part_ids(path: Path) -> set[str]:
+    return set(pd.read_parquet(path, columns=["id"])["id"])
+
+
+def done_ids(folder: Path) -> set[str]:
+    """Ids of the cases whose results are already in ``folder``'s parts."""
+    if not folder.is_dir():
+        return set()
+    return set().union(*(_part_ids(p) for p in sorted(folder.glob("part-*.parquet"))))
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> Path:
+    """Write a Parquet table atomically: a killed process never leaves half a file."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_part(folder: Path, frame: pd.DataFrame, key: str) -> Path:
+    """Write one part atomically (temporary file, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return write_table(frame, folder / f"part-{digest}.parquet")
+
+
+def run_in_parts(
+    folder: Path,
+    cases: Sequence,
+    chunk: int,
+    compute: Callable[[Sequence], pd.DataFrame],
+    on_skip: Callable[[int], None] | None = None,
+) -> None:
+    """Compute ``cases`` chunk by chunk, one part each, skipping cases already done."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    for stale in folder.glob(".tmp-*") if folder.is_dir() else []:
+        stale.unlink(missing_ok=True)  # a part a killed process did not finish
+    done = done_ids(folder)
+    todo = [c for c in cases if c.id not in done]
+    if on_skip is not None:
+        on_skip(len(cases) - len(todo))
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        write_part(folder, compute(part), "|".join(c.id for c in part))
+
+
+def merge_parts(folder: Path, order: Sequence[str] | None = None, sort_by: Sequence[str] = ()) -> pd.DataFrame:
+    """All parts of ``folder`` as one table; rows of the same case keep their order."""
+    parts = [pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))]
+    if not parts:
+        raise FileNotFoundError(f"no result parts in {folder}")
+    frame = pd.concat(parts, ignore_index=True)
+    if order is not None:
+        rank = {i: k for k, i in enumerate(order)}
+        frame = frame[frame["id"].isin(rank)]
+        frame = frame.assign(_case=frame["id"].map(rank)).sort_values(["_case", *sort_by], kind="stable")
+        frame = frame.drop(columns="_case")
+    return frame.reset_index(drop=True)
+
+
+def file_hash(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_run(run_dir: Path, command: str, config: dict, dataset_path: str | Path | None, started: float) -> Path:
+    """Append this command's entry (model, dataset hash, config, version, times) to manifest.json."""
+    from latent_hops import __version__
+
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    stamp = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    manifest["runs"].append({
+        "command": command, "package_version": __version__, "config": config,
+        "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
+        "started": stamp(started), "finished": stamp(time.time()),
+    })
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
