@@ -139,6 +139,12 @@ def cmd_evaluate(args) -> pd.DataFrame:
     return session.evaluation()
 
 
+def _fingerprint(session: Session, config) -> dict:
+    """What determines a part's rows: model, dtype and the analysis configuration."""
+    keep = {k: v for k, v in vars(config).items() if k not in ("progress", "batch_rows", "memory_budget_mb")}
+    return {"model": session.args.model, "dtype": session.args.dtype, "config": keep}
+
+
 def run_backpatch(session: Session) -> pd.DataFrame:
     """The sweep, resumable: cases are computed in chunks written as parts of RUN_DIR/backpatch/."""
     args = session.args
@@ -150,7 +156,7 @@ def run_backpatch(session: Session) -> pd.DataFrame:
     bar = tqdm(total=len(cases), desc="backpatch", unit="case")
     run_in_parts(session.path("backpatch"), cases, args.chunk_cases,
                  lambda part: (bp.sweep(session.model, part, config), bar.update(len(part)))[0],
-                 on_skip=lambda n: bar.update(n) if n else None)
+                 on_skip=lambda n: bar.update(n) if n else None, config=_fingerprint(session, config))
     bar.close()
     print(f"backpatch: {len(cases)} cases in {time.time() - start:.1f}s")
     return merge_backpatch(session.args.out, evaluation, skipped, {"model": args.model, "dataset": args.dataset})
@@ -221,9 +227,15 @@ def run_patchscope(session: Session) -> pd.DataFrame:
     args = session.args
     cases, _, _ = session.cases()
     config = PatchscopeConfig(target=_target(args), seeds=tuple(int(s) for s in _csv(args.seeds)),
-                              batch_rows=args.batch_rows or 512, progress=True)
+                              batch_rows=args.batch_rows or 512)
     start = time.time()
-    return session.save(patchscope(session.model, cases, config), "patchscope.parquet", time.time() - start)
+    bar = tqdm(total=len(cases), desc="patchscope", unit="case")
+    run_in_parts(session.path("patchscope"), cases, args.chunk_cases,  # resumable, like back-patching
+                 lambda part: (patchscope(session.model, part, config), bar.update(len(part)))[0],
+                 on_skip=lambda n: bar.update(n) if n else None, config=_fingerprint(session, config))
+    bar.close()
+    merged = merge_parts(session.path("patchscope"), order=[c.id for c in cases])
+    return session.save(merged, "patchscope.parquet", time.time() - start)
 
 
 PROBE_TARGETS = (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))
@@ -328,11 +340,12 @@ COMMANDS = {
     "knockout": (lambda a: run_knockout(Session(a)), "attention knockout -> knockout.parquet",
                  (_analysis, _knockout_options)),
     "patchscope": (lambda a: run_patchscope(Session(a)), "Patchscopes -> patchscope.parquet",
-                   (_analysis, _patchscope_options, _batch_rows_option)),
+                   (_analysis, _patchscope_options, _batch_rows_option, _resume_options)),
     "probe": (lambda a: run_probe(Session(a)), "linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet",
               (_analysis, _probe_options)),
     "stages": (lambda a: run_stages(Session(a)), "all stage analyses -> stages.parquet + stages.html",
-               (_analysis, _knockout_options, _patchscope_options, _probe_options, _batch_rows_option)),
+               (_analysis, _knockout_options, _patchscope_options, _probe_options, _batch_rows_option,
+                _resume_options)),
     "demo": (cmd_demo, "the whole pipeline on the shipped toy model",
              (_analysis, _backpatch_options, _knockout_options, _patchscope_options, _probe_options,
               _batch_rows_option, _resume_options)),

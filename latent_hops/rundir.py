@@ -67,16 +67,34 @@ def write_part(folder: Path, frame: pd.DataFrame, key: str) -> Path:
     return write_table(frame, folder / f"part-{digest}.parquet")
 
 
+def check_config(folder: Path, config: dict) -> None:
+    """Parts are only reused under the same configuration: the first run records it in
+    ``folder/config.json``; a different one later is refused rather than mixed in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json"
+    text = json.dumps(config, sort_keys=True, default=str)
+    if not path.is_file():
+        tmp = folder / f".tmp-config-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    elif path.read_text() != text:
+        raise ValueError(f"{folder} holds results of another configuration ({path.read_text()}); "
+                         "use another --out or delete that folder")
+
+
 def run_in_parts(
     folder: Path,
     cases: Sequence,
     chunk: int,
     compute: Callable[[Sequence], pd.DataFrame],
     on_skip: Callable[[int], None] | None = None,
+    config: dict | None = None,
 ) -> None:
-    """Compute ``cases`` chunk by chunk, one part each, skipping cases already done."""
+    """Compute ``cases`` chunk by chunk, one part each, skipping cases already done
+    (under the same ``config``, see ``check_config``)."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    check_config(folder, config or {})
     for stale in folder.glob(".tmp-*") if folder.is_dir() else []:
         stale.unlink(missing_ok=True)  # a part a killed process did not finish
     done = done_ids(folder)

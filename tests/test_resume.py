@@ -85,3 +85,13 @@ def test_config_file_mirrors_flags(tmp_path, capsys):
 def test_bad_shard_spec(tmp_path, capsys):
     assert main(["logit-lens", "--out", str(tmp_path), "--shard", "3/2"]) == 2
     assert "need 0 <= i < n" in capsys.readouterr().err
+
+
+def test_parts_of_another_configuration_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["backpatch", "--out", str(out), "--split", "test_id", "--limit", "40", "--max-cases", "1",
+            "--device", "cpu", "--kinds", "back"]
+    assert main([*base, "--positions", "t2"]) == 0
+    assert main([*base, "--positions", "t1"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert main([*base, "--positions", "t2"]) == 0  # the same configuration resumes
