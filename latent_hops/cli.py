@@ -29,7 +29,7 @@ from latent_hops.cases import prepare_cases
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
 from latent_hops.knockout import EDGE_PRESETS, KnockoutConfig, attention_knockout
 from latent_hops.logit_lens import logit_lens
-from latent_hops.models import TOY_SPEC, ModelLoadError, load_model
+from latent_hops.models import TOY_CHECKPOINTS, TOY_SPEC, ModelLoadError, load_model
 from latent_hops.patchscopes import TARGET_PRESETS, PatchscopeConfig, TargetPrompt, patchscope
 from latent_hops.probe import apply_probes, fit_probes
 from latent_hops.projection import sublayer_projection
@@ -219,7 +219,7 @@ def run_knockout(session: Session) -> pd.DataFrame:
 
 def _target(args) -> TargetPrompt:
     if args.target == "auto":
-        return TARGET_PRESETS["toy" if args.model == TOY_SPEC else "paper"]
+        return TARGET_PRESETS["toy" if args.model in TOY_CHECKPOINTS else "paper"]
     return TARGET_PRESETS[args.target] if args.target in TARGET_PRESETS else TargetPrompt.from_text(args.target)
 
 

@@ -1,6 +1,7 @@
 """One loader for every model latent_hops analyses: ``load_model(spec)``.
 
-``spec`` is ``"toy"`` (the model shipped in the package), a local Hugging Face checkpoint
+``spec`` is ``"toy"`` (the 8-layer Llama shipped in the package), ``"toy-gpt2"`` (the
+4-layer GPT-2-style toy shipped beside it), a local Hugging Face checkpoint
 directory (Llama- or GPT-2-style), or a TransformerLens model name ("gpt2",
 "meta-llama/Llama-2-7b-hf", ...), downloaded from the hub by TransformerLens.
 """
@@ -18,15 +19,16 @@ from transformer_lens import HookedTransformer
 from latent_hops import backend
 
 TOY_SPEC = "toy"
+TOY_CHECKPOINTS = {"toy": "checkpoint", "toy-gpt2": "checkpoint-gpt2"}  # spec -> folder in latent_hops/toy
 
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be loaded, with the reason in words."""
 
 
-def toy_checkpoint_dir() -> Path:
-    """Directory of the toy model's Hugging Face checkpoint inside the installed package."""
-    return Path(str(resources.files("latent_hops.toy") / "checkpoint"))
+def toy_checkpoint_dir(spec: str = TOY_SPEC) -> Path:
+    """Directory of a shipped toy model's Hugging Face checkpoint inside the installed package."""
+    return Path(str(resources.files("latent_hops.toy") / TOY_CHECKPOINTS[spec]))
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -91,15 +93,15 @@ def load_model(
     """Load a model as a TransformerLens ``HookedTransformer`` ready for analysis.
 
     Args:
-        spec: ``"toy"``, a local HF checkpoint directory, or a TransformerLens model name.
+        spec: ``"toy"``, ``"toy-gpt2"``, a local HF checkpoint directory, or a TransformerLens name.
         device: defaults to CUDA when available, else CPU.
         dtype: torch dtype or its name ("float32", "bfloat16", ...); default float32 as in
             the paper.
     """
     dtype_, device_ = _resolve_dtype(dtype), _resolve_device(device)
     spec = str(spec)
-    if spec == TOY_SPEC:
-        return load_local_checkpoint(toy_checkpoint_dir(), dtype_, device_)
+    if spec in TOY_CHECKPOINTS:
+        return load_local_checkpoint(toy_checkpoint_dir(spec), dtype_, device_)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_local_checkpoint(path, dtype_, device_)

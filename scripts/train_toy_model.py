@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from latent_hops.toy.knowledge_graph import (
     CompositionSplits,
@@ -48,6 +48,7 @@ class Recipe:
     n_relations: int = 20
     ood_fraction: float = 0.1
     train_per_fact: float = 15.0
+    arch: str = "llama"  # "llama" (RoPE, RMSNorm, SwiGLU) or "gpt2" (learned positions, LayerNorm, GELU)
     n_layers: int = 8
     d_model: int = 128
     n_heads: int = 4
@@ -142,7 +143,16 @@ def evaluate(model, batcher: Batcher) -> dict[str, float]:
     return out
 
 
-def build_model(recipe: Recipe, tokenizer) -> LlamaForCausalLM:
+def build_model(recipe: Recipe, tokenizer):
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if recipe.arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer), n_embd=recipe.d_model, n_layer=recipe.n_layers, n_head=recipe.n_heads,
+            n_inner=recipe.d_mlp, n_positions=64, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, **ids))
+    if recipe.arch != "llama":
+        raise ValueError(f"unknown arch {recipe.arch!r}: llama or gpt2")
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.d_model, intermediate_size=recipe.d_mlp,
         num_hidden_layers=recipe.n_layers, num_attention_heads=recipe.n_heads,
@@ -236,10 +246,12 @@ def model_card(result: dict, summary, size_mb: float) -> str:
         f"| {h['step']} | {h['one_hop']:.3f} | {h['two_hop_train']:.3f} | {h['two_hop_test_id']:.3f} "
         f"| {h['two_hop_test_ood']:.3f} |" for h in result["history"]
     )
+    arch = ("Llama (`LlamaForCausalLM`", "RoPE, RMSNorm") if r.get("arch", "llama") == "llama" else \
+        ("GPT-2 (`GPT2LMHeadModel`", "learned positions, LayerNorm")
     return f"""# latent_hops toy model
 
-A {r['n_layers']}-layer Llama (`LlamaForCausalLM`, d_model {r['d_model']}, {r['n_heads']} heads,
-MLP {r['d_mlp']}, RoPE, RMSNorm, untied unembedding) trained from scratch by
+A {r['n_layers']}-layer {arch[0]}, d_model {r['d_model']}, {r['n_heads']} heads,
+MLP {r['d_mlp']}, {arch[1]}, untied unembedding) trained from scratch by
 `scripts/train_toy_model.py` on a synthetic knowledge graph of {r['n_entities']} entities and
 {r['n_relations']} relations (every (entity, relation) has one object; seed {r['seed']}).
 {r['ood_fraction']:.0%} of the atomic facts are out-of-distribution: trained as one-hop facts,

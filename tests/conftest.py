@@ -70,6 +70,11 @@ def toy():
 
 
 @pytest.fixture(scope="session")
+def toy_gpt2():
+    return load_model("toy-gpt2", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), style="sentencepiece")
 

@@ -1,6 +1,6 @@
 """The phenomena the shipped toy model shows, measured through the package (slow).
 
-What the toy model does (see the closing notes of the analysis issues): the bridge e2 is
+What the toy models do (see the closing notes of the analysis issues). The Llama toy: e2 is
 linearly decodable at the LAST token (t2) from layer ~1-2, and e3 appears there only in
 the last layers; at t1 (the e1 token) e2 is not decodable at all, unlike the paper's LLMs.
 Back-patching at t2 rescues incorrect in-distribution cases far above a norm-matched
@@ -56,3 +56,29 @@ def test_back_patching_at_t2_beats_the_random_control(toy, id_eval):
     rates = bp.oracle_rates(labelled).query("split == 'all'").set_index("kind")["rate"]
     assert rates["back"] > rates["random"] + 0.2
     assert rates["back"] >= rates["forward"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_eval(toy_gpt2):
+    table = load_dataset("toy")
+    table = table[table.split == "test_id"]
+    return table, evaluate(toy_gpt2, table)
+
+
+def test_gpt2_toy_resolves_the_bridge_at_t1_first(toy_gpt2, gpt2_eval):
+    """The GPT-2-style toy (learned positions) shows the paper's t1 finding."""
+    cases = _cases(toy_gpt2, gpt2_eval, "correct", 80)
+    lens = resolution_layers(logit_lens(toy_gpt2, cases, include_embeddings=False)).median(numeric_only=True)
+    assert lens["first_hop_layer"] < lens["second_hop_layer"]  # e2 at t1 before e3 at t2
+    train = load_dataset("toy")
+    train_cases, _ = prepare_cases(toy_gpt2, train[train.split == "train"].iloc[:600])
+    probed = apply_probes(toy_gpt2, fit_probes(toy_gpt2, train_cases, "e2", "t1"), cases)
+    assert probed.groupby("layer").correct.mean().max() > 0.8
+
+
+def test_gpt2_toy_back_patching_at_t1_beats_both_controls(toy_gpt2, gpt2_eval):
+    _, ev = gpt2_eval
+    cases = _cases(toy_gpt2, gpt2_eval, "incorrect", 60)
+    labelled = bp.with_labels(bp.sweep(toy_gpt2, cases, bp.BackpatchConfig(positions=("t1",))), ev)
+    rates = bp.oracle_rates(labelled).query("split == 'all'").set_index("kind")["rate"]
+    assert rates["back"] > rates["forward"] + 0.3 and rates["back"] > rates["random"] + 0.3

@@ -22,6 +22,16 @@ def card_and_measured(toy):
 
 
 @pytest.mark.slow
+def test_gpt2_toy_card_accuracies_are_reproduced(toy_gpt2):
+    card = json.loads((toy_checkpoint_dir("toy-gpt2") / "training_log.json").read_text())["evaluation"]
+    measured = summarize(evaluate(toy_gpt2, load_dataset("toy"), EvaluationConfig(batch_size=256)))
+    for split, row in card.items():
+        for kind in ("first_hop", "second_hop", "composition"):
+            assert measured.loc[split, kind] == pytest.approx(row[kind], abs=0.01), (split, kind)
+    assert measured.loc["test_id", "incorrect"] >= 50 and measured.loc["test_ood", "composition"] < 0.1
+
+
+@pytest.mark.slow
 def test_model_card_accuracies_are_reproduced(card_and_measured):
     card, measured = card_and_measured
     for split, row in card.items():
