@@ -62,7 +62,5 @@ def _r1_tokens(model: HookedTransformer, prompt: str, spans: dict) -> list[int] 
     if "r1" not in spans:
         return None
     tok = tokenize_prompts(model, [prompt])
-    (r_start, r_end), (e_start, e_end) = spans["r1"], spans["e1"]
-    overlaps = lambda s, e, a, b: e > s and s < b and e > a  # noqa: E731
-    return [i for i, (s, e) in enumerate(tok.offsets[0])
-            if overlaps(s, e, r_start, r_end) and not overlaps(s, e, e_start, e_end)]
+    e1_tokens = set(tok.overlapping(0, spans["e1"]))
+    return [i for i in tok.overlapping(0, spans["r1"]) if i not in e1_tokens]

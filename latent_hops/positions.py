@@ -69,10 +69,14 @@ class TokenizedPrompts:
         """t2 of each prompt, as a column index of ``tokens``."""
         return [n + len(o) - 1 for n, o in zip(self.n_pad, self.offsets)]
 
+    def overlapping(self, row: int, span: Span) -> list[int]:
+        """Unpadded indices of the tokens of prompt ``row`` that overlap the character ``span``."""
+        start, end = span
+        return [i for i, (s, e) in enumerate(self.offsets[row]) if e > s and s < end and e > start]
+
     def char_span_position(self, row: int, span: Span) -> int | None:
         """Column index of the last token overlapping the character ``span``, or None."""
-        start, end = span
-        hits = [i for i, (s, e) in enumerate(self.offsets[row]) if e > s and s < end and e > start]
+        hits = self.overlapping(row, span)
         return self.n_pad[row] + hits[-1] if hits else None
 
 
