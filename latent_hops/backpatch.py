@@ -55,6 +55,8 @@ class BackpatchConfig:
     kinds: tuple[str, ...] = KINDS
     include_embeddings: bool = False  # layer -1 (embedding output) as a source and target
     cells: tuple[Cell, ...] | None = None  # explicit cells instead of all pairs of ``kinds``
+    source_layers: tuple[int, ...] | None = None  # a layer grid (``positions.parse_layers``); None: all
+    target_layers: tuple[int, ...] | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     memory_budget_mb: float = 1024.0  # sizes the batches of the fast engine
     batch_rows: int | None = None  # fixed batch size instead of the memory budget
@@ -74,7 +76,9 @@ def all_cells(model: HookedTransformer, config: BackpatchConfig) -> list[Cell]:
     unknown = set(config.kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown patch kinds {sorted(unknown)}; use {KINDS}")
-    return [Cell(s, t, kind) for kind in config.kinds for t in layers for s in layers
+    sources = check_layers(model, config.source_layers) if config.source_layers is not None else layers
+    targets = check_layers(model, config.target_layers) if config.target_layers is not None else layers
+    return [Cell(s, t, kind) for kind in config.kinds for t in targets for s in sources
             if (s < t if kind == "forward" else s > t)]
 
 
@@ -223,14 +227,18 @@ def _with_all_splits(labelled: pd.DataFrame) -> pd.DataFrame:
 
 def oracle_rates(labelled: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Share of cases with at least one successful cell, per split x subset x position x kind,
-    with bootstrap 95% intervals. A "split" of ``all`` pools the dataset's splits."""
-    per_case = _with_all_splits(labelled).groupby(GROUP + ["id"])["success"].any().reset_index()
+    with bootstrap 95% intervals. A "split" of ``all`` pools the dataset's splits.
+
+    ``cells`` is the number of cells each case had: an oracle over a coarser layer grid
+    (fewer cells) is not comparable to one over all cells."""
+    data = _with_all_splits(labelled)
+    per_case = data.groupby(GROUP + ["id"]).agg(success=("success", "any"), cells=("success", "size")).reset_index()
     rows = []
     for key, g in per_case.groupby(GROUP):
         low, high = bootstrap_ci(g["success"], seed=seed)
-        rows.append(dict(zip(GROUP, key), cases=len(g), rescued=int(g["success"].sum()),
+        rows.append(dict(zip(GROUP, key), cases=len(g), cells=int(g["cells"].max()), rescued=int(g["success"].sum()),
                          rate=float(g["success"].mean()), ci_low=low, ci_high=high))
-    return pd.DataFrame(rows, columns=GROUP + ["cases", "rescued", "rate", "ci_low", "ci_high"])
+    return pd.DataFrame(rows, columns=GROUP + ["cases", "cells", "rescued", "rate", "ci_low", "ci_high"])
 
 
 def cell_rates(labelled: pd.DataFrame) -> pd.DataFrame:

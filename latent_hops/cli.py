@@ -30,10 +30,12 @@ from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
 from latent_hops.knockout import EDGE_PRESETS, KnockoutConfig, attention_knockout
 from latent_hops.logit_lens import logit_lens
 from latent_hops.models import TOY_CHECKPOINTS, TOY_SPEC, ModelLoadError, load_model
-from latent_hops.patchscopes import TARGET_PRESETS, PatchscopeConfig, TargetPrompt, patchscope
-from latent_hops.probe import apply_probes, fit_probes
+from latent_hops.patchscopes import (TARGET_PRESETS, PatchscopeConfig, TargetPrompt, decoded_shares, patchscope,
+                                     reads_nothing)
+from latent_hops.positions import parse_layers
+from latent_hops.probe import cross_validated_probe, probe_accuracy
 from latent_hops.projection import sublayer_projection
-from latent_hops.queries import DatasetError, load_dataset, toy_dataset_path
+from latent_hops.queries import SHIPPED_DATASETS, DatasetError, load_dataset, shipped_dataset_path
 from latent_hops.report import build_report
 from latent_hops.rundir import in_shard, merge_parts, parse_shard, record_run, run_in_parts, write_table
 from latent_hops.stages import stage_medians, stage_table
@@ -44,8 +46,9 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=TOY_SPEC, help="'toy', a local HF checkpoint dir, or a TransformerLens name")
-    parser.add_argument("--dataset", default="toy", help="'toy', a two_hop.csv, or .parquet/.jsonl")
+    parser.add_argument("--model", default=TOY_SPEC, help="'toy', 'toy-gpt2', 'smollm2-135m', a .gguf file, a local HF checkpoint dir, "
+                        "or a TransformerLens name")
+    parser.add_argument("--dataset", default="toy", help="'toy', 'world', a two_hop.csv, or .parquet/.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="run directory (required: flag or config)")
     parser.add_argument("--config", type=Path, default=None, help="TOML file whose keys mirror these flags")
     parser.add_argument("--shard", default=None, help="i/n: this process takes shard i of n of the queries")
@@ -142,15 +145,17 @@ def cmd_evaluate(args) -> pd.DataFrame:
 def _fingerprint(session: Session, config) -> dict:
     """What determines a part's rows: model, dtype and the analysis configuration."""
     keep = {k: v for k, v in vars(config).items() if k not in ("progress", "batch_rows", "memory_budget_mb")}
-    return {"model": session.args.model, "dtype": session.args.dtype, "config": keep}
+    return {"model": session.args.model, "dataset": session.args.dataset, "dtype": session.args.dtype, "config": keep}
 
 
 def run_backpatch(session: Session) -> pd.DataFrame:
     """The sweep, resumable: cases are computed in chunks written as parts of RUN_DIR/backpatch/."""
     args = session.args
+    first = -1 if args.include_embeddings else 0
     config = bp.BackpatchConfig(positions=_csv(args.positions), kinds=_csv(args.kinds),
                                 include_embeddings=args.include_embeddings, batch_rows=args.batch_rows,
-                                memory_budget_mb=args.memory_budget_mb)
+                                memory_budget_mb=args.memory_budget_mb,
+                                **_grid(session, args.backpatch_source_layers, args.backpatch_target_layers, first))
     cases, skipped, evaluation = session.cases(config.positions)
     start = time.time()
     bar = tqdm(total=len(cases), desc="backpatch", unit="case")
@@ -162,6 +167,12 @@ def run_backpatch(session: Session) -> pd.DataFrame:
     return merge_backpatch(session.args.out, evaluation, skipped, {"model": args.model, "dataset": args.dataset})
 
 
+def _grid(session: Session, sources, targets, first: int = 0) -> dict:
+    """``source_layers`` / ``target_layers`` of an analysis config from the grid flags."""
+    n = session.model.cfg.n_layers
+    return {"source_layers": parse_layers(sources, n, first), "target_layers": parse_layers(targets, n, first)}
+
+
 def merge_backpatch(run_dir: Path, evaluation: pd.DataFrame, skipped: pd.DataFrame | None = None,
                     meta: dict | None = None) -> pd.DataFrame:
     """backpatch.parquet, cells, summary and heatmaps from every part in RUN_DIR/backpatch/."""
@@ -170,9 +181,9 @@ def merge_backpatch(run_dir: Path, evaluation: pd.DataFrame, skipped: pd.DataFra
     labelled = bp.with_labels(results, evaluation)
     oracle, cells, non_oracle = bp.oracle_rates(labelled), bp.cell_rates(labelled), bp.non_oracle(labelled)
     write_table(cells, run_dir / "backpatch_cells.parquet")
-    if meta is None:  # merge: take them from the manifest of the run
-        manifest = run_dir / "manifest.json"
-        meta = json.loads(manifest.read_text())["runs"][0]["config"] if manifest.is_file() else {}
+    if meta is None:  # merge: what made the parts (recorded beside them; the manifest may lack an
+        parts_config = run_dir / "backpatch" / "config.json"  # interrupted run's entry)
+        meta = json.loads(parts_config.read_text()) if parts_config.is_file() else {}
     summary = {"model": meta.get("model"), "dataset": meta.get("dataset"), "cases": int(results["id"].nunique()),
                "rows": len(results), "skipped": [] if skipped is None else skipped.to_dict("records"),
                "oracle": oracle.to_dict("records"), "non_oracle": non_oracle.to_dict("records")}
@@ -217,24 +228,37 @@ def run_knockout(session: Session) -> pd.DataFrame:
     return session.save(attention_knockout(session.model, cases, config), "knockout.parquet", time.time() - start)
 
 
-def _target(args) -> TargetPrompt:
-    if args.target == "auto":
-        return TARGET_PRESETS["toy" if args.model in TOY_CHECKPOINTS else "paper"]
-    return TARGET_PRESETS[args.target] if args.target in TARGET_PRESETS else TargetPrompt.from_text(args.target)
+def _target(model: str, name: str) -> TargetPrompt:
+    if name == "auto":
+        return TARGET_PRESETS["toy" if model in TOY_CHECKPOINTS else "paper"]
+    return TARGET_PRESETS[name] if name in TARGET_PRESETS else TargetPrompt.from_text(name)
 
 
 def run_patchscope(session: Session) -> pd.DataFrame:
+    """Patchscopes with each target prompt of --target (resumable, one folder per prompt)."""
     args = session.args
     cases, _, _ = session.cases()
-    config = PatchscopeConfig(target=_target(args), seeds=tuple(int(s) for s in _csv(args.seeds)),
-                              batch_rows=args.batch_rows or 512)
+    names = list(_csv(args.target)) if args.target in ("auto", *TARGET_PRESETS) or "," in args.target \
+        else [args.target]
     start = time.time()
-    bar = tqdm(total=len(cases), desc="patchscope", unit="case")
-    run_in_parts(session.path("patchscope"), cases, args.chunk_cases,  # resumable, like back-patching
-                 lambda part: (patchscope(session.model, part, config), bar.update(len(part)))[0],
-                 on_skip=lambda n: bar.update(n) if n else None, config=_fingerprint(session, config))
-    bar.close()
-    merged = merge_parts(session.path("patchscope"), order=[c.id for c in cases])
+    frames = []
+    for i, name in enumerate(names):
+        config = PatchscopeConfig(target=_target(args.model, name), seeds=tuple(int(s) for s in _csv(args.seeds)),
+                                  batch_rows=args.batch_rows or 512,
+                                  **_grid(session, args.patchscope_source_layers, args.patchscope_target_layers))
+        folder = session.path("patchscope" if i == 0 else f"patchscope-{i}")
+        bar = tqdm(total=len(cases), desc=f"patchscope ({name})", unit="case")
+        run_in_parts(folder, cases, args.chunk_cases,  # resumable, like back-patching
+                     lambda part: (patchscope(session.model, part, config), bar.update(len(part)))[0],
+                     on_skip=lambda n: bar.update(n) if n else None, config=_fingerprint(session, config))
+        bar.close()
+        frames.append(merge_parts(folder, order=[c.id for c in cases]).assign(target=name))
+    merged = pd.concat(frames, ignore_index=True)
+    with pd.option_context("display.width", 200, "display.precision", 3):
+        print("Patchscopes: share of runs decoded as each entity\n" + decoded_shares(merged).to_string())
+    if reads_nothing(merged):
+        print("warning: Patchscopes reads nothing on this model: every patched generation is the same whatever "
+              "the source layer (see the report's note)")
     return session.save(merged, "patchscope.parquet", time.time() - start)
 
 
@@ -242,16 +266,19 @@ PROBE_TARGETS = (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))
 
 
 def run_probe(session: Session) -> pd.DataFrame:
-    """Linear probes trained on up to --probe-train queries outside the analysed cases."""
+    """Cross-validated linear probes, split by entity (``latent_hops.probe``): the analysed
+    cases are scored; up to --probe-train other queries join the training folds."""
     cases, _, _ = session.cases()
     analysed = {c.id for c in cases}
     others = session.table[~session.table["id"].isin(analysed)].iloc[: session.args.probe_train]
-    train, _ = prepare_cases(session.model, others)
-    if len(train) < 2:
-        raise DatasetError("too few queries outside the analysed cases to train probes (use more queries)")
+    pool, _ = prepare_cases(session.model, others) if len(others) else ([], None)
     start = time.time()
-    probed = pd.concat([apply_probes(session.model, fit_probes(session.model, train, e, p), cases)
-                        for e, p in PROBE_TARGETS], ignore_index=True)
+    probed = pd.concat([cross_validated_probe(session.model, cases, pool, e, p) for e, p in PROBE_TARGETS],
+                       ignore_index=True)
+    with pd.option_context("display.width", 200, "display.max_rows", 200, "display.precision", 2):
+        acc = probe_accuracy(probed)
+        print(f"probe accuracy vs shuffled-target control ({probed.grouping.iloc[0]}):")
+        print(acc.pivot_table(index="layer", columns=["entity", "position"], values=["accuracy", "control"]).to_string())
     return session.save(probed, "probe.parquet", time.time() - start)
 
 
@@ -269,12 +296,16 @@ def run_stages(session: Session) -> pd.DataFrame:
                 return done[done["id"].isin(wanted)]
         return run(session)
 
-    lens = load_or_run("logit_lens.parquet", run_logit_lens)
-    projection = load_or_run("projection.parquet", run_projection)
-    knockout = load_or_run("knockout.parquet", run_knockout)
-    scopes = load_or_run("patchscope.parquet", run_patchscope)
-    probed = load_or_run("probe.parquet", run_probe)
-    stages = stage_table(session.evaluation(), lens, projection, knockout, scopes, probed)
+    skip = set(_csv(session.args.skip))
+    unknown = skip - set(STAGE_ANALYSES)
+    if unknown:
+        raise DatasetError(f"--skip: unknown analyses {sorted(unknown)}; choose from {', '.join(STAGE_ANALYSES)}")
+    tables = {name: None if name in skip else load_or_run(f"{name.replace('-', '_')}.parquet", run)
+              for name, run in STAGE_ANALYSES.items()}
+    if skip:
+        print(f"skipped: {', '.join(sorted(skip))} (their stage columns are empty)")
+    stages = stage_table(session.evaluation(), tables["logit-lens"], tables["projection"], tables["knockout"],
+                         tables["patchscope"], tables["probe"])
     stages.to_parquet(session.path("stages.parquet"), index=False)
     medians = stage_medians(stages)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -284,6 +315,11 @@ def run_stages(session: Session) -> pd.DataFrame:
     plots.save_html(figures, session.path("stages.html"), "latent_hops stages")
     print(f"stages -> {session.path('stages.parquet')}")
     return stages
+
+
+STAGE_ANALYSES = {"logit-lens": run_logit_lens, "projection": run_projection, "knockout": run_knockout,
+                  "patchscope": run_patchscope, "probe": run_probe}
+"""The analyses ``stages`` runs (or reuses), by the name ``--skip`` takes."""
 
 
 def cmd_report(args) -> Path:
@@ -306,6 +342,16 @@ def _backpatch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", default=",".join(bp.KINDS), help="back,forward,random")
     p.add_argument("--include-embeddings", action="store_true", help="layer -1 (embeddings) as source/target")
     p.add_argument("--memory-budget-mb", type=float, default=1024.0)
+    p.add_argument("--source-layers", dest="backpatch_source_layers", default=None, help=GRID_HELP)
+    p.add_argument("--target-layers", dest="backpatch_target_layers", default=None, help=GRID_HELP)
+
+
+GRID_HELP = "layer grid: all (default), '0,3,7', a range 'a:b:k', or 'every:k' (+ the last layer)"
+
+
+def _stages_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip", default="", help="comma-separated analyses not to run: " + ",".join(
+        ["logit-lens", "projection", "knockout", "patchscope", "probe"]))
 
 
 def _resume_options(p: argparse.ArgumentParser) -> None:
@@ -322,12 +368,16 @@ def _knockout_options(p: argparse.ArgumentParser) -> None:
 
 
 def _patchscope_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="auto", help="target prompt: auto, paper, toy, or a text with an x")
+    p.add_argument("--target", default="auto",
+                   help="target prompt(s): auto, paper, repeat, toy (comma-separated), or a text with an x")
     p.add_argument("--seeds", default="", help="comma-separated sampling seeds (default: greedy)")
+    p.add_argument("--patchscope-source-layers", default=None, help="Patchscopes " + GRID_HELP)
+    p.add_argument("--patchscope-target-layers", default=None, help="Patchscopes " + GRID_HELP)
 
 
 def _probe_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--probe-train", type=int, default=2000, help="queries to train the probes on")
+    p.add_argument("--probe-train", type=int, default=2000,
+                   help="queries beside the analysed cases that join the probes' training folds")
 
 
 # name -> (function, help, option groups beyond the common ones)
@@ -345,10 +395,10 @@ COMMANDS = {
               (_analysis, _probe_options)),
     "stages": (lambda a: run_stages(Session(a)), "all stage analyses -> stages.parquet + stages.html",
                (_analysis, _knockout_options, _patchscope_options, _probe_options, _batch_rows_option,
-                _resume_options)),
+                _resume_options, _stages_options)),
     "demo": (cmd_demo, "the whole pipeline on the shipped toy model",
              (_analysis, _backpatch_options, _knockout_options, _patchscope_options, _probe_options,
-              _batch_rows_option, _resume_options)),
+              _batch_rows_option, _resume_options, _stages_options)),
 }
 
 
@@ -406,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = getattr(args, "out", None)
     if out is not None and args.command != "report":
-        dataset = toy_dataset_path() if args.dataset == "toy" else Path(args.dataset)
+        dataset = shipped_dataset_path(args.dataset) if args.dataset in SHIPPED_DATASETS else Path(args.dataset)
         config = {k: v for k, v in vars(args).items() if k != "func"}
         record_run(out, args.command, config, dataset, started)
     return 0

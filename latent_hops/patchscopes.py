@@ -32,6 +32,7 @@ from latent_hops.positions import check_layers, tokenize_prompts
 PAPER_TARGET = ("Syria: Syria is a country in the Middle East, Leonardo DiCaprio: Leonardo DiCaprio is an "
                 "American actor, Samsung: Samsung is a South Korean multinational corporation, x")
 TOY_TARGET = "Voliba : Voliba , x :"  # Voliba: the toy graph's first entity (seed 0)
+REPEAT_TARGET = "cat -> cat; 1135 -> 1135; hello -> hello; x"  # Patchscopes' identity prompt
 PATTERNS = (": {} ", ": {},", ": {}.", ": {}:", "{}: ")
 ENTITIES = ("e1", "e2", "e3")  # classification priority
 COLUMNS = ["id", "position", "source_layer", "target_layer", "seed", "generation", "decoded"]
@@ -52,14 +53,17 @@ class TargetPrompt:
         return cls(text, (start, start + len(placeholder)))
 
 
-TARGET_PRESETS = {"paper": TargetPrompt.from_text(PAPER_TARGET), "toy": TargetPrompt.from_text(TOY_TARGET)}
+TARGET_PRESETS = {"paper": TargetPrompt.from_text(PAPER_TARGET), "repeat": TargetPrompt.from_text(REPEAT_TARGET),
+                  "toy": TargetPrompt.from_text(TOY_TARGET)}
 
 
 @dataclass(frozen=True)
 class PatchscopeConfig:
     target: TargetPrompt = TARGET_PRESETS["paper"]
     positions: tuple[str, ...] = POSITIONS
-    layer_pairs: tuple[tuple[int, int], ...] | None = None  # (source, target); default: all L x L
+    layer_pairs: tuple[tuple[int, int], ...] | None = None  # (source, target); default: the grid below
+    source_layers: tuple[int, ...] | None = None  # layer grid (``positions.parse_layers``); None: all
+    target_layers: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = ()  # empty: greedy; else one sampled generation per seed
     temperature: float = 1.0
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -82,8 +86,10 @@ def _pairs(model: HookedTransformer, config: PatchscopeConfig) -> list[tuple[int
         for s, t in config.layer_pairs:
             check_layers(model, [s, t])
         return list(config.layer_pairs)
-    layers = range(model.cfg.n_layers)
-    return [(s, t) for s in layers for t in layers]
+    layers = list(range(model.cfg.n_layers))
+    sources = check_layers(model, config.source_layers) if config.source_layers is not None else layers
+    targets = check_layers(model, config.target_layers) if config.target_layers is not None else layers
+    return [(s, t) for s in sources for t in targets]
 
 
 @torch.no_grad()
@@ -125,6 +131,21 @@ def patchscope(model: HookedTransformer, cases: Sequence[Case], config: Patchsco
                                   config.max_new_tokens, config.batch_rows, sampler)
     bar.close()
     return pd.DataFrame(rows_out, columns=COLUMNS)
+
+
+def decoded_shares(scopes: pd.DataFrame) -> pd.DataFrame:
+    """Share of runs decoded as e1 / e2 / e3 / other, per target prompt (if several) and position."""
+    keys = [k for k in ("target", "position") if k in scopes]
+    shares = scopes.groupby(keys)["decoded"].value_counts(normalize=True).unstack(fill_value=0.0)
+    return shares.reindex(columns=[*ENTITIES, "other"], fill_value=0.0)
+
+
+def reads_nothing(scopes: pd.DataFrame) -> bool:
+    """True when the patched generation never depends on the source: every (case, position,
+    target layer) gives one string whatever the source layer — Patchscopes then measures
+    nothing on this model (as on the toy models at target layers >= 0)."""
+    keys = [k for k in ("target", "id", "position", "target_layer", "seed") if k in scopes]
+    return bool(len(scopes)) and bool((scopes.groupby(keys)["generation"].nunique() == 1).all())
 
 
 def patchscope_layers(scopes: pd.DataFrame) -> pd.DataFrame:

@@ -46,7 +46,8 @@ def backpatch_heatmap(
     if oracle is not None:
         o = oracle[(oracle.subset == subset) & (oracle.position == position) & (oracle.split == split)]
         rates = ", ".join(f"{r.kind} {100 * r.rate:.0f}%" for r in o.itertuples())
-        title += f"<br><sup>oracle (≥1 cell succeeds) — {rates}; n = {int(o.cases.max()) if len(o) else 0}</sup>"
+        grid = f"; {int(o.cells.max())} cells per case and kind" if "cells" in o and len(o) else ""
+        title += f"<br><sup>oracle (≥1 cell succeeds) — {rates}; n = {int(o.cases.max()) if len(o) else 0}{grid}</sup>"
     fig.update_layout(title=title, xaxis_title="target layer t", yaxis_title="source layer s",
                       plot_bgcolor=GREY, width=560, height=520)
     fig.update_xaxes(type="category", showgrid=False)

@@ -45,6 +45,36 @@ def check_layers(model: HookedTransformer, layers) -> list[int]:
     return layers
 
 
+def parse_layers(spec, n_layers: int, first: int = 0) -> tuple[int, ...] | None:
+    """A layer grid: ``None``/``"all"`` (every layer), a list, ``"a:b:k"`` (Python range), or
+    ``"every:k"`` (every k-th layer from ``first``, plus the last layer, whose state holds
+    the model's answer). Checked against the model's layers."""
+    if spec is None or (isinstance(spec, str) and spec.strip() in ("", "all")):
+        return None
+    if isinstance(spec, str):
+        text = spec.strip()
+        try:
+            if text.startswith("every:"):
+                step = int(text.split(":", 1)[1])
+                if step < 1:
+                    raise ValueError
+                layers = sorted(set(range(first, n_layers, step)) | {n_layers - 1})
+            elif ":" in text:
+                layers = list(range(*(int(x) if x else None for x in text.split(":"))))
+            else:
+                layers = [int(x) for x in text.split(",") if x.strip()]
+        except (ValueError, TypeError):
+            raise ValueError(f"layer grid {spec!r}: use 'all', a list '0,3,7', a range 'a:b:k' or 'every:k'") from None
+    else:
+        layers = [int(x) for x in spec]
+    if not layers:
+        raise ValueError(f"layer grid {spec!r} selects no layer")
+    bad = [x for x in layers if not EMBEDDINGS <= x < n_layers]
+    if bad:
+        raise ValueError(f"layer grid {spec!r}: layers {bad} out of range -1 (embeddings) to {n_layers - 1}")
+    return tuple(sorted(set(layers)))
+
+
 @dataclass
 class TokenizedPrompts:
     """Padded token ids of a batch of prompts, with per-token character offsets.

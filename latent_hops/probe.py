@@ -1,19 +1,37 @@
 """Linear probes: which layer's hidden state at t1 (t2) linearly encodes e2 (e3).
 
 The logit lens only sees what is already aligned with the unembedding, and underestimates
-early layers; a probe reads what is linearly there. One multinomial logistic regression
-per layer maps the hidden state at a position to the entity's first token, trained on one
-set of cases (labels are the dataset's entities, not the model's answers) and applied to
-another. Per case: the min layer whose probe names the entity (``probe_layers``).
+early layers; a probe reads what is linearly there. Per layer, a ridge regression maps the
+(standardised) hidden state at a position to the unembedding vector of the entity's first
+token; the probe names the candidate (the first token of every entity of that role in the
+probed cases) whose unembedding is nearest.
+
+The split is by entity, so a probe cannot "resolve the first hop" by memorising
+e1 -> e2 from the e1 token itself (which made a probe trained "on other queries" fire at
+layer 0 on SmolLM2: 7 of 8 scored cases shared their city with training queries):
+
+- **Grouped cross-validation by e1.** Cases are split into folds by e1; each fold is scored
+  by a probe trained on the other folds, so no training case shares a scored case's e1.
+- ``hold_out_target=True`` also drops every training case that shares a scored case's
+  target entity (e2 for the bridge probes). Because the probe regresses onto unembedding
+  vectors, it can still name an entity it never saw in training — where the model's states
+  are aligned with its vocabulary (real LLMs); on the toy models, whose internal codes are
+  not, such a probe reads nothing (measured), so it is an option, not the default.
+- **A control probe** (same data, targets shuffled within the training folds) gives the
+  accuracy reached without entity information. ``probe_layers`` counts a layer only where
+  the probe beats its control by ``margin`` (10 points by default).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
 from latent_hops.cases import Case
@@ -21,26 +39,26 @@ from latent_hops.generation import length_batches
 from latent_hops.patching import hidden_states_at
 from latent_hops.positions import tokenize_prompts
 
-COLUMNS = ["id", "entity", "position", "layer", "predicted", "target", "correct"]
+COLUMNS = ["id", "entity", "position", "layer", "fold", "candidates", "predicted", "target", "correct",
+           "control_correct", "grouping"]
+GROUPINGS = {False: "folds by e1: no training case shares the scored case's e1",
+             True: "folds by e1; training also excludes cases sharing the scored case's target entity"}
+DEFAULT_MARGIN = 0.10
 
 
-@dataclass
-class LayerProbes:
-    """One linear classifier per layer, over the classes seen in training."""
-
-    entity: str
-    position: str
-    layers: list[int]
-    classes: torch.Tensor  # [n_classes] token ids
-    mean: torch.Tensor  # [layers, d]
-    std: torch.Tensor  # [layers, d]
-    weight: torch.Tensor  # [layers, d, n_classes]
-    bias: torch.Tensor  # [layers, n_classes]
+@dataclass(frozen=True)
+class ProbeConfig:
+    folds: int = 5
+    ridge: float = 10.0  # L2 penalty of the regression on standardised states
+    margin: float = DEFAULT_MARGIN  # a layer counts where accuracy >= control accuracy + margin
+    hold_out_target: bool = False  # also keep the scored cases' target entities out of training
+    seed: int = 0
+    batch_size: int = 256
 
 
 @torch.no_grad()
 def states_for(model: HookedTransformer, cases: Sequence[Case], position: str, layers: Sequence[int],
-               batch_size: int = 256) -> torch.Tensor:
+               batch_size: int = 256) -> Float[torch.Tensor, "case layer d_model"]:
     """Hidden states [case, layer, d_model] at ``position`` (float32, CPU)."""
     out = torch.empty(len(cases), len(layers), model.cfg.d_model)
     for idx in length_batches([len(c.prompt) for c in cases], batch_size):
@@ -51,65 +69,105 @@ def states_for(model: HookedTransformer, cases: Sequence[Case], position: str, l
     return out
 
 
-def _labels(cases: Sequence[Case], entity: str) -> torch.Tensor:
-    return torch.tensor([c.first_tokens[entity][0] if c.first_tokens[entity] else -1 for c in cases])
+def _fold_of(name: str, folds: int, seed: int) -> int:
+    return zlib.crc32(f"{seed}|{name}".encode()) % folds
 
 
-def fit_probes(model: HookedTransformer, cases: Sequence[Case], entity: str = "e2", position: str = "t1",
-               layers: Sequence[int] | None = None, l2: float = 1e-3, steps: int = 300, seed: int = 0) -> LayerProbes:
-    """Fit one probe per layer on ``cases`` (full-batch L-BFGS, L2-regularised)."""
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    labels = _labels(cases, entity)
-    keep = labels >= 0
-    if keep.sum() < 2:
-        raise ValueError(f"need at least 2 cases with a known {entity} token to fit a probe")
-    x = states_for(model, [c for c, k in zip(cases, keep) if k], position, layers)
-    classes, y = torch.unique(labels[keep], return_inverse=True)
+def entity_folds(cases: Sequence[Case], entity: str, scored: set[str], folds: int = 5, seed: int = 0,
+                 hold_out_target: bool = False) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(fold, scored indices, training indices) of the split by entity (module docstring)."""
+    e1 = np.array([c.names["e1"][0] for c in cases])
+    target = np.array([c.names[entity][0] for c in cases])
+    fold = np.array([_fold_of(name, folds, seed) for name in e1])
+    is_scored = np.array([c.id in scored for c in cases])
+    out = []
+    for k in range(folds):
+        test = np.flatnonzero((fold == k) & is_scored)
+        if len(test):
+            train = (fold != k) & ~np.isin(target, target[test]) if hold_out_target else fold != k
+            out.append((k, test, np.flatnonzero(train)))
+    return out
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standardisation and ridge weights mapping x [n, d] to y [n, k]: (mean, std, W [d+1, k])."""
     mean, std = x.mean(0), x.std(0) + 1e-6
-    x = (x - mean) / std
-    torch.manual_seed(seed)
-    weights, biases = [], []
-    for li in range(len(layers)):
-        w = torch.zeros(x.shape[-1], len(classes), requires_grad=True)
-        b = torch.zeros(len(classes), requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(x[:, li] @ w + b, y) + l2 * w.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        weights.append(w.detach())
-        biases.append(b.detach())
-    return LayerProbes(entity, position, layers, classes, mean, std, torch.stack(weights), torch.stack(biases))
+    z = torch.cat([(x - mean) / std, torch.ones(len(x), 1)], 1).double()
+    penalty = ridge * torch.eye(z.shape[1], dtype=torch.float64)
+    penalty[-1, -1] = 0.0  # no penalty on the intercept
+    w = torch.linalg.solve(z.T @ z + penalty, z.T @ y.double())
+    return mean, std, w.float()
 
 
-def apply_probes(model: HookedTransformer, probes: LayerProbes, cases: Sequence[Case]) -> pd.DataFrame:
-    """One row per case x layer: the probe's predicted token, the true one, and whether they match."""
-    x = (states_for(model, cases, probes.position, probes.layers) - probes.mean) / probes.std
-    logits = torch.einsum("nld,ldc->nlc", x, probes.weight) + probes.bias
-    predicted = probes.classes[logits.argmax(-1)]
-    target = _labels(cases, probes.entity)
-    rows = [(c.id, probes.entity, probes.position, layer, int(predicted[i, li]), int(target[i]),
-             bool(predicted[i, li] == target[i]))
-            for i, c in enumerate(cases) for li, layer in enumerate(probes.layers)]
+def cross_validated_probe(
+    model: HookedTransformer,
+    scored: Sequence[Case],
+    pool: Sequence[Case] = (),
+    entity: str = "e2",
+    position: str = "t1",
+    layers: Sequence[int] | None = None,
+    config: ProbeConfig = ProbeConfig(),
+) -> pd.DataFrame:
+    """One row per scored case x layer: the entity the probe names, and the control's hit.
+
+    ``pool`` adds training-only cases (never scored); both are split by the grouping of the
+    module docstring. Cases without a known first token of ``entity`` are left out.
+    """
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    ids = {c.id for c in scored}
+    cases = [c for c in [*scored, *(c for c in pool if c.id not in ids)] if c.first_tokens.get(entity)]
+    if len(cases) < 2 * config.folds:
+        raise ValueError(f"too few cases with a known {entity} token to probe ({len(cases)}; need "
+                         f">= {2 * config.folds}): use more queries")
+    first = torch.tensor([c.first_tokens[entity][0] for c in cases])
+    candidates = torch.unique(first)
+    unembed = model.W_U.detach().float().cpu().T  # [vocab, d_model]: the regression targets
+    y, keys = unembed[first], unembed[candidates]
+    x = states_for(model, cases, position, layers, config.batch_size)
+    rng = np.random.default_rng(config.seed)
+    rows: list[dict] = []
+    grouping = GROUPINGS[config.hold_out_target]
+    for k, test, train in entity_folds(cases, entity, ids, config.folds, config.seed, config.hold_out_target):
+        if len(train) < 2:
+            raise ValueError(f"fold {k} of the {entity} probe has no training cases left after the entity split")
+        shuffled = rng.permutation(train)
+        for li, layer in enumerate(layers):
+            for control, targets in ((False, y[train]), (True, y[shuffled])):
+                mean, std, w = _ridge(x[train, li], targets, config.ridge)
+                z = torch.cat([(x[test, li] - mean) / std, torch.ones(len(test), 1)], 1)
+                pred = candidates[((z @ w) @ keys.T).argmax(-1)]
+                hit = pred == first[test]
+                if control:
+                    for row, h in zip(rows[-len(test):], hit.tolist()):
+                        row["control_correct"] = bool(h)
+                    continue
+                rows += [{"id": cases[i].id, "entity": entity, "position": position, "layer": layer, "fold": k,
+                          "candidates": len(candidates), "predicted": int(p), "target": int(first[i]),
+                          "correct": bool(h), "control_correct": False, "grouping": grouping}
+                         for i, p, h in zip(test, pred.tolist(), hit.tolist())]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def probe_layers(probed: pd.DataFrame, min_accuracy: float = 0.25) -> pd.DataFrame:
+def probe_accuracy(probed: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy of the probe and of its control per entity x position x layer."""
+    g = probed.groupby(["entity", "position", "layer"])
+    return g.agg(cases=("id", "size"), accuracy=("correct", "mean"), control=("control_correct", "mean"),
+                 candidates=("candidates", "max")).reset_index()
+
+
+def probe_layers(probed: pd.DataFrame, margin: float = DEFAULT_MARGIN) -> pd.DataFrame:
     """Per case: first-hop layer (probe names e2 at t1), e2 at t2, second-hop layer (e3 at t2).
 
-    A layer counts only where its probe is right on at least ``min_accuracy`` of the
-    probed cases: a probe at chance level names the right entity now and then, which is
-    no evidence for the case.
+    A layer counts only where its probe beats the shuffled-target control by ``margin`` on
+    the probed cases: a probe no better than its control names the right entity now and
+    then, which is no evidence for the case.
     """
-    accuracy = probed.groupby(["entity", "position", "layer"])["correct"].transform("mean")
-    reliable = probed[accuracy >= min_accuracy]
+    acc = probe_accuracy(probed)
+    reliable = acc[acc.accuracy >= acc.control + margin][["entity", "position", "layer"]]
+    hits = probed[probed.correct].merge(reliable, on=["entity", "position", "layer"])
 
     def first(entity: str, position: str, name: str) -> pd.Series:
-        hit = reliable[(reliable.entity == entity) & (reliable.position == position) & reliable.correct]
+        hit = hits[(hits.entity == entity) & (hits.position == position)]
         return hit.groupby("id")["layer"].min().rename(name)
 
     out = pd.concat([first("e2", "t1", "first_hop_layer"), first("e2", "t2", "e2_at_t2_layer"),

@@ -180,16 +180,30 @@ def normalize_table(raw: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
     return table[list(QUERY_COLUMNS)].reset_index(drop=True)
 
 
+SHIPPED_DATASETS = {"toy": ("latent_hops.toy", "two_hop.csv"), "world": ("latent_hops.data", "world_two_hop.csv")}
+"""Datasets inside the package: the toy model's, and real-world facts (``scripts/build_world_dataset.py``)."""
+
+
+def shipped_dataset_path(name: str) -> Path:
+    """Path of a dataset shipped inside the installed package ("toy" or "world")."""
+    package, filename = SHIPPED_DATASETS[name]
+    return Path(str(resources.files(package) / filename))
+
+
 def toy_dataset_path() -> Path:
     """The toy dataset CSV inside the installed package."""
-    return Path(str(resources.files("latent_hops.toy") / "two_hop.csv"))
+    return shipped_dataset_path("toy")
 
 
 def load_dataset(spec: str | os.PathLike = "toy") -> pd.DataFrame:
-    """Load queries: ``"toy"``, the paper's CSV, or our Parquet / JSONL; returns the table."""
-    path = toy_dataset_path() if str(spec) == "toy" else Path(spec).expanduser()
+    """Load queries: ``"toy"``, ``"world"``, the paper's CSV, or our Parquet / JSONL; returns the table."""
+    shipped = str(spec) in SHIPPED_DATASETS
+    path = shipped_dataset_path(str(spec)) if shipped else Path(spec).expanduser()
     if not path.is_file():
-        raise DatasetError(f"dataset {str(spec)!r}: no such file (expected 'toy', .csv, .parquet or .jsonl)")
+        raise DatasetError(
+            f"dataset {str(spec)!r}: no such file (expected {' or '.join(map(repr, SHIPPED_DATASETS))}, "
+            ".csv, .parquet or .jsonl)"
+        )
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":

@@ -29,27 +29,39 @@ STAGES = ["first_hop_layer", "info_propagation_layer", "second_hop_onset_layer",
 
 def stage_table(
     evaluation: pd.DataFrame,
-    lens: pd.DataFrame,
-    projection: pd.DataFrame,
-    knockout: pd.DataFrame,
+    lens: pd.DataFrame | None,
+    projection: pd.DataFrame | None,
+    knockout: pd.DataFrame | None,
     scopes: pd.DataFrame | None = None,
     probed: pd.DataFrame | None = None,
     onset_k: int = 10,
 ) -> pd.DataFrame:
-    """Columns ``id``, ``subset``, ``split``, ``method``, then the five stage layers."""
-    shared = pd.concat([
-        onset_layer(lens, onset_k),
-        projection_layers(projection).set_index("id"),
-        knockout_layer(knockout),
-    ], axis=1)
-    estimates = {"logit_lens": resolution_layers(lens).set_index("id")}
+    """Columns ``id``, ``subset``, ``split``, ``method``, then the five stage layers.
+
+    An analysis passed as ``None`` (skipped) leaves the columns it feeds empty (NaN)."""
+    parts = [onset_layer(lens, onset_k) if lens is not None else None,
+             projection_layers(projection).set_index("id") if projection is not None else None,
+             knockout_layer(knockout) if knockout is not None else None]
+    ids = evaluation[["id"]].set_index("id").iloc[:0]
+    shared = pd.concat([p for p in parts if p is not None] or [ids], axis=1)
+    for column in ("second_hop_onset_layer", "attn_e2_layer", "prediction_extracted_layer", "knockout_layer"):
+        if column not in shared:
+            shared[column] = float("nan")
+    estimates = {}
+    if lens is not None:
+        estimates["logit_lens"] = resolution_layers(lens).set_index("id")
     if scopes is not None and not scopes.empty:
         estimates["patchscopes"] = patchscope_layers(scopes).set_index("id")
     if probed is not None and not probed.empty:
         estimates["probe"] = probe_layers(probed).set_index("id")
+    if not estimates:
+        raise ValueError("the stage table needs a decoding method: run the logit lens, Patchscopes or probes")
     tables = []
     for method, decoded in estimates.items():
         t = shared.join(decoded, how="outer")
+        for column in ("first_hop_layer", "e2_at_t2_layer", "second_hop_layer"):
+            if column not in t:
+                t[column] = float("nan")
         t["info_propagation_layer"] = t[["knockout_layer", "attn_e2_layer", "e2_at_t2_layer"]].mean(axis=1)
         t["method"] = method
         tables.append(t.rename_axis("id").reset_index())

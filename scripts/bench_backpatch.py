@@ -1,8 +1,9 @@
 """Fast back-patching engine vs the naive reference, side by side on the same queries.
 
     python scripts/bench_backpatch.py [--model toy] [--cases 8] [--threads 1]
+    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 2 --positions t1 --kinds back
 
-Runs both engines over every (source, target) cell of every kind at t1 and t2, checks
+Runs both engines over every (source, target) cell of the chosen kinds and positions, checks
 that their generations are identical, and prints cells/second, the speedup and peak
 memory (process RSS; on CUDA also torch's peak allocation).
 """
@@ -39,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy")
     parser.add_argument("--dataset", default="toy")
-    parser.add_argument("--split", default="test_id")
+    parser.add_argument("--split", default=None, help="default: test_id for the toy dataset, all for others")
+    parser.add_argument("--positions", default="t1,t2")
+    parser.add_argument("--kinds", default="back,forward,random")
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
@@ -50,10 +53,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     table = load_dataset(args.dataset)
-    if args.split:
-        table = table[table.split == args.split]
-    cases, _ = prepare_cases(model, table.iloc[: args.cases])
-    config = BackpatchConfig(memory_budget_mb=args.memory_budget_mb)
+    split = args.split or ("test_id" if args.dataset == "toy" else None)
+    if split:
+        table = table[table.split == split]
+    positions, kinds = tuple(args.positions.split(",")), tuple(args.kinds.split(","))
+    config = BackpatchConfig(positions=positions, kinds=kinds, memory_budget_mb=args.memory_budget_mb)
+    cases, _ = prepare_cases(model, table.iloc[: args.cases], config)
     sweep(model, cases[:1], config)  # warm-up
     fast, t_fast, gpu_fast = timed(sweep, model, cases, config)
     rss_fast = peak_rss_mb()
@@ -62,7 +67,8 @@ def main() -> None:
     n = len(fast)
     print(f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {model.cfg.device}, "
           f"{model.cfg.dtype}, torch threads {torch.get_num_threads()}")
-    print(f"{len(cases)} cases x 2 positions x {n // max(1, 2 * len(cases))} cells = {n} patched generations")
+    print(f"{len(cases)} cases x {len(positions)} positions x {n // max(1, len(positions) * len(cases))} cells "
+          f"({','.join(kinds)}) = {n} patched generations")
     print(f"naive: {t_naive:8.2f}s  {n / t_naive:9.1f} cells/s" + (f"  peak GPU {gpu_naive:.0f} MB" if gpu_naive else ""))
     print(f"fast:  {t_fast:8.2f}s  {n / t_fast:9.1f} cells/s" + (f"  peak GPU {gpu_fast:.0f} MB" if gpu_fast else ""))
     print(f"speedup {t_naive / t_fast:.1f}x; generations identical: {same}; peak RSS {peak_rss_mb():.0f} MB "

@@ -64,6 +64,18 @@ def save_tiny(kind: str, path: Path, style: str = "gpt2", **overrides) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """One converted-model cache per test run (GGUF models are dequantized once, shared by the
+    tests and the notebooks' kernels), never the user's own cache."""
+    from latent_hops.gguf import CACHE_ENV
+
+    path = tmp_path_factory.mktemp("latent-hops-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def toy():
     return load_model("toy", device="cpu")

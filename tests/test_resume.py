@@ -1,6 +1,7 @@
 """Sweeps survive kill -9: restarted with the same command they finish with exactly the
 tables of an uninterrupted run (nothing lost, nothing duplicated); shards and configs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,10 @@ def test_shards_merge_to_the_full_sweep(tmp_path, reference):
     # other batch compositions: generations identical, log-probs equal up to float noise
     pd.testing.assert_frame_equal(merged.drop(columns="e3_logprob"), reference.drop(columns="e3_logprob"))
     pd.testing.assert_series_equal(merged.e3_logprob, reference.e3_logprob, atol=1e-4, rtol=0)
+    (out / "manifest.json").unlink()  # as after an interrupted run: the summary still says what made it
+    assert main(["merge", str(out)]) == 0
+    summary = json.loads((out / "backpatch_summary.json").read_text())
+    assert summary["model"] == "toy" and summary["dataset"] == "toy"
 
 
 def test_config_file_mirrors_flags(tmp_path, capsys):

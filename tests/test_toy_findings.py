@@ -8,13 +8,14 @@ random-direction control. The thresholds sit well inside the measured values, so
 fails them is a regression in the engine or the analyses, not noise.
 """
 
+import pandas as pd
 import pytest
 
 from latent_hops import backpatch as bp
 from latent_hops.cases import prepare_cases
 from latent_hops.evaluation import evaluate
 from latent_hops.logit_lens import logit_lens, resolution_layers
-from latent_hops.probe import apply_probes, fit_probes, probe_layers
+from latent_hops.probe import cross_validated_probe, probe_accuracy, probe_layers
 from latent_hops.queries import load_dataset
 
 pytestmark = pytest.mark.slow
@@ -34,17 +35,23 @@ def _cases(toy, id_eval, subset, n):
     return cases
 
 
+def _pool(model):
+    """Extra training cases for the probes (train split; the split by entity applies)."""
+    train = load_dataset("toy")
+    return prepare_cases(model, train[train.split == "train"].iloc[:600])[0]
+
+
 def test_bridge_resolves_before_the_answer_at_the_last_token(toy, id_eval):
     cases = _cases(toy, id_eval, "correct", 100)
     lens = resolution_layers(logit_lens(toy, cases, include_embeddings=False)).median(numeric_only=True)
     assert lens["second_hop_layer"] >= toy.cfg.n_layers - 3  # e3 top-1 at t2 only in the last layers
-    train = load_dataset("toy")
-    train_cases, _ = prepare_cases(toy, train[train.split == "train"].iloc[:600])
-    probed = __import__("pandas").concat([apply_probes(toy, fit_probes(toy, train_cases, e, p), cases)
-                                          for e, p in (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))])
-    acc = probed.groupby(["entity", "position", "layer"]).correct.mean()
-    assert acc["e2", "t2", 3] > 0.8 and acc["e3", "t2", 3] < 0.3  # bridge early, answer not yet
-    assert acc["e2", "t1"].max() < 0.2  # the e1 token does not hold the bridge in this model
+    pool = _pool(toy)
+    probed = pd.concat([cross_validated_probe(toy, cases, pool, e, p)
+                        for e, p in (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))])
+    acc = probe_accuracy(probed).set_index(["entity", "position", "layer"])
+    gain = acc.accuracy - acc.control  # over the shuffled-target control, split by entity
+    assert gain["e2", "t2", 3] > 0.5 and gain["e3", "t2", 3] < gain["e2", "t2", 3]  # bridge early
+    assert gain["e2", "t1"].max() < 0.1  # the e1 token does not hold the bridge in this model
     layers = probe_layers(probed).median(numeric_only=True)
     assert layers["e2_at_t2_layer"] < layers["second_hop_layer"]
 
@@ -70,10 +77,9 @@ def test_gpt2_toy_resolves_the_bridge_at_t1_first(toy_gpt2, gpt2_eval):
     cases = _cases(toy_gpt2, gpt2_eval, "correct", 80)
     lens = resolution_layers(logit_lens(toy_gpt2, cases, include_embeddings=False)).median(numeric_only=True)
     assert lens["first_hop_layer"] < lens["second_hop_layer"]  # e2 at t1 before e3 at t2
-    train = load_dataset("toy")
-    train_cases, _ = prepare_cases(toy_gpt2, train[train.split == "train"].iloc[:600])
-    probed = apply_probes(toy_gpt2, fit_probes(toy_gpt2, train_cases, "e2", "t1"), cases)
-    assert probed.groupby("layer").correct.mean().max() > 0.8
+    probed = cross_validated_probe(toy_gpt2, cases, _pool(toy_gpt2), "e2", "t1")
+    acc = probe_accuracy(probed)
+    assert (acc.accuracy - acc.control).max() > 0.5  # e2 is linearly at t1, beyond the control
 
 
 def test_gpt2_toy_back_patching_at_t1_beats_both_controls(toy_gpt2, gpt2_eval):

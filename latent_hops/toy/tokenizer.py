@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from latent_hops.toy.knowledge_graph import KnowledgeGraph, relation_template
@@ -25,6 +25,13 @@ def toy_vocabulary(kg: KnowledgeGraph) -> list[str]:
     return list(SPECIAL_TOKENS.values()) + list(PUNCTUATION) + phrases + list(kg.entities)
 
 
+def bos_post_processor(bos_id: int) -> processors.TemplateProcessing:
+    """Prepend BOS to every encoding: the toy models were trained with it, so the shipped
+    tokenizer adds it itself and plain transformers users get the model's own inputs."""
+    bos = SPECIAL_TOKENS["bos_token"]
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)])
+
+
 def build_toy_tokenizer(kg: KnowledgeGraph) -> PreTrainedTokenizerFast:
     """A fast tokenizer whose pieces are the relation phrases and whitespace-separated words."""
     vocab = {tok: i for i, tok in enumerate(toy_vocabulary(kg))}
@@ -32,4 +39,5 @@ def build_toy_tokenizer(kg: KnowledgeGraph) -> PreTrainedTokenizerFast:
     pattern = "|".join([re.escape(p) for p in phrases] + [r"\S+"])
     core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True)
+    core.post_processor = bos_post_processor(vocab[SPECIAL_TOKENS["bos_token"]])
     return PreTrainedTokenizerFast(tokenizer_object=core, padding_side="left", **SPECIAL_TOKENS)

