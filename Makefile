@@ -29,9 +29,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/latent-hops demo --out $(RUN_DIR)
 
-# The paper's pipeline on a real LLM (SmolLM2-135M, world dataset); ~20 min on 2 cores.
+# The paper's pipeline on a real LLM (SmolLM2-135M, world dataset) on 2 CPU cores. The knob
+# that trades cases for time: SMOL_LIMIT (queries evaluated) and SMOL_CASES (cases analysed
+# per subset); the layer grids keep every 3rd (back-patching) / 6th (Patchscopes) layer.
+SMOL_LIMIT ?= 500
+SMOL_CASES ?= 5
 demo-smollm2: setup
-	$(BIN)/latent-hops demo --model smollm2-135m --dataset world --out runs/demo-smollm2 --config configs/demo-smollm2.toml
+	$(BIN)/latent-hops demo --model smollm2-135m --dataset world --out runs/demo-smollm2 \
+	  --limit $(SMOL_LIMIT) --max-cases $(SMOL_CASES) --source-layers every:3 --target-layers every:3 \
+	  --target paper,repeat --patchscope-source-layers every:6 --patchscope-target-layers every:6
 
 test: setup
 	$(BIN)/python -m pytest -q

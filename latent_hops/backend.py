@@ -252,10 +252,24 @@ def greedy_from_layer(
     cache: TransformerLensKeyValueCache,
     max_new_tokens: int = 10,
     sampler: Sampler | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GreedyOutput:
     """Finish a prompt pass from block ``start_layer`` on (``resid`` enters it), then decode
     greedily with the KV cache. ``cache`` must hold the layers below ``start_layer``
-    (``select_cache``); layers below are not recomputed. ``sampler`` samples instead."""
+    (``select_cache``); layers below are not recomputed. ``sampler`` samples instead.
+
+    ``keep(first_logits) -> bool[batch]`` screens rows after the prompt pass: only kept rows
+    are decoded (the others get padding only), the rest of the batch costs nothing more."""
     logits = model(resid, start_at_layer=start_layer, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
     cache.previous_attention_mask = attention_mask  # start_at_layer skips TL's own bookkeeping
-    return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, sampler or _argmax)
+    choose = sampler or _argmax
+    if keep is None:
+        return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, choose)
+    rows = keep(logits).nonzero()[:, 0]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    out = GreedyOutput(torch.full((logits.shape[0], max_new_tokens), pad, dtype=torch.long, device=logits.device),
+                       logits.float())
+    if len(rows):
+        sub = select_cache(cache, rows, len(cache.entries), attention_mask[rows])
+        out.tokens[rows] = _greedy_loop(model, logits[rows], _cached_step(model, sub), max_new_tokens, choose).tokens
+    return out

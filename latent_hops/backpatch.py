@@ -39,7 +39,7 @@ from latent_hops.ranks import best_rank
 
 KINDS = ("back", "forward", "random")
 RESULT_COLUMNS = ["id", "position", "source_layer", "target_layer", "kind", "generation", "success",
-                  "e3_rank", "e3_logprob"]
+                  "e3_rank", "e3_logprob", "screened"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class BackpatchConfig:
     memory_budget_mb: float = 1024.0  # sizes the batches of the fast engine
     batch_rows: int | None = None  # fixed batch size instead of the memory budget
     seed: int = 0  # random-direction control
+    screen: int | None = None  # decode only cells whose first-step e3 rank is <= screen (fast engine)
     suffix: str = PROMPT_SUFFIX
     progress: bool = False
 
@@ -103,15 +104,23 @@ def _patch_value(case: Case, position: str, cell: Cell, source_state: torch.Tens
     return source_state
 
 
-def _records(model: HookedTransformer, rows: Sequence[tuple[Case, str, Cell]], out: backend.GreedyOutput) -> list[dict]:
+def _screened(rank: int, screen: int | None) -> bool:
+    """A cell whose first-step e3 rank is beyond ``screen`` is not decoded (no e3 token: rank -1)."""
+    return screen is not None and not 0 <= rank <= screen
+
+
+def _records(model: HookedTransformer, rows: Sequence[tuple[Case, str, Cell]], out: backend.GreedyOutput,
+             screen: int | None = None) -> list[dict]:
     logprobs = out.first_logits.log_softmax(-1)
     records = []
     for i, (case, position, cell) in enumerate(rows):
-        text = decode(model, out.tokens[i].tolist())
         rank, logprob = (float(x) for x in best_rank(logprobs[i], case.first_tokens["e3"]))
+        screened = _screened(int(rank), screen)
+        text = "" if screened else decode(model, out.tokens[i].tolist())
         records.append({"id": case.id, "position": position, "source_layer": cell.source,
                         "target_layer": cell.target, "kind": cell.kind, "generation": text,
-                        "success": is_correct(text, case.e3_names), "e3_rank": int(rank), "e3_logprob": logprob})
+                        "success": is_correct(text, case.e3_names), "e3_rank": int(rank), "e3_logprob": logprob,
+                        "screened": screened})
     return records
 
 
@@ -125,6 +134,8 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 @torch.no_grad()
 def sweep_naive(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
     """The reference: one ``run_with_hooks`` generation per query, position and cell."""
+    if config.screen is not None:
+        raise ValueError("the first-token screen is a feature of the fast engine (sweep), not of the reference")
     cells = all_cells(model, config)
     records = []
     for case in tqdm(cases, desc="backpatch (naive)", disable=not config.progress):
@@ -184,11 +195,17 @@ def sweep(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConf
                 for r in chunk])
 
         def on_output(chunk: Sequence[PatchRow], out: backend.GreedyOutput) -> None:
-            records.extend(_records(model, [(batch[r.base], config.positions[r.key[0]], r.key[1]) for r in chunk], out))
+            records.extend(_records(model, [(batch[r.base], config.positions[r.key[0]], r.key[1]) for r in chunk], out,
+                                    config.screen))
             bar.update(len(chunk))
 
+        def keep(chunk: Sequence[PatchRow], logits: torch.Tensor) -> torch.Tensor:
+            logprobs = logits.float().log_softmax(-1)
+            return torch.tensor([not _screened(int(best_rank(logprobs[i], batch[r.base].first_tokens["e3"])[0]),
+                                               config.screen) for i, r in enumerate(chunk)], device=logits.device)
+
         generate_with_patches(model, tok.tokens, tok.attention_mask, rows, values, on_output,
-                              config.max_new_tokens, max_rows)
+                              config.max_new_tokens, max_rows, keep=None if config.screen is None else keep)
     bar.close()
     order = {c.id: i for i, c in enumerate(cases)}
     kind_order = {k: i for i, k in enumerate(KINDS)}

@@ -64,12 +64,25 @@ def _analysis(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cases", type=int, default=None, help="at most N cases per split x subset")
 
 
+COUNT_FLAGS = {"batch_size": 1, "limit": 1, "max_cases": 0, "chunk_cases": 1, "probe_train": 0, "window": 0,
+               "screen": 0, "batch_rows": 1}
+"""Count flags and their minimum: a negative --max-cases is an error, not pandas' head(-1)."""
+
+
+def _check_counts(args) -> None:
+    for name, low in COUNT_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise DatasetError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 class Session:
     """What one command shares: the queries, the model and the run directory."""
 
     def __init__(self, args):
         if args.out is None:
             raise DatasetError("--out RUN_DIR is required (as a flag or in the --config file)")
+        _check_counts(args)
         self.args = args
         self.shard = parse_shard(args.shard)
         self.table = self._queries()
@@ -84,18 +97,17 @@ class Session:
             if table.empty:
                 raise DatasetError(f"no queries with split {self.args.split!r}")
         if self.args.limit is not None:
-            if self.args.limit < 1:
-                raise DatasetError(f"--limit must be >= 1, got {self.args.limit}")
             table = table.iloc[: self.args.limit]
         return table.reset_index(drop=True)
 
     def path(self, name: str) -> Path:
         return self.args.out / name
 
-    def evaluation(self) -> pd.DataFrame:
-        """``evaluation.parquet`` when it covers the queries, else a fresh evaluation (saved)."""
+    def evaluation(self, fresh: bool = False) -> pd.DataFrame:
+        """``evaluation.parquet`` when it covers the queries, else (or when ``fresh``) a new
+        evaluation, which replaces the old table only once it is complete (atomic write)."""
         path = self.path("evaluation.parquet")
-        if path.is_file():
+        if path.is_file() and not fresh:
             done = pd.read_parquet(path)
             if set(self.table["id"]) <= set(done["id"]):
                 return done[done["id"].isin(set(self.table["id"]))].reset_index(drop=True)
@@ -137,9 +149,7 @@ class Session:
 
 
 def cmd_evaluate(args) -> pd.DataFrame:
-    session = Session(args)
-    session.path("evaluation.parquet").unlink(missing_ok=True)  # evaluate always re-evaluates
-    return session.evaluation()
+    return Session(args).evaluation(fresh=True)  # a failed run leaves the old table in place
 
 
 def _fingerprint(session: Session, config) -> dict:
@@ -154,7 +164,7 @@ def run_backpatch(session: Session) -> pd.DataFrame:
     first = -1 if args.include_embeddings else 0
     config = bp.BackpatchConfig(positions=_csv(args.positions), kinds=_csv(args.kinds),
                                 include_embeddings=args.include_embeddings, batch_rows=args.batch_rows,
-                                memory_budget_mb=args.memory_budget_mb,
+                                memory_budget_mb=args.memory_budget_mb, screen=args.screen,
                                 **_grid(session, args.backpatch_source_layers, args.backpatch_target_layers, first))
     cases, skipped, evaluation = session.cases(config.positions)
     start = time.time()
@@ -275,10 +285,11 @@ def run_probe(session: Session) -> pd.DataFrame:
     start = time.time()
     probed = pd.concat([cross_validated_probe(session.model, cases, pool, e, p) for e, p in PROBE_TARGETS],
                        ignore_index=True)
-    with pd.option_context("display.width", 200, "display.max_rows", 200, "display.precision", 2):
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
         acc = probe_accuracy(probed)
-        print(f"probe accuracy vs shuffled-target control ({probed.grouping.iloc[0]}):")
-        print(acc.pivot_table(index="layer", columns=["entity", "position"], values=["accuracy", "control"]).to_string())
+        table = acc.pivot_table(index="layer", columns=["entity", "position"], values=["accuracy", "control"])
+        print(f"probe accuracy vs shuffled-target control, % of {len(cases)} cases ({probed.grouping.iloc[0]}):")
+        print((100 * table).round(0).astype(int).to_string())
     return session.save(probed, "probe.parquet", time.time() - start)
 
 
@@ -329,7 +340,12 @@ def cmd_report(args) -> Path:
 
 
 def cmd_demo(args) -> None:
-    """The whole pipeline on the shipped toy model: evaluate, back-patch, stages, report."""
+    """The whole pipeline (default: the shipped toy model): evaluate, back-patch, stages, report."""
+    if args.skip == "auto":  # do not spend time on a measure known to read nothing on the model
+        args.skip = "patchscope" if args.model in TOY_CHECKPOINTS else ""
+        if args.skip:
+            print("demo: skipping Patchscopes: on the toy models it reads nothing (every patched generation is the "
+                  "same string whatever the source layer); run `latent-hops patchscope` to see it")
     session = Session(args)
     session.evaluation()
     run_backpatch(session)
@@ -342,6 +358,8 @@ def _backpatch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", default=",".join(bp.KINDS), help="back,forward,random")
     p.add_argument("--include-embeddings", action="store_true", help="layer -1 (embeddings) as source/target")
     p.add_argument("--memory-budget-mb", type=float, default=1024.0)
+    p.add_argument("--screen", type=int, default=None, metavar="K",
+                   help="decode only cells whose first-step e3 rank is <= K (the rest: screened, not successes)")
     p.add_argument("--source-layers", dest="backpatch_source_layers", default=None, help=GRID_HELP)
     p.add_argument("--target-layers", dest="backpatch_target_layers", default=None, help=GRID_HELP)
 
@@ -351,7 +369,8 @@ GRID_HELP = "layer grid: all (default), '0,3,7', a range 'a:b:k', or 'every:k' (
 
 def _stages_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", default="", help="comma-separated analyses not to run: " + ",".join(
-        ["logit-lens", "projection", "knockout", "patchscope", "probe"]))
+        ["logit-lens", "projection", "knockout", "patchscope", "probe"]) + " (demo: 'auto' skips what reads "
+        "nothing on the model: Patchscopes on the toys)")
 
 
 def _resume_options(p: argparse.ArgumentParser) -> None:
@@ -403,8 +422,11 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from latent_hops import __version__
+
     parser = argparse.ArgumentParser(prog="latent-hops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"latent-hops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("report", help="RUN_DIR/report.html: one self-contained page of the run's results")
     p.add_argument("run_dir", type=Path)
@@ -418,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         for group in groups:
             group(p)
         p.set_defaults(func=func)
-    sub.choices["demo"].set_defaults(max_cases=60)  # per split x subset: the demo runs in about a minute on a CPU
+    sub.choices["demo"].set_defaults(max_cases=60, skip="auto")  # per split x subset: the demo runs in about a minute on a CPU
     return parser
 
 
@@ -454,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, DatasetError, ValueError, FileNotFoundError) as err:
         print(f"latent-hops: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(locals().get("args"), "out", None)
+        where = f" in {out}" if out else ""
+        print(f"\nlatent-hops: interrupted; finished parts are saved{where}: run the same command to resume",
+              file=sys.stderr)
+        return 130
     out = getattr(args, "out", None)
     if out is not None and args.command != "report":
         dataset = shipped_dataset_path(args.dataset) if args.dataset in SHIPPED_DATASETS else Path(args.dataset)

@@ -101,6 +101,7 @@ def generate_with_patches(
     max_new_tokens: int,
     max_rows: int,
     sampler: backend.Sampler | None = None,
+    keep: Callable[[Sequence[PatchRow], torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Greedy generation for many single-position patches of one prompt batch, fast.
 
@@ -108,7 +109,8 @@ def generate_with_patches(
     rows patching l are written into the clean residual (``write_positions``) and resumed
     from block l + 1, so layers <= l are never recomputed (their keys/values are shared).
     ``values(chunk)`` gives the patch vectors, ``on_output(chunk, out)`` takes the results;
-    decoding is greedy unless a ``sampler`` is given.
+    decoding is greedy unless a ``sampler`` is given. ``keep(chunk, first_logits)`` screens
+    rows after the prompt pass (``backend.greedy_from_layer``).
     Equivalent to one ``patch_hook`` generation per row (tests check it).
     """
     layers = check_layers(model, {r.layer for r in rows})
@@ -128,5 +130,6 @@ def generate_with_patches(
             patched = write_positions(resid[base].clone(), cols, values(chunk))
             mask = attention_mask[base]
             sub_cache = backend.select_cache(cache, base, layer + 1, mask)
+            screen = None if keep is None else (lambda logits, chunk=chunk: keep(chunk, logits))
             on_output(chunk, backend.greedy_from_layer(model, patched, layer + 1, mask, sub_cache, max_new_tokens,
-                                                        sampler))
+                                                        sampler, screen))

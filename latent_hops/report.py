@@ -36,7 +36,14 @@ NOTES = {
               "t2), prediction extracted (MLP output ranks the prediction first). 'Decoded' by logit lens, "
               "Patchscopes or linear probe (one figure each).",
     "patchscope": "Patchscopes: the source hidden state is written into the target prompt's placeholder at the "
-                  "target layer; the generation is classified with the paper's patterns.",
+                  "target layer; the generation is classified with the paper's patterns. The table gives, per "
+                  "target prompt and position, the share of runs decoded as each entity.",
+    "probe": "Linear probes (ridge regression onto the entity's unembedding vector, nearest candidate wins), "
+             "cross-validated by entity: {grouping}. Control: the same probe with shuffled targets. A layer "
+             "counts for the stage table only where the probe beats its control by {margin:.0%}.",
+    "coverage": "Share of cases for which each method gives each stage a layer. An empty cell means the method "
+                "never decoded that entity there (e.g. a small model's logit lens is blind in early layers, so "
+                "the probe and Patchscopes carry the first-hop question), or that the analysis was not run.",
     "knockout": "Attention knockout: edges from query to key positions are blocked (score −inf) in all heads of "
                 "layers [l − 3, l + 3]; a layer matters when the answer changes (and not both are correct).",
 }
@@ -88,21 +95,36 @@ def build_report(run_dir: str | Path) -> Path:
         stages = pd.read_parquet(run / "stages.parquet")
         body = "".join(fig(plots.stage_boxplot(stages, m)) for m in stages["method"].unique())
         body += fig(plots.resolution_curves(stages))
-        from latent_hops.stages import stage_medians
-        parts.append(_section("Stages of two-hop queries", NOTES["stages"], body + _table(stage_medians(stages))))
+        from latent_hops.stages import STAGES, stage_medians
+        coverage = stages.groupby(["method", "subset"])[STAGES].agg(lambda c: f"{c.notna().mean():.0%} of {len(c)}")
+        parts.append(_section("Stages of two-hop queries", NOTES["stages"], body + _table(stage_medians(stages))
+                              + f"<p class='note'>{html.escape(NOTES['coverage'])}</p>" + _table(coverage)))
     else:
         parts.append("<p>No stage table in this run.</p>")
 
     if (run / "patchscope.parquet").is_file():
         scopes = pd.read_parquet(run / "patchscope.parquet")
+        from latent_hops.patchscopes import decoded_shares, reads_nothing
         body = fig(plots.patchscope_heatmap(scopes, "t1", "e2")) + fig(plots.patchscope_heatmap(scopes, "t2", "e3"))
-        parts.append(_section("Patchscopes", NOTES["patchscope"], "<div class='grid'>" + body + "</div>"))
+        warning = ("<p class='note'><b>Warning: Patchscopes reads nothing on this model</b>: every patched "
+                   "generation is the same string whatever the source layer, so its 0% cells measure nothing.</p>"
+                   if reads_nothing(scopes) else "")
+        parts.append(_section("Patchscopes", NOTES["patchscope"], warning + "<div class='grid'>" + body + "</div>"
+                              + _table(decoded_shares(scopes))))
+    if (run / "probe.parquet").is_file():
+        from latent_hops.probe import DEFAULT_MARGIN, probe_accuracy
+        probed = pd.read_parquet(run / "probe.parquet")
+        if "grouping" in probed:
+            note = NOTES["probe"].format(grouping=probed["grouping"].iloc[0], margin=DEFAULT_MARGIN)
+            parts.append(_section("Linear probes", note, _table(probe_accuracy(probed))))
     if (run / "knockout.parquet").is_file():
         parts.append(_section("Attention knockout", NOTES["knockout"],
                               fig(plots.knockout_curves(pd.read_parquet(run / "knockout.parquet"), evaluation))))
 
-    manifest = run / "backpatch_summary.json"
-    meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    summary, manifest = run / "backpatch_summary.json", run / "manifest.json"
+    meta = json.loads(summary.read_text()) if summary.is_file() else {}
+    if not meta.get("model") and manifest.is_file():  # no back-patching run: the manifest says what ran
+        meta = json.loads(manifest.read_text())["runs"][-1]["config"]
     title = f"latent_hops report — model {meta.get('model', '?')}, dataset {meta.get('dataset', '?')}"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1300px} .note{color:#444;max-width:900px}"

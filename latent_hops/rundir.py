@@ -128,6 +128,19 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries whose behaviour the results depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformer-lens", "transformers", "tokenizers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def record_run(run_dir: Path, command: str, config: dict, dataset_path: str | Path | None, started: float) -> Path:
     """Append this command's entry (model, dataset hash, config, version, times) to manifest.json."""
     from latent_hops import __version__
@@ -136,7 +149,7 @@ def record_run(run_dir: Path, command: str, config: dict, dataset_path: str | Pa
     manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     stamp = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
     manifest["runs"].append({
-        "command": command, "package_version": __version__, "config": config,
+        "command": command, "package_version": __version__, "versions": library_versions(), "config": config,
         "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
         "started": stamp(started), "finished": stamp(time.time()),
     })

@@ -122,3 +122,21 @@ def test_non_oracle_picks_on_train_and_reports_held_out():
     assert result.heldout_incorrect + result.train_cases == 3
     damage = {(1, 0): 0.0, (2, 0): 1.0}[(result.source_layer, result.target_layer)]
     assert result.damage == damage and result.correct_cases == 1
+
+
+def test_first_token_screen_keeps_the_oracle_when_it_covers_every_success(toy):
+    data = load_dataset("toy")
+    cases = _cases(toy, data[data.split == "test_id"].iloc[:12])
+    full = sweep(toy, cases, BackpatchConfig(positions=("t2",), batch_rows=64))
+    k = int(full.loc[full.success, "e3_rank"].max())  # the worst first-step rank of any success
+    screened = sweep(toy, cases, BackpatchConfig(positions=("t2",), batch_rows=64, screen=k))
+    keys = ["id", "position", "source_layer", "target_layer", "kind"]
+    assert screened[keys].equals(full[keys]) and screened.screened.any() and not full.screened.any()
+    kept = ~screened.screened
+    assert (screened.loc[kept, "e3_rank"] <= k).all()
+    assert screened.generation[kept].tolist() == full.generation[kept].tolist()  # decoded as without the screen
+    assert screened.success.tolist() == full.success.tolist()  # no success was screened out
+    tighter = sweep(toy, cases, BackpatchConfig(positions=("t2",), batch_rows=64, screen=max(k - 1, 0)))
+    assert tighter.screened.sum() >= screened.screened.sum()
+    with pytest.raises(ValueError, match="fast engine"):
+        sweep_naive(toy, cases[:1], BackpatchConfig(screen=3))

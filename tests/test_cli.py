@@ -33,3 +33,77 @@ def test_backpatch_then_stages(tmp_path):
 def test_analysis_rejects_empty_subset(tmp_path, capsys):
     assert main(["logit-lens", "--out", str(tmp_path), "--limit", "3", "--subset", "nonsense", "--device", "cpu"]) == 2
     assert "no queries in subsets" in capsys.readouterr().err
+
+
+def test_layer_grids_and_skip(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--split", "test_id", "--max-cases", "2", "--device", "cpu"]
+    grid = ["--source-layers", "every:3", "--target-layers", "every:3", "--positions", "t2"]
+    assert main(["backpatch", *common, *grid]) == 0
+    table = pd.read_parquet(out / "backpatch.parquet")
+    assert set(table.source_layer) | set(table.target_layer) == {0, 3, 6, 7}  # every 3rd layer + the last
+    assert len(table) == 4 * 3 * (4 * 3 // 2)  # 4 cases x 3 kinds x 6 cells of the grid
+    oracle = pd.DataFrame(json.loads((out / "backpatch_summary.json").read_text())["oracle"])
+    assert set(oracle.cells) == {6}  # the summary says over how many cells the oracle ran
+    assert json.loads((out / "backpatch" / "config.json").read_text())["config"]["source_layers"] == [0, 3, 6, 7]
+    # a coarser grid is another configuration: refused, not mixed into the same parts
+    assert main(["backpatch", *common, "--source-layers", "every:2", "--target-layers", "every:2"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert main(["stages", *common, "--skip", "patchscope,knockout", "--probe-train", "200"]) == 0
+    assert not (out / "patchscope.parquet").exists() and not (out / "knockout.parquet").exists()
+    stages = pd.read_parquet(out / "stages.parquet")
+    assert set(stages.method) == {"logit_lens", "probe"} and stages.id.nunique() == 4
+    assert main(["stages", *common, "--skip", "bogus"]) == 2
+    assert "unknown analyses ['bogus']" in capsys.readouterr().err
+    assert main(["backpatch", *common, "--source-layers", "0:99"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_parse_layers():
+    from latent_hops.positions import parse_layers
+
+    assert parse_layers(None, 30) is None and parse_layers("all", 30) is None
+    assert parse_layers("every:3", 30) == (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
+    assert parse_layers("every:4", 8, first=-1) == (-1, 3, 7)
+    assert parse_layers("0:30:10", 30) == (0, 10, 20)
+    assert parse_layers("7,3,3", 8) == (3, 7) and parse_layers([1, 2], 8) == (1, 2)
+    for bad in ("every:0", "a,b", "5:2", "-2"):
+        try:
+            parse_layers(bad, 8)
+        except ValueError as err:
+            assert "layer grid" in str(err)
+        else:
+            raise AssertionError(bad)
+
+
+def test_count_flags_are_validated(tmp_path, capsys):
+    for flag, value in (("--max-cases", "-1"), ("--batch-size", "0"), ("--limit", "0"), ("--chunk-cases", "0")):
+        assert main(["backpatch", "--out", str(tmp_path / "run"), flag, value, "--device", "cpu"]) == 2
+        assert f"{flag} must be >=" in capsys.readouterr().err
+
+
+def test_a_failed_re_evaluation_keeps_the_old_table(tmp_path, monkeypatch):
+    import latent_hops.cli as cli
+
+    out = tmp_path / "run"
+    assert main(["evaluate", "--out", str(out), "--limit", "5", "--device", "cpu"]) == 0
+    before = pd.read_parquet(out / "evaluation.parquet")
+
+    def fails(*args, **kwargs):
+        raise ValueError("one bad row")
+
+    monkeypatch.setattr(cli, "evaluate", fails)  # the new evaluation fails half-way
+    assert main(["evaluate", "--out", str(out), "--limit", "5", "--device", "cpu"]) == 2
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "evaluation.parquet"), before)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runs"][0]["versions"]["torch"]
+
+
+def test_version(capsys):
+    import pytest
+
+    from latent_hops import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert __version__ in capsys.readouterr().out

@@ -16,7 +16,7 @@ from latent_hops import evaluate, load_dataset, load_model
 from latent_hops import gguf as gg
 from latent_hops.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
 from latent_hops.evaluation import resolve_positions
-from latent_hops.positions import tokenize_prompts
+from latent_hops.positions import parse_layers, tokenize_prompts
 from latent_hops.queries import PROMPT_KINDS, iter_queries
 
 pytestmark = [
@@ -91,12 +91,32 @@ def test_t1_is_found_for_every_world_query(smol, world):
 
 
 def test_fast_engine_equals_naive_on_smollm2(smol, world):
-    config = BackpatchConfig(positions=("t1",), kinds=("back",))
+    """Two queries x every s > t cell of a layer grid at t1 (the naive reference runs ~1 cell/s
+    on 2 CPU cores, so all 435 cells per query are left to scripts/bench_backpatch.py)."""
+    grid = parse_layers("every:3", smol.cfg.n_layers)
+    config = BackpatchConfig(positions=("t1",), kinds=("back",), source_layers=grid, target_layers=grid)
     cases, _ = prepare_cases(smol, world.iloc[[0, 1]], config)
     fast, naive = sweep(smol, cases, config), sweep_naive(smol, cases, config)
-    assert len(fast) == 2 * 30 * 29 // 2
+    assert len(fast) == 2 * len(grid) * (len(grid) - 1) // 2
     assert fast["generation"].tolist() == naive["generation"].tolist()
     assert fast["e3_rank"].tolist() == naive["e3_rank"].tolist()
+
+
+def test_patchscope_onto_itself_reproduces_the_clean_generation(smol):
+    from latent_hops.backend import greedy_generate
+    from latent_hops.cases import Case
+    from latent_hops.patchscopes import PatchscopeConfig, TargetPrompt, patchscope
+
+    target = TargetPrompt.from_text("the capital of the country in which x is located is", placeholder="x")
+    tok = tokenize_prompts(smol, [target.text])
+    slot = tok.char_span_position(0, target.placeholder)
+    case = Case("self", target.text, {"t1": slot, "t2": tok.tokens.shape[1] - 1}, {"e1": (), "e2": (), "e3": ()},
+                {"e2": [], "e3": []})
+    scopes = patchscope(smol, [case], PatchscopeConfig(target=target, positions=("t1",),
+                                                       layer_pairs=((0, 0), (15, 15), (29, 29))))
+    out = greedy_generate(smol, tok.tokens, tok.attention_mask, 10)
+    clean = smol.tokenizer.decode(tok.tokens[0, slot:].tolist() + out.tokens[0].tolist(), skip_special_tokens=True)
+    assert (scopes.generation == clean).all() and len(scopes) == 3
 
 
 def test_evaluation_of_a_fixed_slice_is_reproducible(smol, world):
@@ -106,4 +126,7 @@ def test_evaluation_of_a_fixed_slice_is_reproducible(smol, world):
     assert counts == EXPECTED_SLICE_COUNTS
 
 
-EXPECTED_SLICE_COUNTS: dict = {}  # filled in from the measured run below
+# from `latent-hops evaluate --model smollm2-135m --dataset world` (all 2,556 queries, other
+# batches): the same 60 queries give the same answers evaluated on their own
+EXPECTED_SLICE_COUNTS = {"first_hop": 25, "second_hop": 35, "composition": 15, "entity_shortcut": 15,
+                         "relation_shortcut": 4, "excluded": 51, "incorrect": 7, "correct": 2}
