@@ -1,7 +1,8 @@
 """Fast back-patching engine vs the naive reference, side by side on the same queries.
 
     python scripts/bench_backpatch.py [--model toy] [--cases 8] [--threads 1]
-    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 2 --positions t1 --kinds back
+    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 1 --positions t1 --kinds back
+    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 2 --layers every:3
 
 Runs both engines over every (source, target) cell of the chosen kinds and positions, checks
 that their generations are identical, and prints cells/second, the speedup and peak
@@ -18,6 +19,7 @@ import torch
 
 from latent_hops import load_dataset, load_model
 from latent_hops.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
+from latent_hops.positions import parse_layers
 
 
 def peak_rss_mb() -> float:
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--split", default=None, help="default: test_id for the toy dataset, all for others")
     parser.add_argument("--positions", default="t1,t2")
     parser.add_argument("--kinds", default="back,forward,random")
+    parser.add_argument("--layers", default=None, help="a layer grid for sources and targets (e.g. every:3)")
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
@@ -57,7 +60,9 @@ def main() -> None:
     if split:
         table = table[table.split == split]
     positions, kinds = tuple(args.positions.split(",")), tuple(args.kinds.split(","))
-    config = BackpatchConfig(positions=positions, kinds=kinds, memory_budget_mb=args.memory_budget_mb)
+    grid = parse_layers(args.layers, model.cfg.n_layers)
+    config = BackpatchConfig(positions=positions, kinds=kinds, memory_budget_mb=args.memory_budget_mb,
+                             source_layers=grid, target_layers=grid)
     cases, _ = prepare_cases(model, table.iloc[: args.cases], config)
     sweep(model, cases[:1], config)  # warm-up
     fast, t_fast, gpu_fast = timed(sweep, model, cases, config)
