@@ -264,6 +264,19 @@ def cell_rates(labelled: pd.DataFrame) -> pd.DataFrame:
     return g.agg(cases="size", successes="sum", rate="mean").reset_index()
 
 
+def success_samples(labelled: pd.DataFrame, cells: int = 5, per_cell: int = 2) -> pd.DataFrame:
+    """What counted as a rescue: for the ``cells`` cells with most rescued incorrect cases per
+    position x kind, up to ``per_cell`` of their successful generations (the alias rule is a
+    substring match, so "two continents: Africa and South America" counts for South America)."""
+    wins = labelled[(labelled.subset == "incorrect") & labelled.success]
+    key = ["position", "kind", "source_layer", "target_layer"]
+    counts = wins.groupby(key).size().rename("rescued").reset_index()
+    top = counts.sort_values("rescued", ascending=False, kind="stable").groupby(["position", "kind"]).head(cells)
+    sample = wins.merge(top, on=key).groupby(key, sort=False).head(per_cell)
+    return sample[key + ["rescued", "id", "generation"]].sort_values(key[:2] + ["rescued"],
+                                                                      ascending=[True, True, False]).reset_index(drop=True)
+
+
 def non_oracle(labelled: pd.DataFrame, train_fraction: float = 0.5, seed: int = 0) -> pd.DataFrame:
     """Beyond the paper's oracle: pick the single best (position, s, t) of each kind on a
     train part of the incorrect cases, then measure on the held-out incorrect cases the

@@ -27,6 +27,8 @@ NOTES = {
                  "Colour: % of cases a cell rescues (incorrect) or keeps correct (correct). The oracle rate (≥ 1 "
                  "cell succeeds) is shown next to two controls with as many cells: forward patches (s < t) and a "
                  "random direction with the source state's norm.",
+    "samples": "Successful generations of the cells that rescue most incorrect cases (per position and kind): "
+               "success is an alias substring of the generation, as in the paper, so read what counted.",
     "non_oracle": "Beyond the paper: the best (position, s, t) of each kind is chosen on half of the incorrect "
                   "cases; gain = share of the other half rescued, damage = share of correct cases broken "
                   "(bootstrap 95% intervals).",
@@ -88,6 +90,7 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append(_section("Back-patching", NOTES["backpatch"],
                               "<div class='grid'>" + "".join(heatmaps) + "</div>" + _table(oracle)))
         parts.append(_section("Back-patching without the oracle", NOTES["non_oracle"], _table(bp.non_oracle(labelled))))
+        parts.append(_section("What counted as a rescue", NOTES["samples"], _table(bp.success_samples(labelled))))
     else:
         parts.append("<p>No back-patching results in this run.</p>")
 

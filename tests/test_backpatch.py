@@ -140,3 +140,16 @@ def test_first_token_screen_keeps_the_oracle_when_it_covers_every_success(toy):
     assert tighter.screened.sum() >= screened.screened.sum()
     with pytest.raises(ValueError, match="fast engine"):
         sweep_naive(toy, cases[:1], BackpatchConfig(screen=3))
+
+
+def test_success_samples_show_what_counted():
+    from latent_hops.backpatch import success_samples
+
+    rows = [("a", "t2", 3, 1, "back", "the Yen", True, "incorrect"), ("b", "t2", 3, 1, "back", "Yen!", True, "incorrect"),
+            ("c", "t2", 3, 1, "back", "yen yen", True, "incorrect"), ("a", "t2", 2, 1, "back", "Yen", True, "incorrect"),
+            ("a", "t2", 2, 1, "back", "no", False, "incorrect"), ("d", "t2", 3, 1, "back", "Yen", True, "correct")]
+    table = pd.DataFrame(rows, columns=["id", "position", "source_layer", "target_layer", "kind", "generation",
+                                        "success", "subset"])
+    sample = success_samples(table, cells=1, per_cell=2)
+    assert sample[["source_layer", "rescued"]].values.tolist() == [[3, 3], [3, 3]]  # the best cell, 2 examples
+    assert sample.generation.tolist() == ["the Yen", "Yen!"] and "d" not in set(sample.id)  # incorrect cases only
