@@ -145,14 +145,19 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+def _pad_id(model: HookedTransformer) -> int:
+    """What fills generated positions after EOS (the pad token, else EOS)."""
+    pad = model.tokenizer.pad_token_id
+    return model.tokenizer.eos_token_id if pad is None else pad
+
+
 def _greedy_loop(model: HookedTransformer, logits: torch.Tensor, step: Callable, max_new_tokens: int,
                  choose: Callable = _argmax) -> GreedyOutput:
     """Decoding from the prompt pass's last logits (greedy unless ``choose`` samples);
     ``step(next_ids)`` gives the next logits."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    pad = eos if pad is None else pad
+    eos, pad = model.tokenizer.eos_token_id, _pad_id(model)
     batch, device = logits.shape[0], logits.device
     first_logits = logits.float()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -266,8 +271,7 @@ def greedy_from_layer(
     if keep is None:
         return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, choose)
     rows = keep(logits).nonzero()[:, 0]
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-    out = GreedyOutput(torch.full((logits.shape[0], max_new_tokens), pad, dtype=torch.long, device=logits.device),
+    out = GreedyOutput(torch.full((logits.shape[0], max_new_tokens), _pad_id(model), dtype=torch.long, device=logits.device),
                        logits.float())
     if len(rows):
         sub = select_cache(cache, rows, len(cache.entries), attention_mask[rows])

@@ -248,8 +248,8 @@ def run_patchscope(session: Session) -> pd.DataFrame:
     """Patchscopes with each target prompt of --target (resumable, one folder per prompt)."""
     args = session.args
     cases, _, _ = session.cases()
-    names = list(_csv(args.target)) if args.target in ("auto", *TARGET_PRESETS) or "," in args.target \
-        else [args.target]
+    presets = _csv(args.target)  # "paper,repeat"; a custom prompt text (commas and all) is one target
+    names = list(presets) if set(presets) <= {"auto", *TARGET_PRESETS} else [args.target]
     start = time.time()
     frames = []
     for i, name in enumerate(names):
