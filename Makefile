@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo demo-smollm2 test clean
+.PHONY: setup demo demo-smollm2 test lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ demo: setup
 # that trades cases for time: SMOL_LIMIT (queries evaluated) and SMOL_CASES (cases analysed
 # per subset); the layer grids keep every 3rd (back-patching) / 6th (Patchscopes) layer.
 SMOL_LIMIT ?= 500
-SMOL_CASES ?= 5
+SMOL_CASES ?= 3
 demo-smollm2: setup
 	$(BIN)/latent-hops demo --model smollm2-135m --dataset world --out runs/demo-smollm2 \
 	  --limit $(SMOL_LIMIT) --max-cases $(SMOL_CASES) --source-layers every:3 --target-layers every:3 \
@@ -41,6 +41,10 @@ demo-smollm2: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check latent_hops scripts tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs

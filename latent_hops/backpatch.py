@@ -31,6 +31,7 @@ from transformer_lens import HookedTransformer
 from latent_hops import backend
 from latent_hops.cases import POSITIONS, Case
 from latent_hops.cases import prepare_cases as cases_for
+from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct, length_batches
 from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at, patch_hook
 from latent_hops.positions import EMBEDDINGS, check_layers, hidden_state_hook, tokenize_prompts
@@ -49,6 +50,9 @@ class Cell:
     kind: str
 
 
+CPU_MEMORY_BUDGET_MB = 1024.0
+
+
 @dataclass(frozen=True)
 class BackpatchConfig:
     positions: tuple[str, ...] = POSITIONS
@@ -58,7 +62,8 @@ class BackpatchConfig:
     source_layers: tuple[int, ...] | None = None  # a layer grid (``positions.parse_layers``); None: all
     target_layers: tuple[int, ...] | None = None
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    memory_budget_mb: float = 1024.0  # sizes the batches of the fast engine
+    memory_budget_mb: float | None = None  # sizes the fast engine's batches; None: half the free
+    # CUDA memory, or CPU_MEMORY_BUDGET_MB on CPU
     batch_rows: int | None = None  # fixed batch size instead of the memory budget
     seed: int = 0  # random-direction control
     screen: int | None = None  # decode only cells whose first-step e3 rank is <= screen (fast engine)
@@ -76,7 +81,7 @@ def all_cells(model: HookedTransformer, config: BackpatchConfig) -> list[Cell]:
         return list(config.cells)
     unknown = set(config.kinds) - set(KINDS)
     if unknown:
-        raise ValueError(f"unknown patch kinds {sorted(unknown)}; use {KINDS}")
+        raise InputError(f"unknown patch kinds {sorted(unknown)}; use {KINDS}")
     sources = check_layers(model, config.source_layers) if config.source_layers is not None else layers
     targets = check_layers(model, config.target_layers) if config.target_layers is not None else layers
     return [Cell(s, t, kind) for kind in config.kinds for t in targets for s in sources
@@ -87,15 +92,15 @@ def prepare_cases(
     model: HookedTransformer, table: pd.DataFrame, config: BackpatchConfig = BackpatchConfig()
 ) -> tuple[list[Case], pd.DataFrame]:
     """Cases for the queries of ``table`` at the configured positions, and the skipped ones."""
-    return cases_for(model, table, config.positions, config.suffix)
+    return cases_for(model, table, config.positions, config.suffix, config.max_new_tokens)
 
 
 def random_direction(case_id: str, position: str, cell: Cell, like: torch.Tensor, seed: int) -> torch.Tensor:
     """A random direction with the norm of ``like``, fixed by (query, position, cell, seed)."""
     key = f"{seed}|{case_id}|{position}|{cell.source}|{cell.target}".encode()
     gen = torch.Generator().manual_seed(zlib.crc32(key))
-    v = torch.randn(like.shape[-1], generator=gen, dtype=torch.float32)
-    return (v * like.float().norm() / v.norm()).to(like.device, like.dtype)
+    v = torch.randn(like.shape[-1], generator=gen, dtype=torch.float32).to(like.device)  # same draw on any device
+    return (v * (like.float().norm() / v.norm())).to(like.dtype)
 
 
 def _patch_value(case: Case, position: str, cell: Cell, source_state: torch.Tensor, seed: int) -> torch.Tensor:
@@ -132,10 +137,11 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def sweep_naive(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
+def sweep_naive(model: HookedTransformer, cases: Sequence[Case],
+                config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
     """The reference: one ``run_with_hooks`` generation per query, position and cell."""
     if config.screen is not None:
-        raise ValueError("the first-token screen is a feature of the fast engine (sweep), not of the reference")
+        raise InputError("the first-token screen is a feature of the fast engine (sweep), not of the reference")
     cells = all_cells(model, config)
     records = []
     for case in tqdm(cases, desc="backpatch (naive)", disable=not config.progress):
@@ -155,14 +161,20 @@ def rows_per_batch(model: HookedTransformer, seq_len: int, config: BackpatchConf
     """Rows of the fast engine per forward pass, from the memory budget (or fixed)."""
     if config.batch_rows is not None:
         if config.batch_rows < 1:
-            raise ValueError(f"batch_rows must be >= 1, got {config.batch_rows}")
+            raise InputError(f"batch_rows must be >= 1, got {config.batch_rows}")
         return config.batch_rows
     cfg = model.cfg
     length = seq_len + config.max_new_tokens
-    per_row = (2 * cfg.n_layers * length * cfg.d_model  # KV cache
-               + 4 * seq_len * (2 * cfg.d_model + cfg.d_mlp + cfg.n_heads * seq_len))  # live activations
+    kv_width = (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
+    per_row = (2 * cfg.n_layers * length * kv_width  # KV cache
+               + 4 * seq_len * (2 * cfg.d_model + (cfg.d_mlp or 0) + cfg.n_heads * seq_len)  # live activations
+               + 4 * cfg.d_vocab)  # last-position logits and their log-softmax (256k for Gemma)
     bytes_per_row = per_row * torch.finfo(cfg.dtype).bits // 8
-    return max(1, int(config.memory_budget_mb * 2**20 // bytes_per_row))
+    budget = config.memory_budget_mb
+    if budget is None:
+        free = backend.free_memory_mb(cfg.device or "cpu")
+        budget = CPU_MEMORY_BUDGET_MB if free is None else free / 2
+    return max(1, int(budget * 2**20 // bytes_per_row))
 
 
 @torch.no_grad()
@@ -174,7 +186,7 @@ def sweep(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConf
     layers = sorted({c.source for c in cells} | {c.target for c in cells})
     layer_index = {layer: i for i, layer in enumerate(layers)}
     n_targets = len({c.target for c in cells})
-    lengths = [len(model.tokenizer(c.prompt, add_special_tokens=False)["input_ids"]) for c in cases]
+    lengths = [len(backend.tokenizer_of(model)(c.prompt, add_special_tokens=False)["input_ids"]) for c in cases]
     max_rows = rows_per_batch(model, max(lengths) + 1, config)
     per_case = len(config.positions) * -(-len(cells) // n_targets)  # rows per case and target layer
     records: list[dict] = []
@@ -217,7 +229,8 @@ def sweep(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConf
 # ---------------------------------------------------------------------------- summaries
 
 
-def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean."""
     x = np.asarray(list(values), dtype=float)
     if len(x) == 0:
@@ -273,8 +286,8 @@ def success_samples(labelled: pd.DataFrame, cells: int = 5, per_cell: int = 2) -
     counts = wins.groupby(key).size().rename("rescued").reset_index()
     top = counts.sort_values("rescued", ascending=False, kind="stable").groupby(["position", "kind"]).head(cells)
     sample = wins.merge(top, on=key).groupby(key, sort=False).head(per_cell)
-    return sample[key + ["rescued", "id", "generation"]].sort_values(key[:2] + ["rescued"],
-                                                                      ascending=[True, True, False]).reset_index(drop=True)
+    columns = key + ["rescued", "id", "generation"]
+    return sample[columns].sort_values(key[:2] + ["rescued"], ascending=[True, True, False]).reset_index(drop=True)
 
 
 def non_oracle(labelled: pd.DataFrame, train_fraction: float = 0.5, seed: int = 0) -> pd.DataFrame:

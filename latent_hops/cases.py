@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 from transformer_lens import HookedTransformer
 
+from latent_hops.errors import InputError
 from latent_hops.evaluation import resolve_positions
-from latent_hops.positions import answer_first_tokens, tokenize_prompts
+from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS
+from latent_hops.positions import answer_first_tokens, context_problems, tokenize_prompts
 from latent_hops.queries import PROMPT_SUFFIX, composition_spans, iter_queries
 
 POSITIONS = ("t1", "t2")
@@ -36,17 +38,22 @@ class Case:
 
 
 def prepare_cases(
-    model: HookedTransformer, table: pd.DataFrame, positions: tuple[str, ...] = POSITIONS, suffix: str = PROMPT_SUFFIX
+    model: HookedTransformer, table: pd.DataFrame, positions: tuple[str, ...] = POSITIONS, suffix: str = PROMPT_SUFFIX,
+    new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> tuple[list[Case], pd.DataFrame]:
-    """Cases for the queries of ``table``, and a table (``id``, ``reason``) of skipped ones."""
+    """Cases for the queries of ``table``, and a table (``id``, ``reason``) of skipped ones
+    (e1 not found in the tokens; a prompt that with ``new_tokens`` generated ones would not
+    fit the model's context)."""
     unknown = set(positions) - set(POSITIONS)
     if unknown:
-        raise ValueError(f"unknown positions {sorted(unknown)}; use {POSITIONS}")
+        raise InputError(f"unknown positions {sorted(unknown)}; use {POSITIONS}")
     queries = iter_queries(table)
     pos = resolve_positions(model, queries, suffix).set_index("id")
+    too_long = dict(zip((q.id for q in queries),
+                        context_problems(model, [q.composition_prompt(suffix) for q in queries], new_tokens)))
     cases, skipped = [], []
     for q in queries:
-        error = pos.loc[q.id, "position_error"]
+        error = pos.loc[q.id, "position_error"] or too_long[q.id]
         if error:
             skipped.append({"id": q.id, "reason": error})
             continue
@@ -58,8 +65,8 @@ def prepare_cases(
     return cases, pd.DataFrame(skipped, columns=["id", "reason"])
 
 
-def _r1_tokens(model: HookedTransformer, prompt: str, spans: dict) -> list[int] | None:
-    if "r1" not in spans:
+def _r1_tokens(model: HookedTransformer, prompt: str, spans: dict | str) -> list[int] | None:
+    if isinstance(spans, str) or "r1" not in spans:  # a str is a skip reason
         return None
     tok = tokenize_prompts(model, [prompt])
     e1_tokens = set(tok.overlapping(0, spans["e1"]))

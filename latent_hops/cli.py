@@ -15,30 +15,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import tomllib
+import traceback
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from latent_hops import backpatch as bp
 from latent_hops import plots
+from latent_hops.backend import DEFAULT_MAX_CONTEXT
 from latent_hops.cases import prepare_cases
+from latent_hops.errors import InputError
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
 from latent_hops.knockout import EDGE_PRESETS, KnockoutConfig, attention_knockout
 from latent_hops.logit_lens import logit_lens
-from latent_hops.models import TOY_CHECKPOINTS, TOY_SPEC, ModelLoadError, load_model
-from latent_hops.patchscopes import (TARGET_PRESETS, PatchscopeConfig, TargetPrompt, decoded_shares, patchscope,
-                                     reads_nothing)
+from latent_hops.models import TOY_CHECKPOINTS, TOY_SPEC, load_model
+from latent_hops.patchscopes import (
+    TARGET_PRESETS,
+    PatchscopeConfig,
+    TargetPrompt,
+    decoded_shares,
+    patchscope,
+    reads_nothing,
+)
 from latent_hops.positions import parse_layers
 from latent_hops.probe import cross_validated_probe, probe_accuracy
 from latent_hops.projection import sublayer_projection
 from latent_hops.queries import SHIPPED_DATASETS, DatasetError, load_dataset, shipped_dataset_path
 from latent_hops.report import build_report
-from latent_hops.rundir import in_shard, merge_parts, parse_shard, record_run, run_in_parts, write_table
-from latent_hops.stages import stage_medians, stage_table
+from latent_hops.rundir import check_run_dir, in_shard, merge_parts, parse_shard, record_run, run_in_parts, write_table
+from latent_hops.stages import empty_stage_notes, stage_medians, stage_table
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -46,14 +57,21 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=TOY_SPEC, help="'toy', 'toy-gpt2', 'smollm2-135m', a .gguf file, a local HF checkpoint dir, "
-                        "or a TransformerLens name")
+    parser.add_argument("--model", default=TOY_SPEC,
+                        help="'toy', 'toy-gpt2', 'smollm2-135m', 'gemma3-270m', a .gguf file, a local HF "
+                        "checkpoint dir, or a TransformerLens name")
     parser.add_argument("--dataset", default="toy", help="'toy', 'world', a two_hop.csv, or .parquet/.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="run directory (required: flag or config)")
     parser.add_argument("--config", type=Path, default=None, help="TOML file whose keys mirror these flags")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of input errors too (or LATENT_HOPS_DEBUG=1)")
     parser.add_argument("--shard", default=None, help="i/n: this process takes shard i of n of the queries")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    parser.add_argument("--n-devices", type=int, default=1,
+                        help="split the model's blocks over this many GPUs (TransformerLens n_devices)")
+    parser.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
+                        help="cap on the context TransformerLens allocates masks for (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="prompts per forward pass")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N queries")
     parser.add_argument("--split", default=None, help="use only queries of this split (e.g. test_id)")
@@ -73,7 +91,7 @@ def _check_counts(args) -> None:
     for name, low in COUNT_FLAGS.items():
         value = getattr(args, name, None)
         if value is not None and value < low:
-            raise DatasetError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 class Session:
@@ -81,12 +99,14 @@ class Session:
 
     def __init__(self, args):
         if args.out is None:
-            raise DatasetError("--out RUN_DIR is required (as a flag or in the --config file)")
+            raise InputError("--out RUN_DIR is required (as a flag or in the --config file)")
         _check_counts(args)
         self.args = args
+        check_run_dir(args.out)  # before the model loads: a bad --out should cost nothing
         self.shard = parse_shard(args.shard)
         self.table = self._queries()
-        self.model = load_model(args.model, device=args.device, dtype=args.dtype)
+        self.model = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
+                                n_devices=args.n_devices)
         self._cases: dict = {}
         args.out.mkdir(parents=True, exist_ok=True)
 
@@ -212,8 +232,10 @@ def merge_backpatch(run_dir: Path, evaluation: pd.DataFrame, skipped: pd.DataFra
 
 def cmd_merge(args) -> pd.DataFrame:
     """Merge the parts that every --shard process wrote, then summarise (no model needed)."""
-    evaluation = pd.read_parquet(args.run_dir / "evaluation.parquet")
-    return merge_backpatch(args.run_dir, evaluation)
+    path = args.run_dir / "evaluation.parquet"
+    if not path.is_file():
+        raise InputError(f"{args.run_dir}: no result parts to merge (no evaluation.parquet; is it a run directory?)")
+    return merge_backpatch(args.run_dir, pd.read_parquet(path))
 
 
 def run_logit_lens(session: Session) -> pd.DataFrame:
@@ -310,7 +332,7 @@ def run_stages(session: Session) -> pd.DataFrame:
     skip = set(_csv(session.args.skip))
     unknown = skip - set(STAGE_ANALYSES)
     if unknown:
-        raise DatasetError(f"--skip: unknown analyses {sorted(unknown)}; choose from {', '.join(STAGE_ANALYSES)}")
+        raise InputError(f"--skip: unknown analyses {sorted(unknown)}; choose from {', '.join(STAGE_ANALYSES)}")
     tables = {name: None if name in skip else load_or_run(f"{name.replace('-', '_')}.parquet", run)
               for name, run in STAGE_ANALYSES.items()}
     if skip:
@@ -321,6 +343,8 @@ def run_stages(session: Session) -> pd.DataFrame:
     medians = stage_medians(stages)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(medians.to_string())
+    for note in empty_stage_notes(stages, skip):
+        print(f"note: {note}")
     figures = [plots.stage_boxplot(stages, method) for method in stages["method"].unique()]
     figures.append(plots.resolution_curves(stages))
     plots.save_html(figures, session.path("stages.html"), "latent_hops stages")
@@ -357,7 +381,8 @@ def _backpatch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="t1,t2", help="comma-separated: t1,t2")
     p.add_argument("--kinds", default=",".join(bp.KINDS), help="back,forward,random")
     p.add_argument("--include-embeddings", action="store_true", help="layer -1 (embeddings) as source/target")
-    p.add_argument("--memory-budget-mb", type=float, default=1024.0)
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="memory for the fast engine's batches (default: half the free CUDA memory; 1024 on CPU)")
     p.add_argument("--screen", type=int, default=None, metavar="K",
                    help="decode only cells whose first-step e3 rank is <= K (the rest: screened, not successes)")
     p.add_argument("--source-layers", dest="backpatch_source_layers", default=None, help=GRID_HELP)
@@ -440,8 +465,27 @@ def build_parser() -> argparse.ArgumentParser:
         for group in groups:
             group(p)
         p.set_defaults(func=func)
-    sub.choices["demo"].set_defaults(max_cases=60, skip="auto")  # per split x subset: the demo runs in about a minute on a CPU
+    sub.choices["demo"].set_defaults(max_cases=60, skip="auto")  # per split x subset
     return parser
+
+
+def _config_value(path: Path, action: argparse.Action, value):
+    """A config file's value as its flag would parse it; lists stand for comma-separated flags."""
+    key = next((o[2:] for o in action.option_strings if o.startswith("--")), action.dest)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise InputError(f"config {path}: key {key!r} expects true or false, got {value!r}")
+        return value
+    if isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    if value is None:
+        return value
+    kind: Any = action.type or str
+    try:
+        return kind(value if kind is not str else str(value))
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", str(kind))
+        raise InputError(f"config {path}: key {key!r} expects {name}, got {value!r}") from None
 
 
 def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -453,16 +497,18 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     try:
         values = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
-        raise DatasetError(f"config {path}: {err}") from None
+        raise InputError(f"config {path}: {err}") from None
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    known = {a.dest for a in sub._actions}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
+    # a key is a long flag without its dashes ("source-layers" or "source_layers")
+    dests = {opt[2:].replace("-", "_"): a.dest
+             for a in sub._actions for opt in a.option_strings if opt.startswith("--")}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
     if unknown:
-        raise DatasetError(f"config {path}: unknown keys {unknown} for `{args.command}`")
+        raise InputError(f"config {path}: unknown keys {unknown} for `{args.command}`")
+    values = {dests[k.replace("-", "_")]: v for k, v in values.items()}
     for action in sub._actions:
-        if action.dest in values and action.type is not None and values[action.dest] is not None:
-            values[action.dest] = action.type(values[action.dest])
+        if action.dest in values:
+            values[action.dest] = _config_value(path, action, values[action.dest])
     sub.set_defaults(**values)
     return parser.parse_args(argv)
 
@@ -470,10 +516,13 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     started = time.time()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("LATENT_HOPS_DEBUG") == "1"
     try:
         args = _with_config(parser, argv)
         args.func(args)
-    except (ModelLoadError, DatasetError, ValueError, FileNotFoundError) as err:
+    except InputError as err:  # the user can fix it: one line, naming the input
+        if debug:
+            traceback.print_exc()
         print(f"latent-hops: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -482,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlatent-hops: interrupted; finished parts are saved{where}: run the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 -- our bug, not the user's input: show it whole
+        traceback.print_exc()
+        print("latent-hops: internal error: this is a bug in latent_hops, not in your input; please report it "
+              "with the command line and the traceback above", file=sys.stderr)
+        return 1
     out = getattr(args, "out", None)
     if out is not None and args.command != "report":
         dataset = shipped_dataset_path(args.dataset) if args.dataset in SHIPPED_DATASETS else Path(args.dataset)

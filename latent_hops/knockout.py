@@ -20,6 +20,7 @@ from transformer_lens import HookedTransformer
 
 from latent_hops.backend import greedy_generate
 from latent_hops.cases import Case
+from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct, length_batches
 from latent_hops.positions import tokenize_prompts
 from latent_hops.ranks import best_rank
@@ -49,7 +50,7 @@ def edges(case: Case, preset: str) -> tuple[list[int], list[int]] | str:
         if not case.r1_tokens:
             return "first-hop relation tokens unknown (source_prompt differs from the templates)"
         return [t2], case.r1_tokens
-    raise ValueError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
+    raise InputError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
 
 
 def knockout_hooks(layers: Sequence[int], mask: torch.Tensor) -> list:
@@ -62,13 +63,14 @@ def knockout_hooks(layers: Sequence[int], mask: torch.Tensor) -> list:
 
 
 @torch.no_grad()
-def attention_knockout(model: HookedTransformer, cases: Sequence[Case], config: KnockoutConfig = KnockoutConfig()) -> pd.DataFrame:
+def attention_knockout(model: HookedTransformer, cases: Sequence[Case],
+                       config: KnockoutConfig = KnockoutConfig()) -> pd.DataFrame:
     """One row per case x preset x centre layer l (window [l - k, l + k] clipped)."""
     for preset in config.presets:
         if preset not in EDGE_PRESETS:
-            raise ValueError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
+            raise InputError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
     if config.window < 0:
-        raise ValueError(f"window must be >= 0, got {config.window}")
+        raise InputError(f"window must be >= 0, got {config.window}")
     n_layers = model.cfg.n_layers
     rows = []
     bar = tqdm(total=len(cases) * len(config.presets), desc="knockout", disable=not config.progress)

@@ -74,4 +74,5 @@ def onset_layer(lens: pd.DataFrame, k: int = 10) -> pd.Series:
     inside = (t2.e3_rank >= 0) & (t2.e3_rank <= k)
     # a layer counts if it and every later layer are inside: reverse cumulative AND per case
     stays = inside[::-1].groupby(t2["id"][::-1]).cummin()[::-1]
-    return t2[stays.astype(bool)].groupby("id")["layer"].min().rename("second_hop_onset_layer").reindex(t2["id"].unique())
+    onset = t2[stays.astype(bool)].groupby("id")["layer"].min()
+    return onset.rename("second_hop_onset_layer").reindex(t2["id"].unique())

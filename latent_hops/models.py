@@ -18,12 +18,13 @@ import torch
 from transformer_lens import HookedTransformer
 
 from latent_hops import backend, gguf
+from latent_hops.errors import InputError
 
 TOY_SPEC = "toy"
 TOY_CHECKPOINTS = {"toy": "checkpoint", "toy-gpt2": "checkpoint-gpt2"}  # spec -> folder in latent_hops/toy
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A model spec that cannot be loaded, with the reason in words."""
 
 
@@ -47,17 +48,42 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 def _resolve_device(device: torch.device | str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
-    return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {str(device)!r} requested but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' requested but MPS is not available on this machine")
+    return str(parsed)
 
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec and not spec.count("/") == 1
 
 
-def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str) -> HookedTransformer:
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _tokenizer_hint(err: Exception) -> str:
+    text = str(err)
+    for package in ("sentencepiece", "tiktoken", "protobuf"):
+        if package in text.lower():
+            return f"{_first_line(err)} -- this tokenizer may need `pip install {package}`"
+    return _first_line(err)
+
+
+def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str,
+                          max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
+                          n_devices: int = 1) -> HookedTransformer:
     """A Hugging Face checkpoint directory, converted to TransformerLens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -76,20 +102,30 @@ def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str) -> Hooked
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor bar is noise for small local checkpoints
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load the checkpoint in {path}: {err}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as err:  # noqa: BLE001 -- transformers raises many types here
+            raise ModelLoadError(f"{path}: could not load the tokenizer: {_tokenizer_hint(err)}") from None
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 -- safetensors' own error type, OSError, ValueError, ...
+            raise ModelLoadError(f"{path}: could not read the weights ({_first_line(err)}); the files may be "
+                                 "truncated or corrupt: download the checkpoint again") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    return backend.hooked_from_hf(hf_model, tokenizer, dtype, device)
+    try:
+        return backend.hooked_from_hf(hf_model, tokenizer, dtype, device, max_context, n_devices)
+    except backend.UnsupportedArchitecture as err:
+        raise ModelLoadError(f"{path}: {err}") from None
 
 
 def load_model(
     spec: str | os.PathLike = TOY_SPEC,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
+    n_devices: int = 1,
 ) -> HookedTransformer:
     """Load a model as a TransformerLens ``HookedTransformer`` ready for analysis.
 
@@ -99,20 +135,27 @@ def load_model(
         device: defaults to CUDA when available, else CPU.
         dtype: torch dtype or its name ("float32", "bfloat16", ...); default float32 as in
             the paper.
+        max_context: cap on the context length TransformerLens allocates for (its causal
+            mask is n_ctx x n_ctx per layer); None keeps the model's own.
+        n_devices: split the blocks over ``cuda:0 .. cuda:n_devices-1`` (TransformerLens'
+            ``n_devices``) for models too big for one GPU.
     """
     dtype_, device_ = _resolve_dtype(dtype), _resolve_device(device)
+    if n_devices < 1 or n_devices > 1 and not (device_.startswith("cuda") and torch.cuda.device_count() >= n_devices):
+        raise ModelLoadError(f"n_devices={n_devices} needs that many CUDA devices; "
+                             f"this machine has {torch.cuda.device_count()}")
     spec = str(spec)
     if spec in TOY_CHECKPOINTS:
-        return load_local_checkpoint(toy_checkpoint_dir(spec), dtype_, device_)
+        return load_local_checkpoint(toy_checkpoint_dir(spec), dtype_, device_, max_context, n_devices)
     path = Path(spec).expanduser()
     if spec in gguf.PACKAGED_MODELS or path.suffix == ".gguf":
         try:
             gguf_file = gguf.packaged_gguf(spec) if spec in gguf.PACKAGED_MODELS else path
-            return load_local_checkpoint(gguf.converted_checkpoint(gguf_file), dtype_, device_)
+            return load_local_checkpoint(gguf.converted_checkpoint(gguf_file), dtype_, device_, max_context, n_devices)
         except gguf.GGUFError as err:
             raise ModelLoadError(str(err)) from None
     if path.is_dir():
-        return load_local_checkpoint(path, dtype_, device_)
+        return load_local_checkpoint(path, dtype_, device_, max_context, n_devices)
     if path.exists() or _looks_like_path(spec):
         raise ModelLoadError(f"{spec!r} is not a checkpoint directory (no such directory)")
     names = backend.official_model_names()
@@ -123,7 +166,7 @@ def load_model(
             f"(e.g. 'gpt2', 'meta-llama/Llama-2-7b-hf'; {len(names)} names are known)"
         )
     try:
-        return backend.hooked_from_pretrained(spec, dtype_, device_)
+        return backend.hooked_from_pretrained(spec, dtype_, device_, n_devices)
     except OSError as err:  # transformers raises OSError when the hub cannot be reached
         raise ModelLoadError(
             f"could not download {spec!r} from the Hugging Face hub ({err.__class__.__name__}); "

@@ -9,9 +9,9 @@ is the embedding output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -34,7 +34,8 @@ def write_positions(
     return resid
 
 
-def patch_hook(layer: int, positions: Int[torch.Tensor, " batch"], values: Float[torch.Tensor, "batch d_model"]) -> Hook:
+def patch_hook(layer: int, positions: Int[torch.Tensor, " batch"],
+               values: Float[torch.Tensor, "batch d_model"]) -> Hook:
     """A forward hook writing ``values`` into the hidden state of ``layer`` at ``positions``.
 
     Positions index the prompt (left-padded) and so stay valid in a no-cache generation
@@ -60,7 +61,8 @@ def activations_at(
     found: dict[str, torch.Tensor] = {}
 
     def read(act: torch.Tensor, hook) -> None:
-        found[hook.name] = act[rows, pos].clone()
+        # gathered on the tokens' device: blocks may live on other GPUs (n_devices > 1)
+        found[hook.name] = act[rows.to(act.device), pos.to(act.device)].to(tokens.device)
 
     model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
                          fwd_hooks=[(name, read) for name in dict.fromkeys(hook_names)])

@@ -23,8 +23,10 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from latent_hops import backend
 from latent_hops.backend import GreedyOutput, Sampler
 from latent_hops.cases import POSITIONS, Case
+from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, length_batches
 from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at
 from latent_hops.positions import check_layers, tokenize_prompts
@@ -46,10 +48,10 @@ class TargetPrompt:
     placeholder: tuple[int, int]
 
     @classmethod
-    def from_text(cls, text: str, placeholder: str = "x") -> "TargetPrompt":
+    def from_text(cls, text: str, placeholder: str = "x") -> TargetPrompt:
         start = text.rfind(placeholder)
         if start < 0:
-            raise ValueError(f"placeholder {placeholder!r} not found in target prompt {text!r}")
+            raise InputError(f"placeholder {placeholder!r} not found in target prompt {text!r}")
         return cls(text, (start, start + len(placeholder)))
 
 
@@ -93,17 +95,19 @@ def _pairs(model: HookedTransformer, config: PatchscopeConfig) -> list[tuple[int
 
 
 @torch.no_grad()
-def patchscope(model: HookedTransformer, cases: Sequence[Case], config: PatchscopeConfig = PatchscopeConfig()) -> pd.DataFrame:
+def patchscope(model: HookedTransformer, cases: Sequence[Case],
+               config: PatchscopeConfig = PatchscopeConfig()) -> pd.DataFrame:
     """One row per case x position x (source, target) layer pair x seed."""
     pairs = _pairs(model, config)
     target = tokenize_prompts(model, [config.target.text])
     slot = target.char_span_position(0, config.target.placeholder)
     if slot is None:
-        raise ValueError(f"the placeholder of {config.target.text!r} maps to no token")
+        raise InputError(f"the placeholder of {config.target.text!r} maps to no token")
     tail = target.tokens[0, slot:].tolist()  # placeholder onwards: read with the generation
     sources = sorted({s for s, _ in pairs})
     index = {s: i for i, s in enumerate(sources)}
-    decoders = [(seed, Sampler(seed, config.temperature)) for seed in config.seeds] or [(-1, None)]
+    decoders: list[tuple[int, Sampler | None]] = [(seed, Sampler(seed, config.temperature))
+                                                  for seed in config.seeds] or [(-1, None)]
     per_case = len(config.positions) * len(pairs)
     rows_out = []
     bar = tqdm(total=len(cases) * per_case * len(decoders), desc="patchscope", unit="run", disable=not config.progress)
@@ -122,7 +126,7 @@ def patchscope(model: HookedTransformer, cases: Sequence[Case], config: Patchsco
             def on_output(chunk: Sequence[PatchRow], out: GreedyOutput, seed=seed) -> None:
                 for r, ids in zip(chunk, out.tokens.tolist()):
                     case = batch[r.key[0]]
-                    text = model.tokenizer.decode(tail + ids, skip_special_tokens=True)
+                    text = backend.tokenizer_of(model).decode(tail + ids, skip_special_tokens=True)
                     rows_out.append((case.id, config.positions[r.key[1]], r.key[2], r.layer, seed, text,
                                      classify(text, case.names)))
                 bar.update(len(chunk))

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from latent_hops.errors import InputError
+
 GREY = "#d9d9d9"
 
 
@@ -28,7 +30,7 @@ def backpatch_heatmap(
     """
     data = cells[(cells.subset == subset) & (cells.position == position) & (cells.split == split)]
     if data.empty:
-        raise ValueError(f"no cells for subset={subset!r}, position={position!r}, split={split!r}")
+        raise InputError(f"no cells for subset={subset!r}, position={position!r}, split={split!r}")
     layers = sorted(set(data.source_layer) | set(data.target_layer))
     index = {layer: i for i, layer in enumerate(layers)}
     z = np.full((len(layers), len(layers)), np.nan)
@@ -36,7 +38,8 @@ def backpatch_heatmap(
     for r in data[data.kind == kind].itertuples():
         i, j = index[r.source_layer], index[r.target_layer]
         z[i, j] = 100 * r.rate
-        text[i, j] = f"source {r.source_layer} → target {r.target_layer}<br>{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)"
+        text[i, j] = (f"source {r.source_layer} → target {r.target_layer}<br>"
+                      f"{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)")
     names = [("emb" if layer == -1 else str(layer)) for layer in layers]
     fig = go.Figure(go.Heatmap(
         z=z, x=names, y=names, text=text, hoverinfo="text", colorscale="Viridis", zmin=0, zmax=100,

@@ -19,6 +19,9 @@ import torch
 from jaxtyping import Int
 from transformer_lens import HookedTransformer
 
+from latent_hops import backend
+from latent_hops.errors import InputError
+
 Span = tuple[int, int]
 
 
@@ -32,7 +35,7 @@ def hidden_state_hook(layer: int) -> str:
     if layer == EMBEDDINGS:
         return "blocks.0.hook_resid_pre"
     if layer < EMBEDDINGS:
-        raise ValueError(f"layer must be >= -1 (the embeddings), got {layer}")
+        raise InputError(f"layer must be >= -1 (the embeddings), got {layer}")
     return f"blocks.{layer}.hook_resid_post"
 
 
@@ -41,7 +44,8 @@ def check_layers(model: HookedTransformer, layers) -> list[int]:
     layers = [int(x) for x in layers]
     bad = [x for x in layers if not EMBEDDINGS <= x < model.cfg.n_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this model has layers -1 (embeddings) to {model.cfg.n_layers - 1}")
+        raise InputError(f"layers {bad} out of range: this model has layers -1 (embeddings) "
+                         f"to {model.cfg.n_layers - 1}")
     return layers
 
 
@@ -55,23 +59,28 @@ def parse_layers(spec, n_layers: int, first: int = 0) -> tuple[int, ...] | None:
         text = spec.strip()
         try:
             if text.startswith("every:"):
-                step = int(text.split(":", 1)[1])
-                if step < 1:
+                every = int(text.split(":", 1)[1])
+                if every < 1:
                     raise ValueError
-                layers = sorted(set(range(first, n_layers, step)) | {n_layers - 1})
+                layers = sorted(set(range(first, n_layers, every)) | {n_layers - 1})
             elif ":" in text:
-                layers = list(range(*(int(x) if x else None for x in text.split(":"))))
+                parts = [int(x) if x else None for x in text.split(":")]
+                if len(parts) > 3:
+                    raise ValueError
+                start, stop, step = (parts + [None, None])[:3]
+                layers = list(range(first if start is None else start, n_layers if stop is None else stop,
+                                    step or 1))
             else:
                 layers = [int(x) for x in text.split(",") if x.strip()]
         except (ValueError, TypeError):
-            raise ValueError(f"layer grid {spec!r}: use 'all', a list '0,3,7', a range 'a:b:k' or 'every:k'") from None
+            raise InputError(f"layer grid {spec!r}: use 'all', a list '0,3,7', a range 'a:b:k' or 'every:k'") from None
     else:
         layers = [int(x) for x in spec]
     if not layers:
-        raise ValueError(f"layer grid {spec!r} selects no layer")
+        raise InputError(f"layer grid {spec!r} selects no layer")
     bad = [x for x in layers if not EMBEDDINGS <= x < n_layers]
     if bad:
-        raise ValueError(f"layer grid {spec!r}: layers {bad} out of range -1 (embeddings) to {n_layers - 1}")
+        raise InputError(f"layer grid {spec!r}: layers {bad} out of range -1 (embeddings) to {n_layers - 1}")
     return tuple(sorted(set(layers)))
 
 
@@ -118,10 +127,10 @@ def tokenize_prompts(
     ``model.cfg.default_prepend_bos``).
     """
     if not prompts:
-        raise ValueError("no prompts to tokenise")
+        raise InputError("no prompts to tokenise")
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    tokenizer = model.tokenizer
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer = backend.tokenizer_of(model)
     bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
     enc = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], [list(map(tuple, o)) for o in enc["offset_mapping"]]
@@ -130,7 +139,7 @@ def tokenize_prompts(
         offsets = [[(0, 0)] + row for row in offsets]
     empty = [p for p, row in zip(prompts, ids) if not row]
     if empty:
-        raise ValueError(f"prompt tokenises to nothing: {empty[0]!r}")
+        raise InputError(f"prompt tokenises to nothing: {empty[0]!r}")
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokens = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -142,6 +151,18 @@ def tokenize_prompts(
     return TokenizedPrompts(tokens.to(model.cfg.device), mask.to(model.cfg.device), offsets, padding_side)
 
 
+def context_problems(model: HookedTransformer, prompts: list[str], new_tokens: int = 0) -> list[str | None]:
+    """For each prompt, why it cannot run (its tokens plus ``new_tokens`` generated ones
+    exceed the model's context ``n_ctx``), or None. TransformerLens would fail deep in its
+    positional code, and fail the whole batch with it."""
+    tokenizer, bos = backend.tokenizer_of(model), int(bool(model.cfg.default_prepend_bos))
+    lengths = [len(ids) + bos for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    n_ctx = model.cfg.n_ctx
+    return [None if n + new_tokens <= n_ctx else
+            f"prompt of {n} tokens{f' + {new_tokens} generated' if new_tokens else ''} exceeds the model's "
+            f"context of {n_ctx} tokens" for n in lengths]
+
+
 def answer_first_tokens(model: HookedTransformer, prompt: str, aliases) -> list[int]:
     """First token of each alias as it would be generated right after ``prompt``.
 
@@ -149,13 +170,13 @@ def answer_first_tokens(model: HookedTransformer, prompt: str, aliases) -> list[
     prompt's own tokens, so leading-space BPE and SentencePiece pieces come out right.
     Where a tokenizer merges across that boundary, the alias is tokenised on its own.
     """
-    base = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    base = backend.tokenizer_of(model)(prompt, add_special_tokens=False)["input_ids"]
     firsts = []
     for alias in aliases:
-        ids = model.tokenizer(f"{prompt} {alias}", add_special_tokens=False)["input_ids"]
+        ids = backend.tokenizer_of(model)(f"{prompt} {alias}", add_special_tokens=False)["input_ids"]
         if len(ids) > len(base) and ids[: len(base)] == base:
             firsts.append(ids[len(base)])
         else:
-            alone = model.tokenizer(f" {alias}", add_special_tokens=False)["input_ids"]
+            alone = backend.tokenizer_of(model)(f" {alias}", add_special_tokens=False)["input_ids"]
             firsts += alone[:1]
     return list(dict.fromkeys(firsts))

@@ -35,6 +35,7 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
 from latent_hops.cases import Case
+from latent_hops.errors import InputError
 from latent_hops.generation import length_batches
 from latent_hops.patching import hidden_states_at
 from latent_hops.positions import tokenize_prompts
@@ -117,7 +118,7 @@ def cross_validated_probe(
     ids = {c.id for c in scored}
     cases = [c for c in [*scored, *(c for c in pool if c.id not in ids)] if c.first_tokens.get(entity)]
     if len(cases) < 2 * config.folds:
-        raise ValueError(f"too few cases with a known {entity} token to probe ({len(cases)}; need "
+        raise InputError(f"too few cases with a known {entity} token to probe ({len(cases)}; need "
                          f">= {2 * config.folds}): use more queries")
     first = torch.tensor([c.first_tokens[entity][0] for c in cases])
     candidates = torch.unique(first)
@@ -129,7 +130,7 @@ def cross_validated_probe(
     grouping = GROUPINGS[config.hold_out_target]
     for k, test, train in entity_folds(cases, entity, ids, config.folds, config.seed, config.hold_out_target):
         if len(train) < 2:
-            raise ValueError(f"fold {k} of the {entity} probe has no training cases left after the entity split")
+            raise InputError(f"fold {k} of the {entity} probe has no training cases left after the entity split")
         shuffled = rng.permutation(train)
         for li, layer in enumerate(layers):
             for control, targets in ((False, y[train]), (True, y[shuffled])):

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
+from latent_hops import backend
 from latent_hops.cases import Case
 from latent_hops.generation import length_batches
 from latent_hops.patching import activations_at
@@ -35,7 +36,7 @@ def sublayer_projection(model: HookedTransformer, cases: Sequence[Case], batch_s
         last = torch.full((len(batch), 1), tok.tokens.shape[1] - 1)
         acts = activations_at(model, tok.tokens, tok.attention_mask, last, names)[:, 0]  # [q, hooks, d]
         logprobs = project_to_vocab(model, acts)
-        prediction = model(tok.tokens, attention_mask=tok.attention_mask)[:, -1].argmax(-1)
+        prediction = backend.last_logits(model, tok.tokens, attention_mask=tok.attention_mask).argmax(-1)
         for qi, case in enumerate(batch):
             r2, _ = best_rank(logprobs[qi], case.first_tokens["e2"])
             r3, _ = best_rank(logprobs[qi], case.first_tokens["e3"])

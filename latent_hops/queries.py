@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import ast
 import os
+import string
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+
+from latent_hops.errors import InputError
 
 PROMPT_KINDS = ("first_hop", "second_hop", "composition", "entity_shortcut", "relation_shortcut")
 """The five prompts of a query (reference §Data), in this order everywhere."""
@@ -29,7 +32,7 @@ REQUIRED_COLUMNS = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that cannot be read, with the reason (and the row id where there is one)."""
 
 
@@ -140,7 +143,7 @@ def iter_queries(table: pd.DataFrame) -> list[TwoHopQuery]:
 
 def _parse_aliases(value: object, row_id: str, column: str) -> list[str]:
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        items = list(value.tolist() if hasattr(value, "tolist") else value)
+        items = list(value.tolist() if hasattr(value, "tolist") else value)  # type: ignore[arg-type]
     elif value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
         items = []
     else:
@@ -151,6 +154,25 @@ def _parse_aliases(value: object, row_id: str, column: str) -> list[str]:
         if not isinstance(items, (list, tuple)):
             raise DatasetError(f"row id {row_id}: column {column} is not a list: {value!r}")
     return [str(a) for a in items]
+
+
+LABEL_COLUMNS = ("e1_label", "e2_label", "e3_label")
+
+
+def template_problem(template: str) -> str | None:
+    """Why a relation template is unusable (None if it is fine): exactly one ``{}`` slot, no
+    named or numbered fields, other braces escaped as ``{{`` / ``}}``."""
+    try:
+        slots = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        return f"not a valid template ({err}); write literal braces as '{{{{' and '}}}}'"
+    if any(name for name, _, _ in slots):
+        return f"named or numbered fields {[n for n, _, _ in slots if n]} are not allowed: use one '{{}}'"
+    if len(slots) != 1:
+        return f"must contain exactly one '{{}}' slot, found {len(slots)}"
+    if slots[0][1] or slots[0][2]:
+        return "the '{}' slot takes no format spec or conversion"
+    return None
 
 
 def normalize_table(raw: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
@@ -168,9 +190,14 @@ def normalize_table(raw: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
     for column in ALIAS_COLUMNS:
         table[column] = [_parse_aliases(v, i, column) for v, i in zip(table[column], table["id"])]
     for template in ("r1_template", "r2_template"):
-        bad = table.loc[table[template].astype(str).str.count(r"\{\}") != 1, "id"]
-        if len(bad):
-            raise DatasetError(f"{source}: row id {bad.iloc[0]}: {template} must contain exactly one '{{}}'")
+        for value, row in zip(table[template].astype(str), table["id"]):
+            problem = template_problem(value)
+            if problem:
+                raise DatasetError(f"{source}: row id {row}: {template} {value!r}: {problem}")
+    for column in LABEL_COLUMNS:  # " Imagine " would put t1 on the wrong token
+        table[column] = [" ".join(str(v).split()) for v in table[column]]
+    for column in ALIAS_COLUMNS:
+        table[column] = [[" ".join(a.split()) for a in aliases] for aliases in table[column]]
     for column in QUERY_COLUMNS:
         if column in ALIAS_COLUMNS:
             continue

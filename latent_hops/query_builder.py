@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from latent_hops.errors import InputError
 from latent_hops.queries import PROMPT_SUFFIX, build_prompts, normalize_table
 
 
@@ -28,7 +29,7 @@ class BuilderConfig:
 def _check(table: pd.DataFrame, name: str, columns: tuple[str, ...]) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise ValueError(f"{name} table: missing columns: {', '.join(missing)}")
+        raise InputError(f"{name} table: missing columns: {', '.join(missing)}")
 
 
 def build_queries(
@@ -61,7 +62,7 @@ def build_queries(
     rel = relations.assign(id=relations["id"].astype(str)).set_index("id")
     unknown = (set(paths.e1) | set(paths.e2) | set(paths.e3)) - set(ent.index)
     if unknown:
-        raise ValueError(f"entities table lacks ids used by triples: {sorted(unknown)[:10]}")
+        raise InputError(f"entities table lacks ids used by triples: {sorted(unknown)[:10]}")
     aliases = ent["aliases"] if "aliases" in ent else pd.Series([[]] * len(ent), index=ent.index)
     types = ent["type"] if "type" in ent else pd.Series([""] * len(ent), index=ent.index)
     rtypes = rel["type"] if "type" in rel else rel.index.to_series()

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
+from latent_hops.backend import project_to_vocab
 
-@torch.no_grad()
-def project_to_vocab(model: HookedTransformer, acts: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... vocab"]:
-    """Log-probabilities of ``acts`` read through the final norm and unembedding (the logit lens)."""
-    shape = acts.shape[:-1]
-    flat = acts.reshape(-1, 1, acts.shape[-1]).to(model.cfg.dtype)
-    normed = model.ln_final(flat) if model.cfg.normalization_type is not None else flat
-    return model.unembed(normed)[:, 0].float().log_softmax(-1).reshape(*shape, -1)
+__all__ = ["best_rank", "project_to_vocab"]
 
 
 def best_rank(logprobs: Float[torch.Tensor, "... vocab"], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 
 from latent_hops import backpatch as bp
 from latent_hops import plots
+from latent_hops.errors import InputError
 from latent_hops.evaluation import summarize
 
 NOTES = {
@@ -74,7 +75,7 @@ def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from the tables in ``run_dir``; returns its path."""
     run = Path(run_dir)
     if not (run / "evaluation.parquet").is_file():
-        raise FileNotFoundError(f"{run} has no evaluation.parquet: run `latent-hops evaluate` (or demo) first")
+        raise InputError(f"{run} has no evaluation.parquet: run `latent-hops evaluate` (or demo) first")
     fig = _Figures()
     evaluation = pd.read_parquet(run / "evaluation.parquet")
     parts = [_section("Dataset and hop accuracies", NOTES["evaluation"], _table(summarize(evaluation)))]
@@ -98,10 +99,14 @@ def build_report(run_dir: str | Path) -> Path:
         stages = pd.read_parquet(run / "stages.parquet")
         body = "".join(fig(plots.stage_boxplot(stages, m)) for m in stages["method"].unique())
         body += fig(plots.resolution_curves(stages))
-        from latent_hops.stages import STAGES, stage_medians
+        from latent_hops.stages import STAGES, empty_stage_notes, stage_medians
         coverage = stages.groupby(["method", "subset"])[STAGES].agg(lambda c: f"{c.notna().mean():.0%} of {len(c)}")
+        absent = {name for name in ("logit-lens", "projection", "knockout")
+                  if not (run / f"{name.replace('-', '_')}.parquet").is_file()}
+        empty = "".join(f"<li>{html.escape(note)}</li>" for note in empty_stage_notes(stages, absent))
+        empty = f"<p class='note'>Empty columns:</p><ul class='note'>{empty}</ul>" if empty else ""
         parts.append(_section("Stages of two-hop queries", NOTES["stages"], body + _table(stage_medians(stages))
-                              + f"<p class='note'>{html.escape(NOTES['coverage'])}</p>" + _table(coverage)))
+                              + empty + f"<p class='note'>{html.escape(NOTES['coverage'])}</p>" + _table(coverage)))
     else:
         parts.append("<p>No stage table in this run.</p>")
 

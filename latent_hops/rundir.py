@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+
+from latent_hops.errors import InputError
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -28,9 +31,9 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
+        raise InputError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {spec}: need 0 <= i < n")
+        raise InputError(f"--shard {spec}: need 0 <= i < n")
     return i, n
 
 
@@ -78,7 +81,7 @@ def check_config(folder: Path, config: dict) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     elif path.read_text() != text:
-        raise ValueError(f"{folder} holds results of another configuration ({path.read_text()}); "
+        raise InputError(f"{folder} holds results of another configuration ({path.read_text()}); "
                          "use another --out or delete that folder")
 
 
@@ -93,7 +96,7 @@ def run_in_parts(
     """Compute ``cases`` chunk by chunk, one part each, skipping cases already done
     (under the same ``config``, see ``check_config``)."""
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise InputError(f"chunk must be >= 1, got {chunk}")
     check_config(folder, config or {})
     for stale in folder.glob(".tmp-*") if folder.is_dir() else []:
         stale.unlink(missing_ok=True)  # a part a killed process did not finish
@@ -110,7 +113,7 @@ def merge_parts(folder: Path, order: Sequence[str] | None = None, sort_by: Seque
     """All parts of ``folder`` as one table; rows of the same case keep their order."""
     parts = [pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))]
     if not parts:
-        raise FileNotFoundError(f"no result parts in {folder}")
+        raise InputError(f"no result parts in {folder}")
     frame = pd.concat(parts, ignore_index=True)
     if order is not None:
         rank = {i: k for k, i in enumerate(order)}
@@ -147,7 +150,7 @@ def record_run(run_dir: Path, command: str, config: dict, dataset_path: str | Pa
 
     path = run_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-    stamp = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    stamp = lambda t: datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")  # noqa: E731
     manifest["runs"].append({
         "command": command, "package_version": __version__, "versions": library_versions(), "config": config,
         "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
@@ -157,3 +160,16 @@ def record_run(run_dir: Path, command: str, config: dict, dataset_path: str | Pa
     tmp.write_text(json.dumps(manifest, indent=1, default=str))
     os.replace(tmp, path)
     return path
+
+
+def check_run_dir(run: Path) -> None:
+    """A run directory that exists (or can be created) and can be written, or a clear error."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise InputError(f"--out {run} is a file, not a run directory")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise InputError(f"--out {run}: cannot write there ({err.strerror or err})") from None

@@ -15,8 +15,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pandas as pd
 
+from latent_hops.errors import InputError
 from latent_hops.knockout import knockout_layer
 from latent_hops.logit_lens import onset_layer, resolution_layers
 from latent_hops.patchscopes import patchscope_layers
@@ -55,7 +58,7 @@ def stage_table(
     if probed is not None and not probed.empty:
         estimates["probe"] = probe_layers(probed).set_index("id")
     if not estimates:
-        raise ValueError("the stage table needs a decoding method: run the logit lens, Patchscopes or probes")
+        raise InputError("the stage table needs a decoding method: run the logit lens, Patchscopes or probes")
     tables = []
     for method, decoded in estimates.items():
         t = shared.join(decoded, how="outer")
@@ -72,3 +75,31 @@ def stage_table(
 def stage_medians(stages: pd.DataFrame) -> pd.DataFrame:
     """Median layer of each stage per method x split x subset."""
     return stages.groupby(["method", "split", "subset"])[STAGES].median()
+
+
+STAGE_SOURCES = {
+    "first_hop_layer": ((), "e2 never decoded from t1"),
+    "info_propagation_layer": (("knockout", "projection"), "no knockout effect, no attention output ranking e2 "
+                               "first, e2 never decoded from t2"),
+    "second_hop_onset_layer": (("logit-lens",), "e3 never stays in the logit lens' top k at t2"),
+    "second_hop_layer": ((), "e3 never decoded from t2"),
+    "prediction_extracted_layer": (("projection",), "no MLP output at t2 ranks the prediction first"),
+}
+"""For each stage: the analyses (besides the row's decoding method) that feed it, and what
+an empty column means when they ran."""
+
+
+def empty_stage_notes(stages: pd.DataFrame, skipped: Collection[str] = ()) -> list[str]:
+    """One line per (method, stage) column with no value in any case, saying why: all of
+    its analyses were skipped ("not measured"), or they ran and the stage was never reached."""
+    notes = []
+    for method, rows in stages.groupby("method", sort=False):
+        for stage in STAGES:
+            if rows[stage].notna().any():
+                continue
+            fed_by, never = STAGE_SOURCES[stage]
+            if fed_by and set(fed_by) <= set(skipped):
+                notes.append(f"{method}: {stage} empty -- not measured ({', '.join(fed_by)} skipped)")
+            else:
+                notes.append(f"{method}: {stage} empty -- never reached in {len(rows)} cases: {never}")
+    return notes

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from latent_hops.query_builder import BuilderConfig, build_queries
 from latent_hops.queries import write_paper_csv
+from latent_hops.query_builder import BuilderConfig, build_queries
 
 OUT = Path(__file__).resolve().parents[1] / "latent_hops" / "data"
 

@@ -241,7 +241,7 @@ def write_artifacts(out: Path, eval_batch_size: int = 256) -> dict:
 
 
 def model_card(result: dict, summary, size_mb: float) -> str:
-    r, final = result["recipe"], result["final"]
+    r = result["recipe"]
     history = "\n".join(
         f"| {h['step']} | {h['one_hop']:.3f} | {h['two_hop_train']:.3f} | {h['two_hop_test_id']:.3f} "
         f"| {h['two_hop_test_ood']:.3f} |" for h in result["history"]

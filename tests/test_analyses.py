@@ -3,10 +3,10 @@
 import pandas as pd
 import pytest
 import torch
+from test_positions import QUERIES
 
 from latent_hops.backend import greedy_generate
 from latent_hops.cases import Case, prepare_cases
-from latent_hops.generation import generate
 from latent_hops.knockout import KnockoutConfig, attention_knockout, edges, knockout_hooks
 from latent_hops.logit_lens import logit_lens, onset_layer, resolution_layers
 from latent_hops.patchscopes import PatchscopeConfig, TargetPrompt, classify, patchscope, patchscope_layers
@@ -14,7 +14,6 @@ from latent_hops.positions import tokenize_prompts
 from latent_hops.projection import projection_layers, sublayer_projection
 from latent_hops.queries import load_dataset, queries_to_table
 from latent_hops.ranks import project_to_vocab
-from test_positions import QUERIES
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,23 @@ summaries against hand-computed values."""
 import pandas as pd
 import pytest
 import torch
+from test_positions import QUERIES
 
 from latent_hops.backend import greedy_generate
 from latent_hops.backpatch import (
-    BackpatchConfig, Cell, all_cells, non_oracle, oracle_rates, prepare_cases, sweep, sweep_naive,
+    BackpatchConfig,
+    Cell,
+    all_cells,
+    non_oracle,
+    oracle_rates,
+    prepare_cases,
+    sweep,
+    sweep_naive,
 )
-from latent_hops.generation import decode, generate
+from latent_hops.generation import generate
 from latent_hops.patching import patch_hook
 from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import load_dataset, queries_to_table
-from test_positions import QUERIES
 
 
 def _cases(model, table, **kw):

@@ -107,3 +107,24 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert __version__ in capsys.readouterr().out
+
+
+def test_bfloat16_end_to_end(tmp_path):
+    """--dtype bfloat16 through evaluation, back-patching and the stage analyses on CPU; the
+    tables record the dtype and a run in another dtype never reuses them."""
+    out = tmp_path / "bf16"
+    common = ["--out", str(out), "--split", "test_id", "--max-cases", "2", "--device", "cpu", "--limit", "60",
+              "--source-layers", "every:3", "--target-layers", "every:3"]
+    assert main(["backpatch", *common, "--dtype", "bfloat16"]) == 0
+    assert main(["logit-lens", *common, "--dtype", "bfloat16"]) == 0
+    table = pd.read_parquet(out / "backpatch.parquet")
+    assert len(table) > 0 and table.generation.str.len().gt(0).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "bfloat16" in json.dumps(manifest)
+
+
+def test_device_flags_are_validated(tmp_path, capsys):
+    for flags, message in [(["--device", "tpu"], "unknown device 'tpu'"),
+                           (["--device", "cpu", "--n-devices", "2"], "n_devices=2 needs")]:
+        assert main(["evaluate", "--out", str(tmp_path / "run"), "--limit", "3", *flags]) == 2
+        assert message in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """evaluate(): generations, flags, subsets with reasons, rebalancing, and the CLI."""
 
-import json
 
 import pandas as pd
 import pytest

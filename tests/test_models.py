@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import save_tiny
 from latent_hops import ModelLoadError, load_model
 from latent_hops.positions import hidden_state_hook, tokenize_prompts
 

@@ -76,7 +76,7 @@ def test_tokenization_equals_transformer_lens(tiny_gpt2, tiny_llama, toy):
 
 
 def test_toy_word_level_positions(toy):
-    from latent_hops.queries import load_dataset, iter_queries
+    from latent_hops.queries import iter_queries, load_dataset
 
     q = iter_queries(load_dataset("toy").iloc[:3])
     pos = resolve_positions(toy, q)

@@ -4,8 +4,14 @@ import pandas as pd
 import pytest
 
 from latent_hops.queries import (
-    DatasetError, TwoHopQuery, e1_span_in_composition, iter_queries, load_dataset, queries_to_table,
-    save_dataset, write_paper_csv,
+    DatasetError,
+    TwoHopQuery,
+    e1_span_in_composition,
+    iter_queries,
+    load_dataset,
+    queries_to_table,
+    save_dataset,
+    write_paper_csv,
 )
 from latent_hops.query_builder import BuilderConfig, build_queries
 

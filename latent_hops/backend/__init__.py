@@ -11,61 +11,41 @@ the TransformerLens surface (``cfg``, ``to_tokens``, ``run_with_hooks``, ``run_w
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer, HookedTransformerConfig, TransformerLensKeyValueCache
-from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
+from latent_hops.backend.architectures import (  # noqa: F401 -- UnsupportedArchitecture is re-exported
+    DEFAULT_MAX_CONTEXT,
+    FAMILIES,
+    UnsupportedArchitecture,
+    family,
+    tl_config_fields,
+)
+from latent_hops.errors import InputError
+
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
-def _rope_theta(hf_config: Any) -> float:
-    theta = getattr(hf_config, "rope_theta", None)
-    if theta is None:  # transformers >= 5 keeps it in rope_parameters
-        theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    return float(theta)
-
-
-def tl_config_from_hf(hf_config: Any, dtype: torch.dtype, device: str) -> HookedTransformerConfig:
-    """TransformerLens config for a Hugging Face config (Llama or GPT-2 architecture).
-
-    Read from the config itself: TL 3.9's own local-path loader guesses the architecture
-    from the directory name (a path containing "llama" never reads config.json).
-    """
-    arch = (hf_config.architectures or [""])[0]
-    if arch == "LlamaForCausalLM":
-        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"Llama rope scaling {rope!r} is not supported yet (only the default RoPE)")
-        kv = hf_config.num_key_value_heads
-        d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        cfg = dict(
-            d_model=hf_config.hidden_size, d_head=d_head, n_heads=hf_config.num_attention_heads,
-            d_mlp=hf_config.intermediate_size, n_layers=hf_config.num_hidden_layers,
-            n_ctx=hf_config.max_position_embeddings, eps=hf_config.rms_norm_eps,
-            d_vocab=hf_config.vocab_size, act_fn=hf_config.hidden_act,
-            n_key_value_heads=kv if kv != hf_config.num_attention_heads else None,
-            normalization_type="RMS", positional_embedding_type="rotary", rotary_adjacent_pairs=False,
-            rotary_dim=d_head, rotary_base=_rope_theta(hf_config), final_rms=True, gated_mlp=True,
-        )
-    elif arch == "GPT2LMHeadModel":
-        cfg = dict(
-            d_model=hf_config.n_embd, d_head=hf_config.n_embd // hf_config.n_head, n_heads=hf_config.n_head,
-            d_mlp=hf_config.n_inner or 4 * hf_config.n_embd, n_layers=hf_config.n_layer,
-            n_ctx=hf_config.n_positions, eps=hf_config.layer_norm_epsilon, d_vocab=hf_config.vocab_size,
-            act_fn=hf_config.activation_function, use_attn_scale=hf_config.scale_attn_weights,
-            scale_attn_by_inverse_layer_idx=hf_config.scale_attn_by_inverse_layer_idx,
-            normalization_type="LN",
-        )
-    else:
-        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+def tl_config_from_hf(hf_config: Any, dtype: torch.dtype, device: str,
+                      max_context: int | None = DEFAULT_MAX_CONTEXT) -> HookedTransformerConfig:
+    """TransformerLens config for a Hugging Face config, read from the config itself (see
+    ``architectures``); ``n_ctx`` is capped at ``max_context`` (None: the model's own)."""
     return HookedTransformerConfig(
-        **cfg, original_architecture=arch, dtype=dtype, device=device, init_weights=False,
-        model_name=getattr(hf_config, "_name_or_path", "") or arch,
+        **tl_config_fields(hf_config, max_context), dtype=dtype, device=device, init_weights=False,
+        model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0],
     )
+
+
+def tokenizer_of(model: HookedTransformer) -> Any:
+    """The model's Hugging Face tokenizer (every model ``load_model`` returns has one)."""
+    if model.tokenizer is None:
+        raise InputError("this model has no tokenizer; latent_hops needs the model's own tokenizer")
+    return model.tokenizer
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
@@ -74,7 +54,8 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: str) -> HookedTransformer:
+def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: str,
+                   max_context: int | None = DEFAULT_MAX_CONTEXT, n_devices: int = 1) -> HookedTransformer:
     """Convert a loaded HF causal LM with TransformerLens' own weight converters.
 
     No weight processing (no LayerNorm folding or centering): hidden states are the HF
@@ -82,10 +63,10 @@ def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: st
     tokenizer's own convention (TL prepends one by default, which for SmolLM2 drops
     first-hop accuracy from 45% to 4%): tokens equal what the HF tokenizer gives.
     """
-    cfg = tl_config_from_hf(hf_model.config, dtype, device)
+    cfg = tl_config_from_hf(hf_model.config, dtype, device, max_context)
     cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
-    convert = convert_llama_weights if cfg.original_architecture == "LlamaForCausalLM" else convert_gpt2_weights
-    state_dict = convert(hf_model, cfg)
+    cfg.n_devices = n_devices
+    state_dict = family(cfg.original_architecture or "").convert(hf_model, cfg)
     with warnings.catch_warnings():
         # TL 3.9 warns at construction that HookedTransformer is deprecated in favour of
         # TL 4's TransformerBridge; we pin TL 3 on purpose (see this module's docstring).
@@ -95,14 +76,18 @@ def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: st
         state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
         fold_value_biases=False, refactor_factored_attn_matrices=False,
     )
+    if n_devices > 1:  # blocks split evenly over cuda:0..n_devices-1 (TL's own placement)
+        model.move_model_modules_to_device()
+        return model.eval()
     return model.to(device, print_details=False).eval()
 
 
-def hooked_from_pretrained(name: str, dtype: torch.dtype, device: str) -> HookedTransformer:
+def hooked_from_pretrained(name: str, dtype: torch.dtype, device: str, n_devices: int = 1) -> HookedTransformer:
     """A TransformerLens model by its official name, downloaded from the Hugging Face hub."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
-        return HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device).eval()
+        return HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device,
+                                                               n_devices=n_devices).eval()
 
 
 def official_model_names() -> list[str]:
@@ -110,6 +95,44 @@ def official_model_names() -> list[str]:
     from transformer_lens.loading_from_pretrained import make_model_alias_map
 
     return sorted(make_model_alias_map())
+
+
+def random_model(hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0) -> HookedTransformer:
+    """A randomly initialised model of an HF config's shape, built directly on ``device``
+    (e.g. a 7B-shaped Llama in bf16 on a GPU, to time the engine without downloading weights)."""
+    cfg = HookedTransformerConfig(**tl_config_fields(hf_config), dtype=dtype, device=device, seed=seed,
+                                  init_weights=True, model_name="random")
+    cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
+    with warnings.catch_warnings(), torch.device(device):
+        warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    return model.eval()
+
+
+def free_memory_mb(device: str | torch.device) -> float | None:
+    """Free memory of a CUDA device in MiB (None on CPU, where a fixed budget applies)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / 2**20
+
+
+@torch.no_grad()
+def project_to_vocab(model: HookedTransformer,
+                     acts: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... vocab"]:
+    """Log-probabilities of ``acts`` read through the final norm and the unembedding (the
+    logit lens). The unembedding runs in float32 whatever the model's dtype, so ranks and
+    log-probs of a bf16/fp16 model are not rounded to 8/11 bits over a large vocabulary;
+    Gemma 2's final logit soft-capping is applied as in the forward pass."""
+    shape = acts.shape[:-1]
+    flat = acts.reshape(-1, 1, acts.shape[-1]).to(model.cfg.dtype)
+    normed = model.ln_final(flat) if model.cfg.normalization_type is not None else flat
+    logits = normed[:, 0].float() @ model.W_U.float() + model.b_U.float()
+    cap = model.cfg.output_logits_soft_cap
+    if cap and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits.log_softmax(-1).reshape(*shape, -1)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -145,10 +168,23 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+def last_logits(model: HookedTransformer, input: torch.Tensor, **kwargs: Any) -> Float[torch.Tensor, "batch vocab"]:
+    """The model's logits at the last position only (``model(input, **kwargs)[:, -1]``).
+
+    TransformerLens unembeds every position; for a 256k vocabulary (Gemma) the prompt pass
+    of a batch of 128 would fill gigabytes with logits nobody reads. The blocks run as
+    usual (hooks, KV cache); the final norm, unembedding and soft-cap run on one position."""
+    resid = model(input, stop_at_layer=model.cfg.n_layers, **kwargs)[:, -1:]
+    normed = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+    logits = model.unembed(normed)[:, 0]
+    cap = model.cfg.output_logits_soft_cap
+    return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
+
+
 def _pad_id(model: HookedTransformer) -> int:
     """What fills generated positions after EOS (the pad token, else EOS)."""
-    pad = model.tokenizer.pad_token_id
-    return model.tokenizer.eos_token_id if pad is None else pad
+    pad = tokenizer_of(model).pad_token_id
+    return tokenizer_of(model).eos_token_id if pad is None else pad
 
 
 def _greedy_loop(model: HookedTransformer, logits: torch.Tensor, step: Callable, max_new_tokens: int,
@@ -157,7 +193,7 @@ def _greedy_loop(model: HookedTransformer, logits: torch.Tensor, step: Callable,
     ``step(next_ids)`` gives the next logits."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos, pad = model.tokenizer.eos_token_id, _pad_id(model)
+    eos, pad = tokenizer_of(model).eos_token_id, _pad_id(model)
     batch, device = logits.shape[0], logits.device
     first_logits = logits.float()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -175,7 +211,7 @@ def _greedy_loop(model: HookedTransformer, logits: torch.Tensor, step: Callable,
 def _cached_step(model: HookedTransformer, cache: TransformerLensKeyValueCache) -> Callable:
     def step(nxt: torch.Tensor) -> torch.Tensor:
         ones = torch.ones((nxt.shape[0], 1), dtype=torch.long, device=nxt.device)
-        return model(nxt[:, None], attention_mask=ones, past_kv_cache=cache)[:, -1]
+        return last_logits(model, nxt[:, None], attention_mask=ones, past_kv_cache=cache)
 
     return step
 
@@ -186,7 +222,7 @@ def greedy_generate(
     tokens: Int[torch.Tensor, "batch pos"],
     attention_mask: Int[torch.Tensor, "batch pos"],
     max_new_tokens: int = 10,
-    prompt_hooks: HookList = (),
+    prompt_hooks: Sequence[tuple[str, Callable]] = (),
     use_kv_cache: bool = True,
 ) -> GreedyOutput:
     """Greedy decoding of left-padded prompts, stopping each row at EOS.
@@ -195,11 +231,11 @@ def greedy_generate(
     on the prompt; without it (the exact reference loop) they run on every full forward,
     and must touch prompt positions only, which left padding keeps fixed.
     """
-    hooks = list(prompt_hooks)
+    hooks: list[Any] = list(prompt_hooks)
     if use_kv_cache:
         cache = new_kv_cache(model, tokens.shape[0])
         with model.hooks(fwd_hooks=hooks):
-            logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
+            logits = last_logits(model, tokens, attention_mask=attention_mask, past_kv_cache=cache)
         return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens)
     seq = [tokens, attention_mask]
 
@@ -207,10 +243,10 @@ def greedy_generate(
         seq[0] = torch.cat([seq[0], nxt[:, None]], 1)
         seq[1] = torch.cat([seq[1], torch.ones_like(nxt[:, None])], 1)
         with model.hooks(fwd_hooks=hooks):
-            return model(seq[0], attention_mask=seq[1])[:, -1]
+            return last_logits(model, seq[0], attention_mask=seq[1])
 
     with model.hooks(fwd_hooks=hooks):
-        logits = model(tokens, attention_mask=attention_mask)[:, -1]
+        logits = last_logits(model, tokens, attention_mask=attention_mask)
     return _greedy_loop(model, logits, step, max_new_tokens)
 
 
@@ -244,7 +280,8 @@ def select_cache(cache: TransformerLensKeyValueCache, rows: torch.Tensor, n_laye
     for i, entry in enumerate(cache.entries):
         keys, values = (entry.past_keys, entry.past_values) if i < n_layers else (
             entry.past_keys[:, :0], entry.past_values[:, :0])
-        entries.append(type(entry)(past_keys=keys[rows], past_values=values[rows]))
+        index = rows.to(keys.device)  # layers may live on different GPUs (n_devices > 1)
+        entries.append(type(entry)(past_keys=keys[index], past_values=values[index]))
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=attention_mask)
 
 
@@ -265,14 +302,14 @@ def greedy_from_layer(
 
     ``keep(first_logits) -> bool[batch]`` screens rows after the prompt pass: only kept rows
     are decoded (the others get padding only), the rest of the batch costs nothing more."""
-    logits = model(resid, start_at_layer=start_layer, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
+    logits = last_logits(model, resid, start_at_layer=start_layer, attention_mask=attention_mask, past_kv_cache=cache)
     cache.previous_attention_mask = attention_mask  # start_at_layer skips TL's own bookkeeping
     choose = sampler or _argmax
     if keep is None:
         return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, choose)
     rows = keep(logits).nonzero()[:, 0]
-    out = GreedyOutput(torch.full((logits.shape[0], max_new_tokens), _pad_id(model), dtype=torch.long, device=logits.device),
-                       logits.float())
+    padding = torch.full((logits.shape[0], max_new_tokens), _pad_id(model), dtype=torch.long, device=logits.device)
+    out = GreedyOutput(padding, logits.float())
     if len(rows):
         sub = select_cache(cache, rows, len(cache.entries), attention_mask[rows])
         out.tokens[rows] = _greedy_loop(model, logits[rows], _cached_step(model, sub), max_new_tokens, choose).tokens
