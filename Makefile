@@ -37,7 +37,7 @@ SMOL_CASES ?= 3
 demo-smollm2: setup
 	$(BIN)/latent-hops demo --model smollm2-135m --dataset world --out runs/demo-smollm2 \
 	  --limit $(SMOL_LIMIT) --max-cases $(SMOL_CASES) --source-layers every:3 --target-layers every:3 \
-	  --target paper,repeat --patchscope-source-layers every:6 --patchscope-target-layers every:6
+	  --target paper --patchscope-source-layers every:6 --patchscope-target-layers every:6
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -8,9 +8,10 @@ from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
 from latent_hops.models import ModelLoadError, load_model
 from latent_hops.positions import hidden_state_hook, tokenize_prompts
 from latent_hops.queries import DatasetError, TwoHopQuery, load_dataset, save_dataset
+from latent_hops.quick import BackpatchResult, run_backpatch
 
 __version__ = "0.1.0"
 __all__ = [
-    "DatasetError", "EvaluationConfig", "ModelLoadError", "TwoHopQuery", "evaluate", "hidden_state_hook",
-    "load_dataset", "load_model", "save_dataset", "summarize", "tokenize_prompts",
+    "BackpatchResult", "DatasetError", "EvaluationConfig", "ModelLoadError", "TwoHopQuery", "evaluate",
+    "hidden_state_hook", "load_dataset", "load_model", "run_backpatch", "save_dataset", "summarize", "tokenize_prompts",
 ]

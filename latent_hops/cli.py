@@ -104,6 +104,9 @@ class Session:
         self.args = args
         check_run_dir(args.out)  # before the model loads: a bad --out should cost nothing
         self.shard = parse_shard(args.shard)
+        if self.shard[1] > 1 and args.command != "backpatch":
+            raise InputError(f"--shard splits the back-patching sweep only (`latent-hops backpatch`), not "
+                             f"`{args.command}`: run it once, unsharded")
         self.table = self._queries()
         self.model = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                                 n_devices=args.n_devices)
@@ -131,6 +134,9 @@ class Session:
             done = pd.read_parquet(path)
             if set(self.table["id"]) <= set(done["id"]):
                 return done[done["id"].isin(set(self.table["id"]))].reset_index(drop=True)
+        if self.shard[1] > 1:  # n shards must pick their cases from one evaluation, made once
+            raise InputError(f"--shard {self.args.shard}: {path} does not cover these queries; run "
+                             f"`latent-hops evaluate` with the same --model/--dataset/--out first (unsharded)")
         start = time.time()
         result = evaluate(self.model, self.table, EvaluationConfig(batch_size=self.args.batch_size, progress=True))
         write_table(result, path)
@@ -194,6 +200,10 @@ def run_backpatch(session: Session) -> pd.DataFrame:
                  on_skip=lambda n: bar.update(n) if n else None, config=_fingerprint(session, config))
     bar.close()
     print(f"backpatch: {len(cases)} cases in {time.time() - start:.1f}s")
+    if session.shard[1] > 1:  # a shard writes its parts only; tables and summaries come from merge
+        print(f"shard {args.shard}: parts written to {session.path('backpatch')}; when every shard is done: "
+              f"latent-hops merge {args.out}")
+        return merge_parts(session.path("backpatch"), order=[c.id for c in cases])
     return merge_backpatch(session.args.out, evaluation, skipped, {"model": args.model, "dataset": args.dataset})
 
 
@@ -498,14 +508,18 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
         values = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise InputError(f"config {path}: {err}") from None
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    # a key is a long flag without its dashes ("source-layers" or "source_layers")
-    dests = {opt[2:].replace("-", "_"): a.dest
-             for a in sub._actions for opt in a.option_strings if opt.startswith("--")}
-    unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    sub = commands[args.command]
+
+    def flags(p: argparse.ArgumentParser) -> dict[str, str]:  # a key is a long flag without its dashes
+        return {o[2:].replace("-", "_"): a.dest for a in p._actions for o in a.option_strings if o.startswith("--")}
+
+    dests, anywhere = flags(sub), {k for p in commands.values() for k in flags(p)}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in anywhere)
     if unknown:
-        raise InputError(f"config {path}: unknown keys {unknown} for `{args.command}`")
-    values = {dests[k.replace("-", "_")]: v for k, v in values.items()}
+        raise InputError(f"config {path}: unknown keys {unknown} (no command takes them)")
+    # one file can serve several commands: keys of other commands are left to them
+    values = {dests[k.replace("-", "_")]: v for k, v in values.items() if k.replace("-", "_") in dests}
     for action in sub._actions:
         if action.dest in values:
             values[action.dest] = _config_value(path, action, values[action.dest])

@@ -16,6 +16,7 @@ from latent_hops.backpatch import (
     prepare_cases,
     sweep,
     sweep_naive,
+    with_labels,
 )
 from latent_hops.generation import generate
 from latent_hops.patching import patch_hook
@@ -160,3 +161,25 @@ def test_success_samples_show_what_counted():
     sample = success_samples(table, cells=1, per_cell=2)
     assert sample[["source_layer", "rescued"]].values.tolist() == [[3, 3], [3, 3]]  # the best cell, 2 examples
     assert sample.generation.tolist() == ["the Yen", "Yen!"] and "d" not in set(sample.id)  # incorrect cases only
+
+
+def test_one_call_api_equals_the_steps_it_replaces(toy):
+    import latent_hops as lh
+    from latent_hops.evaluation import evaluate
+
+    table = load_dataset("toy")
+    table = table[table.split == "test_id"].iloc[:12]
+    config = BackpatchConfig(source_layers=(3, 6), target_layers=(1, 4))
+    result = lh.run_backpatch(toy, table, config, max_cases=2)
+    # the nine steps by hand: evaluate, keep analysable subsets, head per subset, cases, sweep, labels
+    evaluation = evaluate(toy, table)
+    chosen = evaluation[evaluation.subset.isin(["incorrect", "correct"])].groupby("subset", sort=False).head(2)
+    assert 0 < len(chosen) <= 4
+    cases, _ = prepare_cases(toy, table[table.id.isin(set(chosen.id))], config)
+    expected = with_labels(sweep(toy, cases, config), evaluation)
+    pd.testing.assert_frame_equal(result.table, expected)
+    assert not set(result.table.id) & set(evaluation[evaluation.subset == "excluded"].id)
+    # grid (3, 6) x (1, 4): back 3->1, 6->1, 6->4; forward 3->4 only; random like back
+    assert result.summary.groupby("kind").cells.max().to_dict() == {"back": 3, "forward": 1, "random": 3}
+    assert set(result.summary.split) == {"all"}
+    assert len(result.heatmap("incorrect" if "incorrect" in set(chosen.subset) else "correct", "t1").data) == 1

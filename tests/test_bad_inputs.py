@@ -171,7 +171,7 @@ def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("toml, message", [
     ('max-cases = "three"', "key 'max-cases' expects int, got 'three'"),
     ("include-embeddings = 3", "key 'include-embeddings' expects true or false"),
-    ("bogus = 1", "unknown keys ['bogus']"),
+    ("bogus = 1", "unknown keys ['bogus'] (no command takes them)"),
     ("positions = [", "config"),
 ])
 def test_bad_config_files(tmp_path, capsys, toml, message):

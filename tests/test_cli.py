@@ -90,10 +90,10 @@ def test_a_failed_re_evaluation_keeps_the_old_table(tmp_path, monkeypatch):
     before = pd.read_parquet(out / "evaluation.parquet")
 
     def fails(*args, **kwargs):
-        raise ValueError("one bad row")
+        raise RuntimeError("killed half-way")
 
-    monkeypatch.setattr(cli, "evaluate", fails)  # the new evaluation fails half-way
-    assert main(["evaluate", "--out", str(out), "--limit", "5", "--device", "cpu"]) == 2
+    monkeypatch.setattr(cli, "evaluate", fails)  # the new evaluation fails half-way (a crash: exit 1)
+    assert main(["evaluate", "--out", str(out), "--limit", "5", "--device", "cpu"]) == 1
     pd.testing.assert_frame_equal(pd.read_parquet(out / "evaluation.parquet"), before)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["runs"][0]["versions"]["torch"]
@@ -110,12 +110,12 @@ def test_version(capsys):
 
 
 def test_bfloat16_end_to_end(tmp_path):
-    """--dtype bfloat16 through evaluation, back-patching and the stage analyses on CPU; the
-    tables record the dtype and a run in another dtype never reuses them."""
+    """--dtype bfloat16 through evaluation, back-patching and the logit lens on CPU; the
+    manifest records the dtype."""
     out = tmp_path / "bf16"
-    common = ["--out", str(out), "--split", "test_id", "--max-cases", "2", "--device", "cpu", "--limit", "60",
-              "--source-layers", "every:3", "--target-layers", "every:3"]
-    assert main(["backpatch", *common, "--dtype", "bfloat16"]) == 0
+    common = ["--out", str(out), "--split", "test_id", "--max-cases", "2", "--device", "cpu", "--limit", "60"]
+    grid = ["--source-layers", "every:3", "--target-layers", "every:3"]
+    assert main(["backpatch", *common, *grid, "--dtype", "bfloat16"]) == 0
     assert main(["logit-lens", *common, "--dtype", "bfloat16"]) == 0
     table = pd.read_parquet(out / "backpatch.parquet")
     assert len(table) > 0 and table.generation.str.len().gt(0).all()

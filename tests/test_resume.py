@@ -58,8 +58,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, reference, kill_after_pa
 @pytest.mark.slow
 def test_shards_merge_to_the_full_sweep(tmp_path, reference):
     out = tmp_path / "run"
+    assert main([*ARGS, "--out", str(out), "--shard", "0/3"]) == 2  # shards need one evaluation first
+    assert main(["evaluate", "--out", str(out), "--split", "test_id", "--device", "cpu"]) == 0
     for i in range(3):
         assert main([*ARGS, "--out", str(out), "--shard", f"{i}/3"]) == 0
+        assert not (out / "backpatch.parquet").exists()  # a shard writes its parts only
     assert main(["merge", str(out)]) == 0
     merged = pd.read_parquet(out / "backpatch.parquet")
     # other batch compositions: generations identical, log-probs equal up to float noise
@@ -85,6 +88,11 @@ def test_config_file_mirrors_flags(tmp_path, capsys):
     bad.write_text('colour = "blue"\n')
     assert main(["backpatch", "--config", str(bad)]) == 2
     assert "unknown keys ['colour']" in capsys.readouterr().err
+
+
+def test_shards_are_for_the_backpatching_sweep_only(tmp_path, capsys):
+    assert main(["logit-lens", "--out", str(tmp_path), "--shard", "0/2", "--device", "cpu"]) == 2
+    assert "splits the back-patching sweep only" in capsys.readouterr().err
 
 
 def test_bad_shard_spec(tmp_path, capsys):
