@@ -48,7 +48,16 @@ from latent_hops.probe import cross_validated_probe, probe_accuracy
 from latent_hops.projection import sublayer_projection
 from latent_hops.queries import SHIPPED_DATASETS, DatasetError, load_dataset, shipped_dataset_path
 from latent_hops.report import build_report
-from latent_hops.rundir import check_run_dir, in_shard, merge_parts, parse_shard, record_run, run_in_parts, write_table
+from latent_hops.rundir import (
+    check_run_dir,
+    done_ids,
+    in_shard,
+    merge_parts,
+    parse_shard,
+    record_run,
+    run_in_parts,
+    write_table,
+)
 from latent_hops.stages import empty_stage_notes, stage_medians, stage_table
 
 
@@ -204,7 +213,8 @@ def run_backpatch(session: Session) -> pd.DataFrame:
         print(f"shard {args.shard}: parts written to {session.path('backpatch')}; when every shard is done: "
               f"latent-hops merge {args.out}")
         return merge_parts(session.path("backpatch"), order=[c.id for c in cases])
-    return merge_backpatch(session.args.out, evaluation, skipped, {"model": args.model, "dataset": args.dataset})
+    return merge_backpatch(session.args.out, evaluation, skipped, {"model": args.model, "dataset": args.dataset},
+                           ids=[c.id for c in cases])
 
 
 def _grid(session: Session, sources, targets, first: int = 0) -> dict:
@@ -214,9 +224,14 @@ def _grid(session: Session, sources, targets, first: int = 0) -> dict:
 
 
 def merge_backpatch(run_dir: Path, evaluation: pd.DataFrame, skipped: pd.DataFrame | None = None,
-                    meta: dict | None = None) -> pd.DataFrame:
-    """backpatch.parquet, cells, summary and heatmaps from every part in RUN_DIR/backpatch/."""
-    results = merge_parts(run_dir / "backpatch", order=list(evaluation["id"]))
+                    meta: dict | None = None, ids: list[str] | None = None) -> pd.DataFrame:
+    """backpatch.parquet, cells, summary and heatmaps from the parts in RUN_DIR/backpatch/:
+    of the cases ``ids`` (the request), or every part (``merge``)."""
+    results = merge_parts(run_dir / "backpatch", order=list(evaluation["id"]) if ids is None else ids)
+    held = len(done_ids(run_dir / "backpatch"))
+    if ids is not None and held > results["id"].nunique():
+        print(f"summarising the {results['id'].nunique()} requested cases; {run_dir / 'backpatch'} holds {held} "
+              "(`latent-hops merge` summarises them all)")
     write_table(results, run_dir / "backpatch.parquet")
     labelled = bp.with_labels(results, evaluation)
     oracle, cells, non_oracle = bp.oracle_rates(labelled), bp.cell_rates(labelled), bp.non_oracle(labelled)

@@ -41,9 +41,13 @@ def backpatch_heatmap(
         text[i, j] = (f"source {r.source_layer} → target {r.target_layer}<br>"
                       f"{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)")
     names = [("emb" if layer == -1 else str(layer)) for layer in layers]
+    # the scale spans this panel's own range (a 0-7% panel is not one colour), stated on the
+    # colour bar; small grids also print each cell's value
+    top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0, 1.0)
     fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, text=text, hoverinfo="text", colorscale="Viridis", zmin=0, zmax=100,
-        colorbar={"title": "% cases"}, hoverongaps=False,
+        z=z, x=names, y=names, text=text, hoverinfo="text", colorscale="Viridis", zmin=0, zmax=top,
+        colorbar={"title": f"% cases<br>(0–{top:.0f})"}, hoverongaps=False,
+        texttemplate="%{z:.0f}" if len(layers) <= 16 else None,
     ))
     title = f"Back-patching at {position}: {subset} cases ({split})"
     if oracle is not None:

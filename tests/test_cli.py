@@ -128,3 +128,16 @@ def test_device_flags_are_validated(tmp_path, capsys):
                            (["--device", "cpu", "--n-devices", "2"], "n_devices=2 needs")]:
         assert main(["evaluate", "--out", str(tmp_path / "run"), "--limit", "3", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_narrower_request_summarises_exactly_its_cases(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--split", "test_id", "--device", "cpu", "--positions", "t2",
+              "--source-layers", "every:3", "--target-layers", "every:3"]
+    assert main(["backpatch", *common, "--max-cases", "3"]) == 0
+    assert main(["backpatch", *common, "--max-cases", "1"]) == 0
+    assert "summarising the 2 requested cases" in capsys.readouterr().out
+    assert pd.read_parquet(out / "backpatch.parquet").id.nunique() == 2
+    assert json.loads((out / "backpatch_summary.json").read_text())["cases"] == 2
+    assert main(["merge", str(out)]) == 0  # merge summarises every part
+    assert json.loads((out / "backpatch_summary.json").read_text())["cases"] == 6

@@ -62,3 +62,17 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert driver.save_screenshot(str(artifacts / "report.png"))
     finally:
         driver.quit()
+
+
+def test_heatmap_scale_follows_its_panel_and_prints_values():
+    import pandas as pd
+
+    from latent_hops import plots
+
+    cells = pd.DataFrame([dict(split="all", subset="incorrect", position="t1", kind="back", source_layer=s,
+                               target_layer=t, cases=100, successes=s - t, rate=(s - t) / 100)
+                          for s in range(4) for t in range(s)])
+    trace = plots.backpatch_heatmap(cells, "incorrect", "t1").data[0]
+    assert trace.zmax == 3.0 and trace.zmin == 0  # a 0-3% panel uses its own range ...
+    assert "0–3" in trace.colorbar.title.text  # ... and says so
+    assert trace.texttemplate == "%{z:.0f}"
