@@ -59,8 +59,8 @@ def test_cache_hit_returns_the_same_weights(smol, cache):
     again = load_model("smollm2-135m", device="cpu")
     seconds = time.perf_counter() - start
     assert seconds < 30, f"a cached load took {seconds:.1f}s"
-    smol = [p for p in (cache / "gguf").iterdir() if p.name.startswith("SmolLM2")]
-    assert len(smol) == 1  # one conversion, keyed by the file's hash (Gemma's may sit beside it)
+    conversions = [p for p in (cache / "gguf").iterdir() if p.name.startswith("SmolLM2")]
+    assert len(conversions) == 1  # one conversion, keyed by the file's hash (Gemma's may sit beside it)
     for (name, a), (_, b) in zip(smol.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
 
