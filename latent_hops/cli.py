@@ -120,7 +120,6 @@ class Session:
         self.model = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                                 n_devices=args.n_devices)
         self._cases: dict = {}
-        args.out.mkdir(parents=True, exist_ok=True)
 
     def _queries(self) -> pd.DataFrame:
         table = load_dataset(self.args.dataset)
@@ -228,8 +227,8 @@ def merge_backpatch(run_dir: Path, evaluation: pd.DataFrame, skipped: pd.DataFra
     """backpatch.parquet, cells, summary and heatmaps from the parts in RUN_DIR/backpatch/:
     of the cases ``ids`` (the request), or every part (``merge``)."""
     results = merge_parts(run_dir / "backpatch", order=list(evaluation["id"]) if ids is None else ids)
-    held = len(done_ids(run_dir / "backpatch"))
-    if ids is not None and held > results["id"].nunique():
+    held = len(done_ids(run_dir / "backpatch")) if ids is not None else 0
+    if held > results["id"].nunique():
         print(f"summarising the {results['id'].nunique()} requested cases; {run_dir / 'backpatch'} holds {held} "
               "(`latent-hops merge` summarises them all)")
     write_table(results, run_dir / "backpatch.parquet")
@@ -507,7 +506,7 @@ def _config_value(path: Path, action: argparse.Action, value):
         return value
     kind: Any = action.type or str
     try:
-        return kind(value if kind is not str else str(value))
+        return kind(value)
     except (TypeError, ValueError):
         name = getattr(kind, "__name__", str(kind))
         raise InputError(f"config {path}: key {key!r} expects {name}, got {value!r}") from None

@@ -32,13 +32,12 @@ SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
 def tl_config_from_hf(hf_config: Any, dtype: torch.dtype, device: str,
-                      max_context: int | None = DEFAULT_MAX_CONTEXT) -> HookedTransformerConfig:
+                      max_context: int | None = DEFAULT_MAX_CONTEXT, **overrides: Any) -> HookedTransformerConfig:
     """TransformerLens config for a Hugging Face config, read from the config itself (see
     ``architectures``); ``n_ctx`` is capped at ``max_context`` (None: the model's own)."""
-    return HookedTransformerConfig(
-        **tl_config_fields(hf_config, max_context), dtype=dtype, device=device, init_weights=False,
-        model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0],
-    )
+    fields = dict(init_weights=False, model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0])
+    return HookedTransformerConfig(**tl_config_fields(hf_config, max_context), dtype=dtype, device=device,
+                                   **{**fields, **overrides})
 
 
 def tokenizer_of(model: HookedTransformer) -> Any:
@@ -100,8 +99,7 @@ def official_model_names() -> list[str]:
 def random_model(hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0) -> HookedTransformer:
     """A randomly initialised model of an HF config's shape, built directly on ``device``
     (e.g. a 7B-shaped Llama in bf16 on a GPU, to time the engine without downloading weights)."""
-    cfg = HookedTransformerConfig(**tl_config_fields(hf_config), dtype=dtype, device=device, seed=seed,
-                                  init_weights=True, model_name="random")
+    cfg = tl_config_from_hf(hf_config, dtype, device, seed=seed, init_weights=True, model_name="random")
     cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
     with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
@@ -127,12 +125,16 @@ def project_to_vocab(model: HookedTransformer,
     Gemma 2's final logit soft-capping is applied as in the forward pass."""
     shape = acts.shape[:-1]
     flat = acts.reshape(-1, 1, acts.shape[-1]).to(model.cfg.dtype)
-    normed = model.ln_final(flat) if model.cfg.normalization_type is not None else flat
-    logits = normed[:, 0].float() @ model.W_U.float() + model.b_U.float()
+    return _unembed(model, flat, fp32=True)[:, 0].log_softmax(-1).reshape(*shape, -1)
+
+
+def _unembed(model: HookedTransformer, resid: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+    """Final norm, unembedding (in float32 if ``fp32``) and final soft-cap: what the forward
+    pass does after the last block, for the residual vectors given."""
+    normed = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+    logits = normed.float() @ model.W_U.float() + model.b_U.float() if fp32 else model.unembed(normed)
     cap = model.cfg.output_logits_soft_cap
-    if cap and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits.log_softmax(-1).reshape(*shape, -1)
+    return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
 
 
 # ---------------------------------------------------------------------------- generation
@@ -175,10 +177,7 @@ def last_logits(model: HookedTransformer, input: torch.Tensor, **kwargs: Any) ->
     of a batch of 128 would fill gigabytes with logits nobody reads. The blocks run as
     usual (hooks, KV cache); the final norm, unembedding and soft-cap run on one position."""
     resid = model(input, stop_at_layer=model.cfg.n_layers, **kwargs)[:, -1:]
-    normed = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    logits = model.unembed(normed)[:, 0]
-    cap = model.cfg.output_logits_soft_cap
-    return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
+    return _unembed(model, resid)[:, 0]
 
 
 def _pad_id(model: HookedTransformer) -> int:
