@@ -4,9 +4,10 @@ Reproduces and extends *Hopping Too Late* (Biran et al., EMNLP 2024). Start with
 ``load_model("toy")`` and ``load_dataset("toy")``.
 """
 
+from latent_hops.backend import hidden_state_hook
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
 from latent_hops.models import ModelLoadError, load_model
-from latent_hops.positions import hidden_state_hook, tokenize_prompts
+from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import DatasetError, TwoHopQuery, load_dataset, save_dataset
 from latent_hops.quick import BackpatchResult, run_backpatch
 

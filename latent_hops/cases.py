@@ -7,15 +7,18 @@ Every analysis (back-patching, logit lens, knockout, projection, Patchscopes) st
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
-from transformer_lens import HookedTransformer
+import torch
+from jaxtyping import Int
 
+from latent_hops.backend import Model
 from latent_hops.errors import InputError
 from latent_hops.evaluation import resolve_positions
-from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS
-from latent_hops.positions import answer_first_tokens, context_problems, tokenize_prompts
+from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, length_batches
+from latent_hops.positions import TokenizedPrompts, answer_first_tokens, context_problems, tokenize_prompts
 from latent_hops.queries import PROMPT_SUFFIX, composition_spans, iter_queries
 
 POSITIONS = ("t1", "t2")
@@ -38,7 +41,7 @@ class Case:
 
 
 def prepare_cases(
-    model: HookedTransformer, table: pd.DataFrame, positions: tuple[str, ...] = POSITIONS, suffix: str = PROMPT_SUFFIX,
+    model: Model, table: pd.DataFrame, positions: tuple[str, ...] = POSITIONS, suffix: str = PROMPT_SUFFIX,
     new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> tuple[list[Case], pd.DataFrame]:
     """Cases for the queries of ``table``, and a table (``id``, ``reason``) of skipped ones
@@ -65,9 +68,33 @@ def prepare_cases(
     return cases, pd.DataFrame(skipped, columns=["id", "reason"])
 
 
-def _r1_tokens(model: HookedTransformer, prompt: str, spans: dict | str) -> list[int] | None:
+def _r1_tokens(model: Model, prompt: str, spans: dict | str) -> list[int] | None:
     if isinstance(spans, str) or "r1" not in spans:  # a str is a skip reason
         return None
     tok = tokenize_prompts(model, [prompt])
     e1_tokens = set(tok.overlapping(0, spans["e1"]))
     return [i for i in tok.overlapping(0, spans["r1"]) if i not in e1_tokens]
+
+
+@dataclass
+class CaseBatch:
+    """A batch of cases of similar length, tokenised (left-padded), with the padded columns
+    of the requested positions."""
+
+    index: list[int]  # the cases' indices in the caller's sequence
+    cases: list[Case]
+    tok: TokenizedPrompts
+    columns: Int[torch.Tensor, "batch n_positions"]
+
+
+def case_batches(model: Model, cases: Sequence[Case], batch_size: int,
+                 positions: Sequence[str] = POSITIONS, lengths: Sequence[int] | None = None) -> Iterator[CaseBatch]:
+    """The batching every analysis starts with: batches of ``cases`` of similar ``lengths``
+    (default: characters), tokenised, with the columns of ``positions`` in the padded batch."""
+    lengths = [len(c.prompt) for c in cases] if lengths is None else lengths
+    for idx in length_batches(lengths, batch_size):
+        batch = [cases[i] for i in idx]
+        tok = tokenize_prompts(model, [c.prompt for c in batch])
+        cols = torch.tensor([[n + c.positions[p] for p in positions] for c, n in zip(batch, tok.n_pad)],
+                            dtype=torch.long).reshape(len(batch), len(positions))
+        yield CaseBatch(idx, batch, tok, cols)

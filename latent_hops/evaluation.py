@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from latent_hops.backend import Model
+from latent_hops.config import option, runtime
 from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, generate, is_correct
 from latent_hops.positions import context_problems, tokenize_prompts
@@ -29,13 +30,13 @@ SUBSETS = ("correct", "incorrect", "excluded")
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    batch_size: int = 128
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt")
+    batch_size: int = runtime(128)
     suffix: str = PROMPT_SUFFIX
-    progress: bool = False
+    progress: bool = runtime(False)
 
 
-def resolve_positions(model: HookedTransformer, queries, suffix: str = PROMPT_SUFFIX) -> pd.DataFrame:
+def resolve_positions(model: Model, queries, suffix: str = PROMPT_SUFFIX) -> pd.DataFrame:
     """t1 and t2 of each composition prompt as unpadded token indices, or a skip reason.
 
     Columns: ``id``, ``t1``, ``t2`` (nullable ints), ``position_error`` ("" when resolved).
@@ -67,7 +68,7 @@ def _subset(row: dict) -> tuple[str, str]:
     return ("correct" if row["composition_correct"] else "incorrect"), ""
 
 
-def evaluate(model: HookedTransformer, table: pd.DataFrame,
+def evaluate(model: Model, table: pd.DataFrame,
              config: EvaluationConfig = EvaluationConfig()) -> pd.DataFrame:
     """One row per query: generations, correctness flags, subset, t1/t2.
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from transformer_lens import HookedTransformer
-
 from latent_hops import backend
-from latent_hops.backend import greedy_generate
+from latent_hops.backend import Model, greedy_generate
 from latent_hops.errors import InputError
 from latent_hops.positions import tokenize_prompts
 
 DEFAULT_MAX_NEW_TOKENS = 10
 
 
-def decode(model: HookedTransformer, ids: Iterable[int]) -> str:
+def decode(model: Model, ids: Iterable[int]) -> str:
     """Text of generated token ids, without special tokens (EOS, padding)."""
     return backend.tokenizer_of(model).decode(list(ids), skip_special_tokens=True)
 
@@ -34,7 +32,7 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
 
 
 def generate(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str],
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 128,

@@ -15,7 +15,6 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
 from latent_hops import backend, gguf
 from latent_hops.errors import InputError
@@ -83,7 +82,7 @@ def _tokenizer_hint(err: Exception) -> str:
 
 def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str,
                           max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
-                          n_devices: int = 1) -> HookedTransformer:
+                          n_devices: int = 1) -> backend.Model:
     """A Hugging Face checkpoint directory, converted to TransformerLens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -126,8 +125,8 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
     n_devices: int = 1,
-) -> HookedTransformer:
-    """Load a model as a TransformerLens ``HookedTransformer`` ready for analysis.
+) -> backend.Model:
+    """Load a model ready for analysis (the backend's model: a TransformerLens ``HookedTransformer``).
 
     Args:
         spec: ``"toy"``, ``"toy-gpt2"``, ``"smollm2-135m"``, a ``.gguf`` file, a local HF
@@ -140,7 +139,12 @@ def load_model(
         n_devices: split the blocks over ``cuda:0 .. cuda:n_devices-1`` (TransformerLens'
             ``n_devices``) for models too big for one GPU.
     """
-    dtype_, device_ = _resolve_dtype(dtype), _resolve_device(device)
+    model = _load(str(spec), _resolve_dtype(dtype), _resolve_device(device), max_context, n_devices)
+    model.__dict__["latent_hops_spec"] = str(spec)  # what made it, for provenance (backend.model_spec)
+    return model
+
+
+def _load(spec: str, dtype_: torch.dtype, device_: str, max_context: int | None, n_devices: int) -> backend.Model:
     if n_devices < 1 or n_devices > 1 and not (device_.startswith("cuda") and torch.cuda.device_count() >= n_devices):
         raise ModelLoadError(f"n_devices={n_devices} needs that many CUDA devices; "
                              f"this machine has {torch.cuda.device_count()}")

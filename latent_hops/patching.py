@@ -3,7 +3,7 @@
 Every intervention in latent_hops (back-patching, Patchscopes, cross-prompt patching) goes
 through ``write_positions`` — as a TransformerLens hook (``patch_hook``) on the prompt pass,
 or directly on a residual stream that a resumed forward pass continues from. "Hidden state
-of layer l" is ``blocks.{l}.hook_resid_post`` (``positions.hidden_state_hook``); layer -1
+of layer l" is ``blocks.{l}.hook_resid_post`` (``backend.hidden_state_hook``); layer -1
 is the embedding output.
 """
 
@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer
 
 from latent_hops import backend
-from latent_hops.positions import EMBEDDINGS, check_layers, hidden_state_hook
+from latent_hops.backend import EMBEDDINGS, Model
 
 Hook = tuple[str, Callable]
 
@@ -41,44 +40,19 @@ def patch_hook(layer: int, positions: Int[torch.Tensor, " batch"],
     Positions index the prompt (left-padded) and so stay valid in a no-cache generation
     loop; with the KV cache the hook is used on the prompt pass only.
     """
-    def hook(resid: torch.Tensor, hook) -> torch.Tensor:
-        return write_positions(resid, positions, values)
-
-    return hidden_state_hook(layer), hook
-
-
-@torch.no_grad()
-def activations_at(
-    model: HookedTransformer,
-    tokens: Int[torch.Tensor, "batch pos"],
-    attention_mask: Int[torch.Tensor, "batch pos"],
-    positions: Int[torch.Tensor, "batch n_positions"],
-    hook_names: Sequence[str],
-) -> Float[torch.Tensor, "batch n_positions n_hooks d_model"]:
-    """Clean activations of ``hook_names`` at ``positions`` only (never a full cache)."""
-    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
-    pos = positions.to(tokens.device)
-    found: dict[str, torch.Tensor] = {}
-
-    def read(act: torch.Tensor, hook) -> None:
-        # gathered on the tokens' device: blocks may live on other GPUs (n_devices > 1)
-        found[hook.name] = act[rows.to(act.device), pos.to(act.device)].to(tokens.device)
-
-    model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
-                         fwd_hooks=[(name, read) for name in dict.fromkeys(hook_names)])
-    return torch.stack([found[name] for name in hook_names], dim=2)
+    return backend.write_hook(layer, lambda resid: write_positions(resid, positions, values))
 
 
 def hidden_states_at(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[torch.Tensor, "batch pos"],
     attention_mask: Int[torch.Tensor, "batch pos"],
     positions: Int[torch.Tensor, "batch n_positions"],
     layers,
 ) -> Float[torch.Tensor, "batch n_positions n_layers d_model"]:
     """The clean hidden states of ``layers`` at ``positions`` only."""
-    names = [hidden_state_hook(layer) for layer in check_layers(model, layers)]
-    return activations_at(model, tokens, attention_mask, positions, names)
+    sites = [backend.Site("resid", layer) for layer in backend.check_layers(model, layers)]
+    return backend.read_sites(model, tokens, attention_mask, positions, sites)
 
 
 @dataclass(frozen=True)
@@ -94,7 +68,7 @@ class PatchRow:
 
 @torch.no_grad()
 def generate_with_patches(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[torch.Tensor, "batch pos"],
     attention_mask: Int[torch.Tensor, "batch pos"],
     rows: Sequence[PatchRow],
@@ -115,7 +89,7 @@ def generate_with_patches(
     rows after the prompt pass (``backend.greedy_from_layer``).
     Equivalent to one ``patch_hook`` generation per row (tests check it).
     """
-    layers = check_layers(model, {r.layer for r in rows})
+    layers = backend.check_layers(model, {r.layer for r in rows})
     by_layer: dict[int, list[PatchRow]] = {layer: [] for layer in layers}
     for r in rows:
         by_layer[r.layer].append(r)

@@ -3,7 +3,7 @@
 Conventions (written once, used everywhere):
 - t1 = the last token of e1's mention inside the composition prompt;
 - t2 = the last token of the prompt;
-- "hidden state of layer l" = ``blocks.{l}.hook_resid_post`` (see ``hidden_state_hook``).
+- "hidden state of layer l" = ``blocks.{l}.hook_resid_post`` (see ``backend.hidden_state_hook``).
 
 Prompts are left-padded, so t2 is always the last column of a batch. t1 is found from the
 tokenizer's character offsets, not by searching token subsequences, so it is right whether
@@ -17,36 +17,15 @@ from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
-from transformer_lens import HookedTransformer
 
 from latent_hops import backend
+from latent_hops.backend import EMBEDDINGS, Model
 from latent_hops.errors import InputError
 
 Span = tuple[int, int]
 
 
-EMBEDDINGS = -1
-"""Layer index of the embedding output (the residual stream entering block 0)."""
-
-
-def hidden_state_hook(layer: int) -> str:
-    """Hook name of the hidden state of ``layer``: the residual stream after block ``layer``;
-    ``layer == -1`` names the embedding output (``blocks.0.hook_resid_pre``)."""
-    if layer == EMBEDDINGS:
-        return "blocks.0.hook_resid_pre"
-    if layer < EMBEDDINGS:
-        raise InputError(f"layer must be >= -1 (the embeddings), got {layer}")
-    return f"blocks.{layer}.hook_resid_post"
-
-
-def check_layers(model: HookedTransformer, layers) -> list[int]:
-    """``layers`` as a list, each checked to lie in [-1, n_layers - 1]."""
-    layers = [int(x) for x in layers]
-    bad = [x for x in layers if not EMBEDDINGS <= x < model.cfg.n_layers]
-    if bad:
-        raise InputError(f"layers {bad} out of range: this model has layers -1 (embeddings) "
-                         f"to {model.cfg.n_layers - 1}")
-    return layers
+GRID_HELP = "layer grid: all (default), '0,3,7', a range 'a:b:k', or 'every:k' (+ the last layer)"
 
 
 def parse_layers(spec, n_layers: int, first: int = 0) -> tuple[int, ...] | None:
@@ -120,18 +99,18 @@ class TokenizedPrompts:
 
 
 def tokenize_prompts(
-    model: HookedTransformer, prompts: list[str], prepend_bos: bool | None = None, padding_side: str = "left"
+    model: Model, prompts: list[str], prepend_bos: bool | None = None, padding_side: str = "left"
 ) -> TokenizedPrompts:
     """Tokenise like ``model.to_tokens`` does, but padded (left by default) and with
     character offsets. BOS is prepended when ``prepend_bos`` (default:
-    ``model.cfg.default_prepend_bos``).
+    ``backend.prepends_bos``).
     """
     if not prompts:
         raise InputError("no prompts to tokenise")
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     tokenizer = backend.tokenizer_of(model)
-    bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    bos = backend.prepends_bos(model) if prepend_bos is None else prepend_bos
     enc = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], [list(map(tuple, o)) for o in enc["offset_mapping"]]
     if bos:
@@ -148,22 +127,23 @@ def tokenize_prompts(
         cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
         tokens[i, cols] = torch.tensor(row)
         mask[i, cols] = 1
-    return TokenizedPrompts(tokens.to(model.cfg.device), mask.to(model.cfg.device), offsets, padding_side)
+    device = backend.device_of(model)
+    return TokenizedPrompts(tokens.to(device), mask.to(device), offsets, padding_side)
 
 
-def context_problems(model: HookedTransformer, prompts: list[str], new_tokens: int = 0) -> list[str | None]:
+def context_problems(model: Model, prompts: list[str], new_tokens: int = 0) -> list[str | None]:
     """For each prompt, why it cannot run (its tokens plus ``new_tokens`` generated ones
     exceed the model's context ``n_ctx``), or None. TransformerLens would fail deep in its
     positional code, and fail the whole batch with it."""
-    tokenizer, bos = backend.tokenizer_of(model), int(bool(model.cfg.default_prepend_bos))
+    tokenizer, bos = backend.tokenizer_of(model), int(backend.prepends_bos(model))
     lengths = [len(ids) + bos for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    n_ctx = model.cfg.n_ctx
+    n_ctx = backend.context_length(model)
     return [None if n + new_tokens <= n_ctx else
             f"prompt of {n} tokens{f' + {new_tokens} generated' if new_tokens else ''} exceeds the model's "
             f"context of {n_ctx} tokens" for n in lengths]
 
 
-def answer_first_tokens(model: HookedTransformer, prompt: str, aliases) -> list[int]:
+def answer_first_tokens(model: Model, prompt: str, aliases) -> list[int]:
     """First token of each alias as it would be generated right after ``prompt``.
 
     Found by tokenising ``prompt + " " + alias`` and taking the first token past the

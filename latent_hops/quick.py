@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import plotly.graph_objects as go
-from transformer_lens import HookedTransformer
 
-from latent_hops import backpatch as bp
 from latent_hops import plots
+from latent_hops.analyses import backpatch as bp
+from latent_hops.backend import Model
 from latent_hops.errors import InputError
 from latent_hops.evaluation import EvaluationConfig, evaluate
 from latent_hops.queries import TwoHopQuery, normalize_table, queries_to_table
@@ -52,7 +52,7 @@ class BackpatchResult:
 
 
 def run_backpatch(
-    model: HookedTransformer,
+    model: Model,
     queries: Sequence[TwoHopQuery] | pd.DataFrame,
     config: bp.BackpatchConfig | None = None,
     subsets: Sequence[str] = ("incorrect", "correct"),

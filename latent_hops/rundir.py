@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from latent_hops.errors import InputError
 
@@ -54,13 +56,65 @@ def done_ids(folder: Path) -> set[str]:
     return set().union(*(_part_ids(p) for p in sorted(folder.glob("part-*.parquet"))))
 
 
-def write_table(frame: pd.DataFrame, path: Path) -> Path:
-    """Write a Parquet table atomically: a killed process never leaves half a file."""
+MADE_BY_KEY = b"latent_hops.made_by"
+"""Parquet schema-metadata key of a table's provenance (``made_by``)."""
+
+
+def write_table(frame: pd.DataFrame, path: Path, made_by: dict | None = None) -> Path:
+    """Write a Parquet table atomically (a killed process never leaves half a file), with
+    ``made_by`` -- what made it: model, dataset, analysis config, versions -- in its schema."""
     path = Path(path)
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    frame.to_parquet(tmp, index=False)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if made_by is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[MADE_BY_KEY] = json.dumps(made_by, sort_keys=True, default=str).encode()
+        table = table.replace_schema_metadata(meta)
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
+
+
+def made_by_of(path: Path) -> dict | None:
+    """The provenance a table was written with (None: written without one)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[MADE_BY_KEY]) if MADE_BY_KEY in meta else None
+
+
+def _normalised(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=str))  # tuples -> lists, as stored
+
+
+def differences(recorded: dict | None, wanted: dict) -> list[str]:
+    """The keys (``config.window`` for nested ones) whose values differ, as ``key: a != b``."""
+    if recorded is None:
+        return ["no provenance recorded (a table from an older latent_hops)"]
+    old, new = _normalised(recorded), _normalised(wanted)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in differences(a, b)]
+        elif a != b:
+            out.append(f"{key}: {a!r} != {b!r}")
+    return out
+
+
+def reusable_table(path: Path, made_by: dict, ids: set[str] | None = None) -> pd.DataFrame | None:
+    """The table at ``path`` if it was made exactly as ``made_by`` says (and covers ``ids``,
+    returning just their rows); else None, printing what differs."""
+    if not Path(path).is_file():
+        return None
+    differ = differences(made_by_of(path), made_by)
+    if differ:
+        print(f"not reusing {path}: made differently ({'; '.join(differ)}); recomputing")
+        return None
+    table = pd.read_parquet(path)
+    if ids is None:
+        return table
+    if not ids <= set(table["id"]):
+        return None
+    return table[table["id"].isin(ids)].reset_index(drop=True)
 
 
 def write_part(folder: Path, frame: pd.DataFrame, key: str) -> Path:
@@ -70,19 +124,20 @@ def write_part(folder: Path, frame: pd.DataFrame, key: str) -> Path:
     return write_table(frame, folder / f"part-{digest}.parquet")
 
 
-def check_config(folder: Path, config: dict) -> None:
-    """Parts are only reused under the same configuration: the first run records it in
-    ``folder/config.json``; a different one later is refused rather than mixed in."""
+def check_config(folder: Path, made_by: dict) -> None:
+    """Parts are only reused when made the same way: the first run records its ``made_by``
+    in ``folder/config.json``; a different one later is refused rather than mixed in."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"
-    text = json.dumps(config, sort_keys=True, default=str)
     if not path.is_file():
         tmp = folder / f".tmp-config-{os.getpid()}"
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(made_by, sort_keys=True, default=str))
         os.replace(tmp, path)
-    elif path.read_text() != text:
-        raise InputError(f"{folder} holds results of another configuration ({path.read_text()}); "
-                         "use another --out or delete that folder")
+        return
+    differ = differences(json.loads(path.read_text()), made_by)
+    if differ:
+        raise InputError(f"{folder} holds results made differently ({'; '.join(differ)}); use another --out "
+                         "or delete that folder")
 
 
 def run_in_parts(
@@ -91,13 +146,13 @@ def run_in_parts(
     chunk: int,
     compute: Callable[[Sequence], pd.DataFrame],
     on_skip: Callable[[int], None] | None = None,
-    config: dict | None = None,
+    made_by: dict | None = None,
 ) -> None:
     """Compute ``cases`` chunk by chunk, one part each, skipping cases already done
-    (under the same ``config``, see ``check_config``)."""
+    (made the same way, see ``check_config``)."""
     if chunk < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")
-    check_config(folder, config or {})
+    check_config(folder, made_by or {})
     for stale in folder.glob(".tmp-*") if folder.is_dir() else []:
         stale.unlink(missing_ok=True)  # a part a killed process did not finish
     done = done_ids(folder)

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig
 
 from latent_hops import backend, load_dataset, load_model
-from latent_hops.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
+from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
 from latent_hops.models import toy_checkpoint_dir
 from latent_hops.positions import parse_layers
 

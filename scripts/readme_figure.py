@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from latent_hops import backpatch as bp
+from latent_hops.analyses import backpatch as bp
 from latent_hops import plots
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",

@@ -5,13 +5,13 @@ import pytest
 import torch
 from test_positions import QUERIES
 
-from latent_hops.backend import greedy_generate
+from latent_hops.analyses.knockout import KnockoutConfig, attention_knockout, edges
+from latent_hops.analyses.logit_lens import logit_lens, onset_layer, resolution_layers
+from latent_hops.analyses.patchscopes import PatchscopeConfig, TargetPrompt, classify, patchscope, patchscope_layers
+from latent_hops.analyses.projection import projection_layers, sublayer_projection
+from latent_hops.backend import block_attention, greedy_generate
 from latent_hops.cases import Case, prepare_cases
-from latent_hops.knockout import KnockoutConfig, attention_knockout, edges, knockout_hooks
-from latent_hops.logit_lens import logit_lens, onset_layer, resolution_layers
-from latent_hops.patchscopes import PatchscopeConfig, TargetPrompt, classify, patchscope, patchscope_layers
 from latent_hops.positions import tokenize_prompts
-from latent_hops.projection import projection_layers, sublayer_projection
 from latent_hops.queries import load_dataset, queries_to_table
 from latent_hops.ranks import project_to_vocab
 
@@ -69,7 +69,7 @@ def test_knockout_with_no_edges_changes_nothing(tiny_llama):
     clean = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)
     none = torch.zeros((len(QUERIES),) + (tok.tokens.shape[1],) * 2, dtype=torch.bool)
     knocked = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10,
-                              knockout_hooks(range(tiny_llama.cfg.n_layers), none))
+                              block_attention(range(tiny_llama.cfg.n_layers), none))
     assert torch.equal(clean.tokens, knocked.tokens)
     torch.testing.assert_close(clean.first_logits, knocked.first_logits)
 
@@ -80,7 +80,7 @@ def test_knockout_blocks_exactly_the_edges(tiny_llama, llama_cases):
     queries, keys = edges(case, "last_to_t1")
     mask = torch.zeros((1,) + (tok.tokens.shape[1],) * 2, dtype=torch.bool)
     mask[0, queries, keys] = True
-    with tiny_llama.hooks(fwd_hooks=knockout_hooks([1], mask)):
+    with tiny_llama.hooks(fwd_hooks=block_attention([1], mask)):
         _, cache = tiny_llama.run_with_cache(tok.tokens)
     pattern = cache["blocks.1.attn.hook_pattern"][0]  # [head, q, k]
     assert torch.all(pattern[:, queries[0], keys[0]] == 0)
@@ -134,7 +134,7 @@ def test_patchscope_table_and_layers(tiny_llama, llama_cases):
 
 
 def test_probe_split_never_trains_on_the_scored_entities(toy):
-    from latent_hops.probe import entity_folds
+    from latent_hops.analyses.probe import entity_folds
 
     table = load_dataset("toy")
     cases, _ = prepare_cases(toy, table[table.split == "train"].iloc[:300])
@@ -151,7 +151,7 @@ def test_probe_split_never_trains_on_the_scored_entities(toy):
 
 
 def test_probe_reads_the_bridge_and_its_control_does_not(toy):
-    from latent_hops.probe import cross_validated_probe, probe_accuracy, probe_layers
+    from latent_hops.analyses.probe import cross_validated_probe, probe_accuracy, probe_layers
 
     table = load_dataset("toy")
     cases, _ = prepare_cases(toy, table[table.split == "train"].iloc[:400])

@@ -15,8 +15,8 @@ from test_positions import QUERIES
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from latent_hops import load_model
+from latent_hops.analyses.backpatch import BackpatchConfig, all_cells, prepare_cases, sweep, sweep_naive
 from latent_hops.backend import greedy_generate
-from latent_hops.backpatch import BackpatchConfig, all_cells, prepare_cases, sweep, sweep_naive
 from latent_hops.models import ModelLoadError
 from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import queries_to_table

@@ -6,8 +6,7 @@ import pytest
 import torch
 from test_positions import QUERIES
 
-from latent_hops.backend import greedy_generate
-from latent_hops.backpatch import (
+from latent_hops.analyses.backpatch import (
     BackpatchConfig,
     Cell,
     all_cells,
@@ -18,6 +17,7 @@ from latent_hops.backpatch import (
     sweep_naive,
     with_labels,
 )
+from latent_hops.backend import greedy_generate
 from latent_hops.generation import generate
 from latent_hops.patching import patch_hook
 from latent_hops.positions import tokenize_prompts
@@ -151,7 +151,7 @@ def test_first_token_screen_keeps_the_oracle_when_it_covers_every_success(toy):
 
 
 def test_success_samples_show_what_counted():
-    from latent_hops.backpatch import success_samples
+    from latent_hops.analyses.backpatch import success_samples
 
     rows = [("a", "t2", 3, 1, "back", "the Yen", True, "incorrect"), ("b", "t2", 3, 1, "back", "Yen!", True, "incorrect"),
             ("c", "t2", 3, 1, "back", "yen yen", True, "incorrect"), ("a", "t2", 2, 1, "back", "Yen", True, "incorrect"),

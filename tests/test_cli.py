@@ -8,7 +8,7 @@ from latent_hops.cli import main
 
 BACKPATCH_COLUMNS = {"id", "position", "source_layer", "target_layer", "kind", "generation", "success", "e3_rank"}
 STAGE_COLUMNS = ["id", "subset", "split", "method", "first_hop_layer", "info_propagation_layer",
-                 "second_hop_onset_layer", "second_hop_layer", "prediction_extracted_layer"]
+                 "second_hop_onset_layer", "second_hop_layer", "prediction_extracted_layer", "info_propagation_measures"]
 
 
 def test_backpatch_then_stages(tmp_path):
@@ -45,10 +45,10 @@ def test_layer_grids_and_skip(tmp_path, capsys):
     assert len(table) == 4 * 3 * (4 * 3 // 2)  # 4 cases x 3 kinds x 6 cells of the grid
     oracle = pd.DataFrame(json.loads((out / "backpatch_summary.json").read_text())["oracle"])
     assert set(oracle.cells) == {6}  # the summary says over how many cells the oracle ran
-    assert json.loads((out / "backpatch" / "config.json").read_text())["config"]["source_layers"] == [0, 3, 6, 7]
+    assert json.loads((out / "backpatch" / "config.json").read_text())["config"]["source_layers"] == "every:3"
     # a coarser grid is another configuration: refused, not mixed into the same parts
     assert main(["backpatch", *common, "--source-layers", "every:2", "--target-layers", "every:2"]) == 2
-    assert "another configuration" in capsys.readouterr().err
+    assert "config.source_layers: 'every:3' != 'every:2'" in capsys.readouterr().err
     assert main(["stages", *common, "--skip", "patchscope,knockout", "--probe-train", "200"]) == 0
     assert not (out / "patchscope.parquet").exists() and not (out / "knockout.parquet").exists()
     stages = pd.read_parquet(out / "stages.parquet")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latent_hops import load_dataset, load_model
-from latent_hops.backpatch import BackpatchConfig, prepare_cases, rows_per_batch, sweep, sweep_naive
+from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, rows_per_batch, sweep, sweep_naive
 from latent_hops.models import ModelLoadError
 from latent_hops.ranks import project_to_vocab
 

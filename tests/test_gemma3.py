@@ -12,7 +12,7 @@ import torch
 
 from latent_hops import gguf as gg
 from latent_hops import load_dataset, load_model
-from latent_hops.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
+from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
 from latent_hops.models import ModelLoadError
 from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import iter_queries

@@ -8,7 +8,8 @@ from conftest import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from latent_hops import ModelLoadError, load_model
-from latent_hops.positions import hidden_state_hook, tokenize_prompts
+from latent_hops.backend import hidden_state_hook
+from latent_hops.positions import tokenize_prompts
 
 PROMPTS = ["the spouse of the performer of Imagine is", "Paris is"]
 

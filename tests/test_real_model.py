@@ -14,7 +14,7 @@ import torch
 
 from latent_hops import evaluate, load_dataset, load_model
 from latent_hops import gguf as gg
-from latent_hops.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
+from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
 from latent_hops.evaluation import resolve_positions
 from latent_hops.positions import parse_layers, tokenize_prompts
 from latent_hops.queries import PROMPT_KINDS, iter_queries
@@ -104,9 +104,9 @@ def test_fast_engine_equals_naive_on_smollm2(smol, world):
 
 
 def test_patchscope_onto_itself_reproduces_the_clean_generation(smol):
+    from latent_hops.analyses.patchscopes import PatchscopeConfig, TargetPrompt, patchscope
     from latent_hops.backend import greedy_generate
     from latent_hops.cases import Case
-    from latent_hops.patchscopes import PatchscopeConfig, TargetPrompt, patchscope
 
     target = TargetPrompt.from_text("the capital of the country in which x is located is", placeholder="x")
     tok = tokenize_prompts(smol, [target.text])

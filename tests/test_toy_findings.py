@@ -11,11 +11,11 @@ fails them is a regression in the engine or the analyses, not noise.
 import pandas as pd
 import pytest
 
-from latent_hops import backpatch as bp
+from latent_hops.analyses import backpatch as bp
+from latent_hops.analyses.logit_lens import logit_lens, resolution_layers
+from latent_hops.analyses.probe import cross_validated_probe, probe_accuracy, probe_layers
 from latent_hops.cases import prepare_cases
 from latent_hops.evaluation import evaluate
-from latent_hops.logit_lens import logit_lens, resolution_layers
-from latent_hops.probe import cross_validated_probe, probe_accuracy, probe_layers
 from latent_hops.queries import load_dataset
 
 pytestmark = pytest.mark.slow

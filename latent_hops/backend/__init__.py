@@ -10,13 +10,14 @@ the TransformerLens surface (``cfg``, ``to_tokens``, ``run_with_hooks``, ``run_w
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer, HookedTransformerConfig, TransformerLensKeyValueCache
 
 from latent_hops.backend.architectures import (  # noqa: F401 -- UnsupportedArchitecture is re-exported
@@ -29,6 +30,137 @@ from latent_hops.backend.architectures import (  # noqa: F401 -- UnsupportedArch
 from latent_hops.errors import InputError
 
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+
+Model = HookedTransformer
+"""What the analyses hold: the model as this backend represents it."""
+
+# ---------------------------------------------------------------------------- sites
+
+EMBEDDINGS = -1
+"""Layer index of the embedding output (the residual stream entering block 0)."""
+
+SITE_KINDS = ("resid", "attn_out", "mlp_out", "attn_scores")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the model the analyses read or edit, in their own vocabulary: the hidden
+    state of a layer (``"resid"``; layer -1 = the embeddings), a block's attention or MLP
+    output, or its attention scores (pre-softmax)."""
+
+    kind: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise InputError(f"unknown site {self.kind!r}; use {SITE_KINDS}")
+        if self.layer < (EMBEDDINGS if self.kind == "resid" else 0):
+            raise InputError(f"{self.kind} has no layer {self.layer}")
+
+
+def hook_name(site: Site) -> str:
+    """The TransformerLens hook point of a site. The hidden state of layer l is
+    ``blocks.{l}.hook_resid_post``; layer -1 is ``blocks.0.hook_resid_pre``."""
+    if site.kind == "resid":
+        return "blocks.0.hook_resid_pre" if site.layer == EMBEDDINGS else f"blocks.{site.layer}.hook_resid_post"
+    return {"attn_out": f"blocks.{site.layer}.hook_attn_out", "mlp_out": f"blocks.{site.layer}.hook_mlp_out",
+            "attn_scores": f"blocks.{site.layer}.attn.hook_attn_scores"}[site.kind]
+
+
+def hidden_state_hook(layer: int) -> str:
+    """Hook name of the hidden state of ``layer`` (see ``hook_name``)."""
+    if layer < EMBEDDINGS:
+        raise InputError(f"layer must be >= -1 (the embeddings), got {layer}")
+    return hook_name(Site("resid", layer))
+
+
+def n_layers(model: Model) -> int:
+    return model.cfg.n_layers
+
+
+def d_model(model: Model) -> int:
+    return model.cfg.d_model
+
+
+def device_of(model: Model) -> str:
+    return str(model.cfg.device or "cpu")
+
+
+def prepends_bos(model: Model) -> bool:
+    """Whether prompts start with BOS (the model's own tokenizer's convention)."""
+    return bool(model.cfg.default_prepend_bos)
+
+
+def context_length(model: Model) -> int:
+    return model.cfg.n_ctx
+
+
+def model_spec(model: Model) -> str:
+    """The spec ``load_model`` was given (``"toy"``, a path, a name), or the model's name."""
+    return getattr(model, "latent_hops_spec", None) or model.cfg.model_name
+
+
+def unembedding_vectors(model: Model) -> Float[torch.Tensor, "vocab d_model"]:
+    """The unembedding matrix as one row per token (float32, CPU)."""
+    return model.W_U.detach().float().cpu().T
+
+
+def check_layers(model: Model, layers) -> list[int]:
+    """``layers`` as a list, each checked to lie in [-1, n_layers - 1]."""
+    layers = [int(x) for x in layers]
+    bad = [x for x in layers if not EMBEDDINGS <= x < n_layers(model)]
+    if bad:
+        raise InputError(f"layers {bad} out of range: this model has layers -1 (embeddings) "
+                         f"to {n_layers(model) - 1}")
+    return layers
+
+
+@torch.no_grad()
+def read_sites(
+    model: Model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    positions: Int[torch.Tensor, "batch n_positions"],
+    sites: Sequence[Site],
+) -> Float[torch.Tensor, "batch n_positions n_sites d_model"]:
+    """Clean activations of ``sites`` at ``positions`` only (never a full cache)."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+    pos = positions.to(tokens.device)
+    found: dict[str, torch.Tensor] = {}
+
+    def read(act: torch.Tensor, hook) -> None:
+        # gathered on the tokens' device: blocks may live on other GPUs (n_devices > 1)
+        found[hook.name] = act[rows.to(act.device), pos.to(act.device)].to(tokens.device)
+
+    names = [hook_name(site) for site in sites]
+    model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
+                         fwd_hooks=[(name, read) for name in dict.fromkeys(names)])
+    return torch.stack([found[name] for name in names], dim=2)
+
+
+def write_hook(layer: int, write: Callable[[torch.Tensor], torch.Tensor]) -> tuple[str, Callable]:
+    """An edit of the hidden state of ``layer``: ``write(resid) -> resid`` on each pass."""
+    return hidden_state_hook(layer), lambda resid, hook: write(resid)
+
+
+def block_attention(layers: Sequence[int], mask: Bool[torch.Tensor, "batch query key"]) -> list[tuple[str, Callable]]:
+    """An edit blocking attention where ``mask[b, q, k]``: pre-softmax scores set to -inf in
+    every head of ``layers`` (attention knockout)."""
+    def hook(scores: torch.Tensor, hook) -> torch.Tensor:
+        q, k = scores.shape[-2:]
+        return scores.masked_fill(mask[:, None, :q, :k], float("-inf"))
+
+    return [(hook_name(Site("attn_scores", layer)), hook) for layer in layers]
+
+
+def bytes_per_patched_row(model: Model, seq_len: int, new_tokens: int) -> int:
+    """Memory of one row of the fast engine: its KV cache, live activations and logits."""
+    cfg = model.cfg
+    kv_width = (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
+    per_row = (2 * cfg.n_layers * (seq_len + new_tokens) * kv_width  # KV cache
+               + 4 * seq_len * (2 * cfg.d_model + (cfg.d_mlp or 0) + cfg.n_heads * seq_len)  # live activations
+               + 4 * cfg.d_vocab)  # last-position logits and their log-softmax (256k for Gemma)
+    return per_row * torch.finfo(cfg.dtype).bits // 8
 
 
 def tl_config_from_hf(hf_config: Any, dtype: torch.dtype, device: str,
@@ -105,6 +237,20 @@ def random_model(hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str
         warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     return model.eval()
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """A SHA-256 over every parameter's name, shape, dtype and ``samples`` evenly strided
+    values: two checkpoints that differ anywhere in a sampled value differ here, and a 7B
+    model is fingerprinted in well under a second (hashing every byte would take minutes)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
+        digest.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def free_memory_mb(device: str | torch.device) -> float | None:

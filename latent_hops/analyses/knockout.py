@@ -1,6 +1,6 @@
 """Attention knockout (reference §2; Geva et al. 2023): block attention edges from a set of
 query positions to a set of key positions, in every head of a window of layers
-[l - k, l + k], by setting the pre-softmax score to -inf (``hook_attn_scores``), on the
+[l - k, l + k], by setting the pre-softmax score to -inf (``backend.block_attention``), on the
 prompt pass only. A layer matters when the greedy generation changes from the clean one
 (and not both are correct); the change in e3's log-probability is recorded too.
 
@@ -12,31 +12,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
-from latent_hops.backend import greedy_generate
-from latent_hops.cases import Case
+from latent_hops import backend, plots
+from latent_hops.analysis import Analysis, Column, ReportInput, first_layer, option, register, runtime
+from latent_hops.backend import Model, greedy_generate
+from latent_hops.cases import Case, case_batches
 from latent_hops.errors import InputError
-from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct, length_batches
-from latent_hops.positions import tokenize_prompts
+from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct
 from latent_hops.ranks import best_rank
 
 EDGE_PRESETS = ("last_to_t1", "last_to_r1", "all_to_t1")
-COLUMNS = ["id", "preset", "layer", "window_start", "window_end", "generation", "correct", "changed",
-           "e3_logprob_delta", "skip_reason"]
+Preset = Literal["last_to_t1", "last_to_r1", "all_to_t1"]
+TABLE = (Column("id", "query id"), Column("preset", "the edges knocked out (EDGE_PRESETS)"),
+         Column("layer", "centre layer l of the window"), Column("window_start", "first blocked layer"),
+         Column("window_end", "last blocked layer"), Column("generation", "greedy generation under the knockout"),
+         Column("correct", "an e3 alias in it"),
+         Column("changed", "the generation differs from the clean one (and not both are correct)"),
+         Column("e3_logprob_delta", "change of e3's first-token log-probability at t2"),
+         Column("skip_reason", "why the case has no knockout for this preset ('' = none)"))
+COLUMNS = [c.name for c in TABLE]
 
 
 @dataclass(frozen=True)
 class KnockoutConfig:
-    presets: tuple[str, ...] = ("last_to_t1",)
-    window: int = 3  # k: layers [l - k, l + k]
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    batch_size: int = 64
-    progress: bool = False
+    presets: tuple[Preset, ...] = option(("last_to_t1",), f"knockout edges: {','.join(EDGE_PRESETS)}")
+    window: int = option(3, "knockout window half-width k: layers [l - k, l + k]")
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt")
+    batch_size: int = runtime(64)
+    progress: bool = runtime(False)
 
 
 def edges(case: Case, preset: str) -> tuple[list[int], list[int]] | str:
@@ -53,17 +61,8 @@ def edges(case: Case, preset: str) -> tuple[list[int], list[int]] | str:
     raise InputError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
 
 
-def knockout_hooks(layers: Sequence[int], mask: torch.Tensor) -> list:
-    """Hooks setting attention scores to -inf where ``mask[batch, query, key]`` is True."""
-    def hook(scores: torch.Tensor, hook) -> torch.Tensor:
-        q, k = scores.shape[-2:]
-        return scores.masked_fill(mask[:, None, :q, :k], float("-inf"))
-
-    return [(f"blocks.{layer}.attn.hook_attn_scores", hook) for layer in layers]
-
-
 @torch.no_grad()
-def attention_knockout(model: HookedTransformer, cases: Sequence[Case],
+def attention_knockout(model: Model, cases: Sequence[Case],
                        config: KnockoutConfig = KnockoutConfig()) -> pd.DataFrame:
     """One row per case x preset x centre layer l (window [l - k, l + k] clipped)."""
     for preset in config.presets:
@@ -71,12 +70,11 @@ def attention_knockout(model: HookedTransformer, cases: Sequence[Case],
             raise InputError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
     if config.window < 0:
         raise InputError(f"window must be >= 0, got {config.window}")
-    n_layers = model.cfg.n_layers
+    n_layers = backend.n_layers(model)
     rows = []
     bar = tqdm(total=len(cases) * len(config.presets), desc="knockout", disable=not config.progress)
-    for idx in length_batches([len(c.prompt) for c in cases], config.batch_size):
-        batch = [cases[i] for i in idx]
-        tok = tokenize_prompts(model, [c.prompt for c in batch])
+    for b in case_batches(model, cases, config.batch_size, ()):
+        batch, tok = b.cases, b.tok
         clean = greedy_generate(model, tok.tokens, tok.attention_mask, config.max_new_tokens)
         clean_text = [decode(model, r) for r in clean.tokens.tolist()]
         clean_lp = clean.first_logits.log_softmax(-1)
@@ -92,7 +90,7 @@ def attention_knockout(model: HookedTransformer, cases: Sequence[Case],
             for layer in range(n_layers):
                 window = range(max(0, layer - config.window), min(n_layers, layer + config.window + 1))
                 out = greedy_generate(model, tok.tokens, tok.attention_mask, config.max_new_tokens,
-                                      knockout_hooks(window, mask))
+                                      backend.block_attention(window, mask))
                 lp = out.first_logits.log_softmax(-1)
                 for qi, case in enumerate(batch):
                     if reasons[qi]:
@@ -111,6 +109,27 @@ def attention_knockout(model: HookedTransformer, cases: Sequence[Case],
 
 
 def knockout_layer(knockout: pd.DataFrame, preset: str = "last_to_t1") -> pd.Series:
-    """Per case, the min centre layer whose knockout of ``preset`` changes the answer."""
-    k = knockout[(knockout.preset == preset) & knockout.changed]
-    return k.groupby("id")["layer"].min().rename("knockout_layer").reindex(knockout["id"].unique())
+    """Per case, the min centre layer whose knockout of ``preset`` changes the answer; an
+    error when the table holds no ``preset`` rows (never a column of NaN that looks measured)."""
+    rows = knockout[knockout.preset == preset]
+    if rows.empty:
+        raise InputError(f"the knockout table has no {preset!r} rows (presets: {sorted(set(knockout.preset))}): "
+                         f"run the knockout with --presets {preset}")
+    return first_layer(rows, rows.changed, "knockout_layer").reindex(knockout["id"].unique())
+
+
+def _report(section: ReportInput) -> str:
+    return section.figure(plots.knockout_curves(section.table, section.evaluation))
+
+
+register(Analysis(
+    name="knockout", title="Attention knockout", order=40, help="attention knockout -> knockout.parquet",
+    config=KnockoutConfig, columns=TABLE, report=_report,
+    run=lambda context, config: attention_knockout(context.model, context.cases, config),
+    stage_layers=lambda table, stages: knockout_layer(table, stages.knockout_preset).to_frame(),
+    uses_positions=lambda config: ("t1", "t2"),
+    note=lambda config: (f"Attention knockout: edges from query to key positions ({', '.join(config.presets)}) are "
+                         f"blocked (score −inf) in all heads of layers [l − {config.window}, l + {config.window}], "
+                         f"on the prompt pass; {config.max_new_tokens} greedy tokens; a layer matters when the "
+                         "answer changes (and not both are correct)."),
+))

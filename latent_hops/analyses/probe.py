@@ -32,19 +32,27 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 
-from latent_hops.cases import Case
+from latent_hops import backend
+from latent_hops.analysis import Analysis, Column, Context, first_layer, option, register, runtime
+from latent_hops.backend import Model
+from latent_hops.cases import Case, case_batches, prepare_cases
 from latent_hops.errors import InputError
-from latent_hops.generation import length_batches
 from latent_hops.patching import hidden_states_at
-from latent_hops.positions import tokenize_prompts
 
-COLUMNS = ["id", "entity", "position", "layer", "fold", "candidates", "predicted", "target", "correct",
-           "control_correct", "grouping"]
+TABLE = (Column("id", "query id"), Column("entity", "e2 or e3: what the probe names"),
+         Column("position", "t1 or t2"), Column("layer", "hidden-state layer probed"),
+         Column("fold", "cross-validation fold that scored the case"),
+         Column("candidates", "entities the probe chooses among"), Column("predicted", "token id it names"),
+         Column("target", "the entity's first token id"), Column("correct", "predicted == target"),
+         Column("control_correct", "the shuffled-target control's hit"), Column("grouping", "how folds were split"))
+COLUMNS = [c.name for c in TABLE]
 GROUPINGS = {False: "folds by e1: no training case shares the scored case's e1",
              True: "folds by e1; training also excludes cases sharing the scored case's target entity"}
 DEFAULT_MARGIN = 0.10
+
+
+PROBE_TARGETS = (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))  # (entity, position) of the CLI's probes
 
 
 @dataclass(frozen=True)
@@ -52,21 +60,20 @@ class ProbeConfig:
     folds: int = 5
     ridge: float = 10.0  # L2 penalty of the regression on standardised states
     margin: float = DEFAULT_MARGIN  # a layer counts where accuracy >= control accuracy + margin
-    hold_out_target: bool = False  # also keep the scored cases' target entities out of training
+    hold_out_target: bool = option(False, "also keep the scored cases' target entities out of training")
     seed: int = 0
-    batch_size: int = 256
+    probe_train: int = option(2000, "queries beside the analysed cases that join the probes' training folds")
+    batch_size: int = runtime(256)
 
 
 @torch.no_grad()
-def states_for(model: HookedTransformer, cases: Sequence[Case], position: str, layers: Sequence[int],
+def states_for(model: Model, cases: Sequence[Case], position: str, layers: Sequence[int],
                batch_size: int = 256) -> Float[torch.Tensor, "case layer d_model"]:
     """Hidden states [case, layer, d_model] at ``position`` (float32, CPU)."""
-    out = torch.empty(len(cases), len(layers), model.cfg.d_model)
-    for idx in length_batches([len(c.prompt) for c in cases], batch_size):
-        batch = [cases[i] for i in idx]
-        tok = tokenize_prompts(model, [c.prompt for c in batch])
-        cols = torch.tensor([[n + c.positions[position]] for c, n in zip(batch, tok.n_pad)])
-        out[idx] = hidden_states_at(model, tok.tokens, tok.attention_mask, cols, layers)[:, 0].float().cpu()
+    out = torch.empty(len(cases), len(layers), backend.d_model(model))
+    for b in case_batches(model, cases, batch_size, (position,)):
+        states = hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns, layers)
+        out[b.index] = states[:, 0].float().cpu()
     return out
 
 
@@ -101,7 +108,7 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor
 
 
 def cross_validated_probe(
-    model: HookedTransformer,
+    model: Model,
     scored: Sequence[Case],
     pool: Sequence[Case] = (),
     entity: str = "e2",
@@ -114,7 +121,7 @@ def cross_validated_probe(
     ``pool`` adds training-only cases (never scored); both are split by the grouping of the
     module docstring. Cases without a known first token of ``entity`` are left out.
     """
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    layers = list(range(backend.n_layers(model))) if layers is None else list(layers)
     ids = {c.id for c in scored}
     cases = [c for c in [*scored, *(c for c in pool if c.id not in ids)] if c.first_tokens.get(entity)]
     if len(cases) < 2 * config.folds:
@@ -122,7 +129,7 @@ def cross_validated_probe(
                          f">= {2 * config.folds}): use more queries")
     first = torch.tensor([c.first_tokens[entity][0] for c in cases])
     candidates = torch.unique(first)
-    unembed = model.W_U.detach().float().cpu().T  # [vocab, d_model]: the regression targets
+    unembed = backend.unembedding_vectors(model)  # the regression targets
     y, keys = unembed[first], unembed[candidates]
     x = states_for(model, cases, position, layers, config.batch_size)
     rng = np.random.default_rng(config.seed)
@@ -169,8 +176,37 @@ def probe_layers(probed: pd.DataFrame, margin: float = DEFAULT_MARGIN) -> pd.Dat
 
     def first(entity: str, position: str, name: str) -> pd.Series:
         hit = hits[(hits.entity == entity) & (hits.position == position)]
-        return hit.groupby("id")["layer"].min().rename(name)
+        return first_layer(hit, hit.correct, name)
 
     out = pd.concat([first("e2", "t1", "first_hop_layer"), first("e2", "t2", "e2_at_t2_layer"),
                      first("e3", "t2", "second_hop_layer")], axis=1)
     return out.reindex(probed["id"].unique()).rename_axis("id").reset_index()
+
+
+def _run(context: Context, config: ProbeConfig) -> pd.DataFrame:
+    """The probes of PROBE_TARGETS: the analysed cases are scored; up to ``probe_train``
+    other queries of the run join the training folds."""
+    analysed = {c.id for c in context.cases}
+    others = context.queries[~context.queries["id"].isin(analysed)].iloc[: config.probe_train]
+    pool, _ = prepare_cases(context.model, others) if len(others) else ([], None)
+    return pd.concat([cross_validated_probe(context.model, context.cases, pool, e, p, config=config)
+                      for e, p in PROBE_TARGETS], ignore_index=True)
+
+
+def _summary(context: Context, probed: pd.DataFrame, config: ProbeConfig) -> str:
+    table = probe_accuracy(probed).pivot_table(index="layer", columns=["entity", "position"],
+                                               values=["accuracy", "control"])
+    return (f"probe accuracy vs shuffled-target control, % of {probed.id.nunique()} cases "
+            f"({probed.grouping.iloc[0]}):\n" + (100 * table).round(0).astype(int).to_string())
+
+
+register(Analysis(
+    name="probe", title="Linear probes", order=60, help="linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet",
+    config=ProbeConfig, columns=TABLE, run=_run, summary=_summary,
+    report=lambda section: section.html_table(probe_accuracy(section.table)),
+    stage_layers=lambda table, stages: probe_layers(table, stages.probe_margin).set_index("id"), decodes="probe",
+    note=lambda config: ("Linear probes (ridge regression onto the entity's unembedding vector, nearest candidate "
+                         f"wins), cross-validated by entity: {GROUPINGS[config.hold_out_target]}. Control: the same "
+                         "probe with shuffled targets. A layer counts for the stage table only where the probe beats "
+                         "its control by the stage table's margin."),
+))

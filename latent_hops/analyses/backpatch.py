@@ -7,7 +7,7 @@ random direction with the norm of that source state (``"random"``: s > t, a cont
 Success = an e3 alias in the greedy generation (10 tokens).
 
 Two engines give identical generations (tests check it cell by cell):
-- ``sweep_naive``: per query and cell, ``run_with_hooks`` + generation (the test oracle);
+- ``sweep_naive``: per query and cell, a hooked generation (the test oracle);
 - ``sweep``: the fast engine. The clean hidden states are read at the needed positions
   only; the clean forward is then walked block by block with a KV cache, and at each
   target layer t every (query, position, source) row is patched into the clean residual of
@@ -18,29 +18,44 @@ Two engines give identical generations (tests check it cell by cell):
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
-from latent_hops import backend
-from latent_hops.cases import POSITIONS, Case
+from latent_hops import backend, plots
+from latent_hops.analysis import Analysis, Column, Context, ReportInput, option, register, runtime
+from latent_hops.backend import EMBEDDINGS, Model, Site, check_layers
+from latent_hops.cases import POSITIONS, Case, case_batches
 from latent_hops.cases import prepare_cases as cases_for
 from latent_hops.errors import InputError
-from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct, length_batches
+from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct
 from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at, patch_hook
-from latent_hops.positions import EMBEDDINGS, check_layers, hidden_state_hook, tokenize_prompts
+from latent_hops.positions import GRID_HELP, parse_layers, tokenize_prompts
 from latent_hops.queries import PROMPT_SUFFIX
 from latent_hops.ranks import best_rank
+from latent_hops.rundir import done_ids, merge_parts, run_in_parts, write_table
 
 KINDS = ("back", "forward", "random")
-RESULT_COLUMNS = ["id", "position", "source_layer", "target_layer", "kind", "generation", "success",
-                  "e3_rank", "e3_logprob", "screened"]
+Kind = Literal["back", "forward", "random"]
+Position = Literal["t1", "t2"]
+TABLE = (Column("id", "query id"), Column("position", "t1 or t2: where the state is read and written"),
+         Column("source_layer", "layer whose clean hidden state is written (-1 = embeddings)"),
+         Column("target_layer", "layer whose hidden state it replaces"),
+         Column("kind", "back (s > t), forward (s < t, control) or random (s > t, random direction, control)"),
+         Column("generation", "greedy generation of the patched run ('' when screened)"),
+         Column("success", "an e3 alias in the generation"),
+         Column("e3_rank", "rank of e3's best first token at the first step (-1 = no known token)"),
+         Column("e3_logprob", "its log-probability"),
+         Column("screened", "not decoded: first-step e3 rank beyond --screen (counts as no success)"))
+RESULT_COLUMNS = [c.name for c in TABLE]
 
 
 @dataclass(frozen=True)
@@ -55,26 +70,29 @@ CPU_MEMORY_BUDGET_MB = 1024.0
 
 @dataclass(frozen=True)
 class BackpatchConfig:
-    positions: tuple[str, ...] = POSITIONS
-    kinds: tuple[str, ...] = KINDS
-    include_embeddings: bool = False  # layer -1 (embedding output) as a source and target
+    positions: tuple[Position, ...] = option(POSITIONS, "comma-separated: t1,t2")
+    kinds: tuple[Kind, ...] = option(KINDS, "comma-separated: back,forward,random")
+    include_embeddings: bool = option(False, "layer -1 (embeddings) as source and target")
     cells: tuple[Cell, ...] | None = None  # explicit cells instead of all pairs of ``kinds``
-    source_layers: tuple[int, ...] | None = None  # a layer grid (``positions.parse_layers``); None: all
-    target_layers: tuple[int, ...] | None = None
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    memory_budget_mb: float | None = None  # sizes the fast engine's batches; None: half the free
-    # CUDA memory, or CPU_MEMORY_BUDGET_MB on CPU
-    batch_rows: int | None = None  # fixed batch size instead of the memory budget
+    source_layers: tuple[int, ...] | str | None = option(None, GRID_HELP)  # None: all
+    target_layers: tuple[int, ...] | str | None = option(None, GRID_HELP)
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt")
+    memory_budget_mb: float | None = option(
+        None, "memory for the fast engine's batches (default: half the free CUDA memory; 1024 on CPU)", runtime=True)
+    batch_rows: int | None = option(None, "patched rows per forward (default: from the memory budget; "
+                                    "Patchscopes: 512)", runtime=True)
     seed: int = 0  # random-direction control
-    screen: int | None = None  # decode only cells whose first-step e3 rank is <= screen (fast engine)
+    screen: int | None = option(None, "decode only cells whose first-step e3 rank is <= K (the rest: screened, "
+                                "not successes)")
     suffix: str = PROMPT_SUFFIX
-    progress: bool = False
+    progress: bool = runtime(False)
 
 
-def all_cells(model: HookedTransformer, config: BackpatchConfig) -> list[Cell]:
+def all_cells(model: Model, config: BackpatchConfig) -> list[Cell]:
     """The cells of a sweep: every (s, t) pair of each kind, or the configured ones."""
     first = EMBEDDINGS if config.include_embeddings else 0
-    layers = range(first, model.cfg.n_layers)
+    n = backend.n_layers(model)
+    layers = range(first, n)
     if config.cells is not None:
         for c in config.cells:
             check_layers(model, [c.source, c.target])
@@ -82,14 +100,14 @@ def all_cells(model: HookedTransformer, config: BackpatchConfig) -> list[Cell]:
     unknown = set(config.kinds) - set(KINDS)
     if unknown:
         raise InputError(f"unknown patch kinds {sorted(unknown)}; use {KINDS}")
-    sources = check_layers(model, config.source_layers) if config.source_layers is not None else layers
-    targets = check_layers(model, config.target_layers) if config.target_layers is not None else layers
+    sources = parse_layers(config.source_layers, n, first) or layers
+    targets = parse_layers(config.target_layers, n, first) or layers
     return [Cell(s, t, kind) for kind in config.kinds for t in targets for s in sources
             if (s < t if kind == "forward" else s > t)]
 
 
 def prepare_cases(
-    model: HookedTransformer, table: pd.DataFrame, config: BackpatchConfig = BackpatchConfig()
+    model: Model, table: pd.DataFrame, config: BackpatchConfig = BackpatchConfig()
 ) -> tuple[list[Case], pd.DataFrame]:
     """Cases for the queries of ``table`` at the configured positions, and the skipped ones."""
     return cases_for(model, table, config.positions, config.suffix, config.max_new_tokens)
@@ -114,7 +132,7 @@ def _screened(rank: int, screen: int | None) -> bool:
     return screen is not None and not 0 <= rank <= screen
 
 
-def _records(model: HookedTransformer, rows: Sequence[tuple[Case, str, Cell]], out: backend.GreedyOutput,
+def _records(model: Model, rows: Sequence[tuple[Case, str, Cell]], out: backend.GreedyOutput,
              screen: int | None = None) -> list[dict]:
     logprobs = out.first_logits.log_softmax(-1)
     records = []
@@ -137,48 +155,44 @@ def _frame(records: list[dict]) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def sweep_naive(model: HookedTransformer, cases: Sequence[Case],
+def sweep_naive(model: Model, cases: Sequence[Case],
                 config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
-    """The reference: one ``run_with_hooks`` generation per query, position and cell."""
+    """The reference: one hooked generation per query, position and cell."""
     if config.screen is not None:
         raise InputError("the first-token screen is a feature of the fast engine (sweep), not of the reference")
     cells = all_cells(model, config)
     records = []
     for case in tqdm(cases, desc="backpatch (naive)", disable=not config.progress):
         tok = tokenize_prompts(model, [case.prompt])
-        _, cache = model.run_with_cache(tok.tokens, attention_mask=tok.attention_mask)
-        for position in config.positions:
+        layers = sorted({c.source for c in cells})
+        cols = torch.tensor([[case.positions[p] for p in config.positions]])
+        states = backend.read_sites(model, tok.tokens, tok.attention_mask, cols, [Site("resid", s) for s in layers])
+        for pi, position in enumerate(config.positions):
             p = case.positions[position]
             for cell in cells:
-                value = _patch_value(case, position, cell, cache[hidden_state_hook(cell.source)][0, p], config.seed)
+                value = _patch_value(case, position, cell, states[0, pi, layers.index(cell.source)], config.seed)
                 hook = patch_hook(cell.target, torch.tensor([p]), value[None])
                 out = backend.greedy_generate(model, tok.tokens, tok.attention_mask, config.max_new_tokens, [hook])
                 records += _records(model, [(case, position, cell)], out)
     return _frame(records)
 
 
-def rows_per_batch(model: HookedTransformer, seq_len: int, config: BackpatchConfig) -> int:
+def rows_per_batch(model: Model, seq_len: int, config: BackpatchConfig) -> int:
     """Rows of the fast engine per forward pass, from the memory budget (or fixed)."""
     if config.batch_rows is not None:
         if config.batch_rows < 1:
             raise InputError(f"batch_rows must be >= 1, got {config.batch_rows}")
         return config.batch_rows
-    cfg = model.cfg
-    length = seq_len + config.max_new_tokens
-    kv_width = (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
-    per_row = (2 * cfg.n_layers * length * kv_width  # KV cache
-               + 4 * seq_len * (2 * cfg.d_model + (cfg.d_mlp or 0) + cfg.n_heads * seq_len)  # live activations
-               + 4 * cfg.d_vocab)  # last-position logits and their log-softmax (256k for Gemma)
-    bytes_per_row = per_row * torch.finfo(cfg.dtype).bits // 8
+    bytes_per_row = backend.bytes_per_patched_row(model, seq_len, config.max_new_tokens)
     budget = config.memory_budget_mb
     if budget is None:
-        free = backend.free_memory_mb(cfg.device or "cpu")
+        free = backend.free_memory_mb(backend.device_of(model))
         budget = CPU_MEMORY_BUDGET_MB if free is None else free / 2
     return max(1, int(budget * 2**20 // bytes_per_row))
 
 
 @torch.no_grad()
-def sweep(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
+def sweep(model: Model, cases: Sequence[Case], config: BackpatchConfig = BackpatchConfig()) -> pd.DataFrame:
     """The fast engine; same rows and generations as ``sweep_naive`` (see module docstring)."""
     cells = all_cells(model, config)
     if not cases or not cells:
@@ -192,10 +206,8 @@ def sweep(model: HookedTransformer, cases: Sequence[Case], config: BackpatchConf
     records: list[dict] = []
     bar = tqdm(total=len(cases) * len(config.positions) * len(cells), desc="backpatch", unit="cell",
                disable=not config.progress)
-    for idx in length_batches(lengths, max(1, max_rows // per_case)):
-        batch = [cases[i] for i in idx]
-        tok = tokenize_prompts(model, [c.prompt for c in batch])
-        cols = torch.tensor([[n + c.positions[p] for p in config.positions] for c, n in zip(batch, tok.n_pad)])
+    for b in case_batches(model, cases, max(1, max_rows // per_case), config.positions, lengths):
+        batch, tok, cols = b.cases, b.tok, b.columns
         states = hidden_states_at(model, tok.tokens, tok.attention_mask, cols, layers)  # [q, P, layers, d]
         rows = [PatchRow(qi, int(cols[qi, pi]), cell.target, (pi, cell))
                 for qi in range(len(batch)) for pi in range(len(config.positions)) for cell in cells]
@@ -319,3 +331,89 @@ def non_oracle(labelled: pd.DataFrame, train_fraction: float = 0.5, seed: int = 
                          "damage": float(damage.mean()) if len(damage) else float("nan"),
                          "damage_ci_low": d_lo, "damage_ci_high": d_hi})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------- the analysis
+
+
+def _run(context: Context, config: BackpatchConfig) -> pd.DataFrame:
+    """The sweep, resumable: chunks of cases written as parts of RUN_DIR/backpatch/."""
+    all_cells(context.model, config)  # a bad layer grid fails here, before any work
+    folder = context.folder("backpatch")
+    bar = tqdm(total=len(context.cases), desc="backpatch", unit="case", disable=not context.progress)
+    run_in_parts(folder, context.cases, context.chunk_cases,
+                 lambda part: (sweep(context.model, part, config), bar.update(len(part)))[0],
+                 on_skip=bar.update, made_by=context.made_by("backpatch", config))
+    bar.close()
+    return merge_parts(folder, order=[c.id for c in context.cases])
+
+
+def summarize(run_dir: Path, results: pd.DataFrame, evaluation: pd.DataFrame, made_by: dict | None = None,
+              skipped: pd.DataFrame | None = None) -> str:
+    """The back-patching summary of ``results``: RUN_DIR/backpatch_cells.parquet,
+    backpatch_summary.json and backpatch_heatmaps.html, and the text the CLI prints. One
+    function for a run, ``merge`` and the report's inputs."""
+    labelled = with_labels(results, evaluation)
+    oracle, cells, beyond = oracle_rates(labelled), cell_rates(labelled), non_oracle(labelled)
+    write_table(cells, run_dir / "backpatch_cells.parquet", made_by)
+    made_by = made_by or {}
+    summary = {"model": made_by.get("model"), "dataset": made_by.get("dataset"), "made_by": made_by,
+               "cases": int(results["id"].nunique()), "rows": len(results),
+               "skipped": [] if skipped is None else skipped.to_dict("records"),
+               "oracle": oracle.to_dict("records"), "non_oracle": beyond.to_dict("records")}
+    (run_dir / "backpatch_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    figures = [plots.backpatch_heatmap(cells, subset, position, oracle=oracle)
+               for subset in ("incorrect", "correct") if subset in set(oracle.subset)
+               for position in sorted(set(oracle.position))]
+    plots.save_html(figures, run_dir / "backpatch_heatmaps.html", "latent_hops back-patching")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+        text = oracle[oracle.split == "all"].to_string(index=False)
+        if not beyond.empty:
+            text += "\n" + beyond[beyond.split == "all"].to_string(index=False)
+    return text
+
+
+def _summary(context: Context, results: pd.DataFrame, config: BackpatchConfig) -> str:
+    if context.run_dir is None:
+        return ""
+    text = summarize(context.run_dir, results, context.evaluation, context.made_by("backpatch", config))
+    cases, held = results["id"].nunique(), len(done_ids(context.folder("backpatch")))
+    if held > cases:
+        text += (f"\nsummarising the {cases} requested cases; {context.folder('backpatch')} holds {held} "
+                 "(`latent-hops merge` summarises them all)")
+    return text
+
+
+def _report(section: ReportInput) -> str:
+    labelled = with_labels(section.table, section.evaluation)
+    oracle, cells = oracle_rates(labelled), cell_rates(labelled)
+    splits = sorted(set(oracle.split) - {"all"}) or ["all"]  # per split: ID and OOD failures differ
+    heatmaps = [section.figure(plots.backpatch_heatmap(cells, subset, position, split, oracle=oracle))
+                for split in splits for subset in ("incorrect", "correct") if subset in set(oracle.subset)
+                for position in sorted(set(oracle.position))
+                if len(cells.query("split == @split and subset == @subset"))]
+    return ("<div class='grid'>" + "".join(heatmaps) + "</div>" + section.html_table(oracle)
+            + "<h3>Without the oracle</h3><p class='note'>The best (position, s, t) of each kind is chosen on half "
+            "of the incorrect cases; gain = share of the other half rescued, damage = share of correct cases broken "
+            "(bootstrap 95% intervals).</p>" + section.html_table(non_oracle(labelled))
+            + "<h3>What counted as a rescue</h3><p class='note'>Successful generations of the cells that rescue "
+            "most incorrect cases (per position and kind): success is an alias substring of the generation, as in "
+            "the paper, so read what counted.</p>" + section.html_table(success_samples(labelled)))
+
+
+def _note(config: BackpatchConfig) -> str:
+    return (f"Back-patch (s → t, s > t): the clean hidden state of layer s at {', '.join(config.positions)} "
+            "replaces that of layer t, on the prompt pass only; success = e3 in the greedy generation "
+            f"({config.max_new_tokens} tokens). Colour: % of cases a cell rescues (incorrect) or keeps correct "
+            "(correct). The oracle rate (≥ 1 cell succeeds) is shown next to the controls run "
+            f"({', '.join(k for k in config.kinds if k != 'back') or 'none'}) with as many cells: forward patches "
+            "(s < t) and a random direction with the source state's norm."
+            + (f" Layer grid: sources {config.source_layers}, targets {config.target_layers}."
+               if config.source_layers or config.target_layers else ""))
+
+
+register(Analysis(
+    name="backpatch", title="Back-patching", order=10, help="back-patching sweep -> backpatch.parquet + summary "
+    "+ heatmaps", config=BackpatchConfig, columns=TABLE, run=_run, resumable=True, shardable=True, summary=_summary,
+    report=_report, note=_note,
+))

@@ -1,0 +1,101 @@
+"""Logit lens (reference §1, the cheap estimate): every layer's hidden state at t1 and t2
+read through the final norm and unembedding; rank and probability of e2 and e3.
+
+Resolution layers from it: first hop = min layer with e2 at rank 0 at t1; second hop =
+min layer with e3 at rank <= k at t2. The logit lens underestimates early layers (a probe
+reads more), so Patchscopes gives the paper's estimate beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from latent_hops import backend
+from latent_hops.analysis import Analysis, Column, Context, first_layer, register, runtime
+from latent_hops.backend import EMBEDDINGS, Model
+from latent_hops.cases import POSITIONS, Case, case_batches
+from latent_hops.patching import hidden_states_at
+from latent_hops.ranks import best_rank, project_to_vocab
+
+TABLE = (Column("id", "query id"), Column("position", "t1 or t2"),
+         Column("layer", "hidden-state layer (-1 = embeddings)"),
+         Column("e2_rank", "best rank of e2's first tokens (0 = top; -1 = no known token)"),
+         Column("e2_prob", "probability of that token"), Column("e3_rank", "as e2_rank, for e3"),
+         Column("e3_prob", "probability of that token"), Column("top_token", "id of the top token"))
+COLUMNS = [c.name for c in TABLE]
+
+
+@torch.no_grad()
+def logit_lens(
+    model: Model,
+    cases: Sequence[Case],
+    positions: Sequence[str] = POSITIONS,
+    include_embeddings: bool = True,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """One row per case x position x layer: ranks/probabilities of e2 and e3, top token."""
+    layers = list(range(EMBEDDINGS if include_embeddings else 0, backend.n_layers(model)))
+    rows = []
+    for b in case_batches(model, cases, batch_size, positions):
+        logprobs = project_to_vocab(model, hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns,
+                                                            layers))
+        top = logprobs.argmax(-1)
+        for qi, case in enumerate(b.cases):
+            r2, lp2 = best_rank(logprobs[qi], case.first_tokens["e2"])
+            r3, lp3 = best_rank(logprobs[qi], case.first_tokens["e3"])
+            for pi, position in enumerate(positions):
+                for li, layer in enumerate(layers):
+                    rows.append((case.id, position, layer, int(r2[pi, li]), float(lp2[pi, li].exp()),
+                                 int(r3[pi, li]), float(lp3[pi, li].exp()), int(top[qi, pi, li])))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def resolution_layers(lens: pd.DataFrame, second_hop_k: int = 0) -> pd.DataFrame:
+    """Per case: first-hop layer (e2 rank 0 at t1), e2 decoded at t2 (rank 0), second-hop
+    layer (e3 rank <= k at t2)."""
+    t1, t2 = lens[lens.position == "t1"], lens[lens.position == "t2"]
+    out = pd.concat([
+        first_layer(t1, t1.e2_rank == 0, "first_hop_layer"),
+        first_layer(t2, t2.e2_rank == 0, "e2_at_t2_layer"),
+        first_layer(t2, (t2.e3_rank >= 0) & (t2.e3_rank <= second_hop_k), "second_hop_layer"),
+    ], axis=1)
+    return out.reindex(lens["id"].unique()).rename_axis("id").reset_index()
+
+
+def onset_layer(lens: pd.DataFrame, k: int = 10) -> pd.Series:
+    """Second-hop onset per case: the first layer from which e3's rank at t2 is <= k and
+    stays <= k up to the last layer (missing if e3 never settles in the top k)."""
+    t2 = lens[lens.position == "t2"].sort_values(["id", "layer"])
+    inside = (t2.e3_rank >= 0) & (t2.e3_rank <= k)
+    # a layer counts if it and every later layer are inside: reverse cumulative AND per case
+    stays = inside[::-1].groupby(t2["id"][::-1]).cummin()[::-1]
+    return first_layer(t2, stays.astype(bool), "second_hop_onset_layer")
+
+
+@dataclass(frozen=True)
+class LogitLensConfig:
+    positions: tuple[str, ...] = POSITIONS
+    include_embeddings: bool = True
+    batch_size: int = runtime(64)
+
+
+def _run(context: Context, config: LogitLensConfig) -> pd.DataFrame:
+    return logit_lens(context.model, context.cases, config.positions, config.include_embeddings, config.batch_size)
+
+
+def _stage_layers(lens: pd.DataFrame, stages) -> pd.DataFrame:
+    """Decoded layers (first hop, e2 at t2, second hop) and the second-hop onset."""
+    return resolution_layers(lens).set_index("id").join(onset_layer(lens, stages.onset_k))
+
+
+register(Analysis(
+    name="logit-lens", title="Logit lens", order=20, help="logit lens at t1/t2 -> logit_lens.parquet",
+    config=LogitLensConfig, run=_run, stage_layers=_stage_layers, decodes="logit_lens",
+    note=lambda config: "Each layer's hidden state at t1 and t2 read through the final norm and the "
+                        "unembedding (float32).",
+    columns=TABLE,
+))
