@@ -50,6 +50,7 @@ class Context:
     batch_size: int = 64  # prompts per forward pass
     chunk_cases: int = 50  # cases per resumable part
     progress: bool = False
+    skipped: pd.DataFrame | None = None  # queries that could not become cases (id, reason)
 
     def config(self, name: str) -> Any:
         return self.configs.get(name) or get(name).config()

@@ -199,11 +199,11 @@ class Session:
 
     def context(self, names: list[str], positions=("t1", "t2")) -> Context:
         """The context of analyses ``names`` (and those they use) with configs from the flags."""
-        cases, _, evaluation = self.cases(positions)
+        cases, skipped, evaluation = self.cases(positions)
         configs = {a.name: config_from_options(a.config, vars(self.args), batch_size=self.args.batch_size,
                                                progress=True) for a in _with_inputs(names)}
         return Context(self.model, cases, evaluation, self.table, self.identity, self.args.out, configs,
-                       self.args.batch_size, getattr(self.args, "chunk_cases", 50), progress=True)
+                       self.args.batch_size, getattr(self.args, "chunk_cases", 50), progress=True, skipped=skipped)
 
 
 def _version() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from latent_hops.errors import InputError
+from latent_hops.rundir import write_text
 
 GREY = "#d9d9d9"
 
@@ -62,13 +64,13 @@ def backpatch_heatmap(
     return fig
 
 
-def save_html(figures: Sequence[go.Figure], path: str | Path, title: str = "latent_hops") -> Path:
-    """Several figures in one standalone HTML page (plotly.js embedded once: works offline)."""
+def save_html(figures: Sequence[go.Figure], path: str | Path, title: str = "latent_hops", note: str = "") -> Path:
+    """Several figures in one standalone HTML page under a heading and a note (plotly.js
+    embedded once: works offline)."""
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
-    path = Path(path)
-    path.write_text(f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>"
-                    + "\n".join(parts) + "</body></html>")
-    return path
+    head = f"<h1>{html.escape(title)}</h1>" + (f"<p>{html.escape(note)}</p>" if note else "")
+    return write_text(Path(path), f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+                      f"<body style='font-family:sans-serif'>{head}" + "\n".join(parts) + "</body></html>")
 
 
 STAGE_LABELS = {"first_hop_layer": "first hop resolved", "info_propagation_layer": "information propagation",

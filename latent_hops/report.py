@@ -19,7 +19,7 @@ from latent_hops.analysis import ReportInput, analyses
 from latent_hops.config import config_from_dict
 from latent_hops.errors import InputError
 from latent_hops.evaluation import summarize
-from latent_hops.rundir import made_by_of
+from latent_hops.rundir import made_by_of, write_text
 
 EVALUATION_NOTE = ("Greedy decoding, {max_new_tokens} new tokens; a prompt is answered correctly when an alias (longer "
                    "than one character) of the target entity is a case-insensitive substring of the generation. "
@@ -28,7 +28,9 @@ IDENTITY = ("model", "weights_sha256", "dataset", "dataset_sha256")
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(float_format=lambda x: f"{x:.3f}", border=0, classes="table")
+    """A table; a plain row number index is not shown."""
+    plain = isinstance(frame.index, pd.RangeIndex)
+    return frame.to_html(float_format=lambda x: f"{x:.3f}", border=0, classes="table", index=not plain)
 
 
 def _section(title: str, note: str, body: str) -> str:
@@ -86,6 +88,4 @@ def build_report(run_dir: str | Path) -> Path:
             ".grid{display:flex;flex-wrap:wrap;gap:8px} .table{border-collapse:collapse;font-size:13px}"
             ".table td,.table th{padding:2px 8px;border-bottom:1px solid #ddd}</style></head><body>"
             f"<h1>{html.escape(title)}</h1>" + "".join(parts) + "</body></html>")
-    out = run / "report.html"
-    out.write_text(page)
-    return out
+    return write_text(run / "report.html", page)

@@ -75,6 +75,15 @@ def write_table(frame: pd.DataFrame, path: Path, made_by: dict | None = None) ->
     return path
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file (JSON summary, HTML page) atomically, like ``write_table``."""
+    path = Path(path)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def made_by_of(path: Path) -> dict | None:
     """The provenance a table was written with (None: written without one)."""
     meta = pq.read_schema(path).metadata or {}

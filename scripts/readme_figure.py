@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from latent_hops.analyses import backpatch as bp
 from latent_hops import plots
+from latent_hops.analyses import backpatch as bp
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]

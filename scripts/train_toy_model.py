@@ -3,12 +3,13 @@
     python scripts/train_toy_model.py                        # the shipped recipe (8 layers)
     python scripts/train_toy_model.py --steps 5 --out /tmp/t  # smoke run
     python scripts/train_toy_model.py --artifacts-only        # rewrite dataset + card only
+    python scripts/train_toy_model.py --arch gpt2 --n-layers 4  # toy-gpt2: checkpoint-gpt2/
 
 Builds the seeded knowledge graph (latent_hops.toy.knowledge_graph), trains a
 ``transformers.LlamaForCausalLM`` from scratch on CPU and writes into OUT (default: the
-package's ``latent_hops/toy``): ``checkpoint/`` (a standard Hugging Face checkpoint:
+package's ``latent_hops/toy``): ``checkpoint/`` (``checkpoint-gpt2/`` for ``--arch gpt2``; a standard HF checkpoint:
 config, safetensors, tokenizer, training log), ``two_hop.csv`` (the toy dataset in the
-paper's schema, built by ``latent_hops.query_builder``) and ``MODEL_CARD.md`` (the recipe
+paper's schema, built by ``latent_hops.query_builder``) and ``MODEL_CARD.md`` (``-gpt2``; the recipe
 and the accuracies measured at the end, through the package's own evaluation).
 
 Sequences (one token per relation phrase and per entity; loss on the answer and EOS only):
@@ -212,8 +213,18 @@ def train(recipe: Recipe, checkpoint: Path, log=print) -> dict:
     return result
 
 
-def write_artifacts(out: Path, eval_batch_size: int = 256) -> dict:
-    """Write the toy dataset and the model card for the checkpoint in ``out/checkpoint``.
+def artifact_paths(arch: str, out: Path) -> tuple[Path, Path]:
+    """(checkpoint folder, model card) of an architecture, named as shipped: ``checkpoint/`` and
+    ``MODEL_CARD.md`` for the Llama ("toy"), ``checkpoint-gpt2/`` and ``MODEL_CARD-gpt2.md``
+    for GPT-2 ("toy-gpt2") -- so retraining one never overwrites the other."""
+    if arch not in ("llama", "gpt2"):
+        raise SystemExit(f"--arch must be llama or gpt2, got {arch!r}")
+    suffix = "" if arch == "llama" else f"-{arch}"
+    return out / f"checkpoint{suffix}", out / f"MODEL_CARD{suffix}.md"
+
+
+def write_artifacts(out: Path, arch: str = "llama", eval_batch_size: int = 256) -> dict:
+    """Write the toy dataset and the model card for the checkpoint of ``arch`` in ``out``.
 
     The card's accuracies are measured on the dataset through the package's own
     ``evaluate`` (greedy, 10 tokens, alias scoring), as a user would measure them.
@@ -223,7 +234,8 @@ def write_artifacts(out: Path, eval_batch_size: int = 256) -> dict:
     from latent_hops.queries import write_paper_csv
     from latent_hops.toy.dataset import build_toy_dataset
 
-    log_file = out / "checkpoint" / "training_log.json"
+    checkpoint, card = artifact_paths(arch, out)
+    log_file = checkpoint / "training_log.json"
     result = json.loads(log_file.read_text())
     recipe = Recipe(**result["recipe"])
     torch.set_num_threads(recipe.threads)
@@ -231,12 +243,12 @@ def write_artifacts(out: Path, eval_batch_size: int = 256) -> dict:
     splits = split_compositions(kg, recipe.train_per_fact, seed=recipe.seed)
     dataset = build_toy_dataset(kg, splits)
     write_paper_csv(dataset, out / "two_hop.csv")
-    model = load_model(out / "checkpoint", device="cpu")
+    model = load_model(checkpoint, device="cpu")
     summary = summarize(evaluate(model, dataset, EvaluationConfig(batch_size=eval_batch_size)))
     result["evaluation"] = json.loads(summary.to_json(orient="index"))
     log_file.write_text(json.dumps(result, indent=1))
-    size_mb = sum(f.stat().st_size for f in (out / "checkpoint").glob("*")) / 1e6
-    (out / "MODEL_CARD.md").write_text(model_card(result, summary, size_mb))
+    size_mb = sum(f.stat().st_size for f in checkpoint.glob("*")) / 1e6
+    card.write_text(model_card(result, summary, size_mb))
     return result
 
 
@@ -297,9 +309,10 @@ def main() -> None:
     parser.add_argument("--artifacts-only", action="store_true", help="only rewrite dataset and card")
     args = vars(parser.parse_args())
     out, artifacts_only = args.pop("out"), args.pop("artifacts_only")
+    checkpoint, _ = artifact_paths(args["arch"], out)
     if not artifacts_only:
-        train(Recipe(**args), out / "checkpoint")
-    write_artifacts(out)
+        train(Recipe(**args), checkpoint)
+    write_artifacts(out, args["arch"])
 
 
 if __name__ == "__main__":

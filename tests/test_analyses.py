@@ -64,6 +64,27 @@ def test_sublayer_projection(tiny_llama, llama_cases):
     assert list(layers.id) == [c.id for c in llama_cases]
 
 
+
+def test_sublayer_projection_reads_the_named_sublayer(tiny_llama, llama_cases):
+    """Each row's ranks are those of that block's attention (MLP) output at t2, read through
+    TransformerLens' own cache: swapping the labels fails here."""
+    proj = sublayer_projection(tiny_llama, llama_cases).set_index(["id", "layer", "sublayer"])
+    hooks = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}
+    differs = False
+    for case in llama_cases:
+        tok = tokenize_prompts(tiny_llama, [case.prompt])
+        _, cache = tiny_llama.run_with_cache(tok.tokens)
+        for layer in range(tiny_llama.cfg.n_layers):
+            ranks = {}
+            for sub, hook in hooks.items():
+                logprobs = project_to_vocab(tiny_llama, cache[f"blocks.{layer}.{hook}"][0, -1])
+                best = logprobs[case.first_tokens["e3"]].max()
+                ranks[sub] = int((logprobs > best).sum())
+                assert proj.loc[(case.id, layer, sub), "e3_rank"] == ranks[sub]
+            differs |= ranks["attn"] != ranks["mlp"]
+    assert differs  # the two sublayers are distinguishable on this model
+
+
 def test_knockout_with_no_edges_changes_nothing(tiny_llama):
     tok = tokenize_prompts(tiny_llama, [q.composition_prompt() for q in QUERIES])
     clean = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)

@@ -183,3 +183,14 @@ def test_one_call_api_equals_the_steps_it_replaces(toy):
     assert result.summary.groupby("kind").cells.max().to_dict() == {"back": 3, "forward": 1, "random": 3}
     assert set(result.summary.split) == {"all"}
     assert len(result.heatmap("incorrect" if "incorrect" in set(chosen.subset) else "correct", "t1").data) == 1
+
+
+def test_non_oracle_picks_the_best_cell_not_the_worst():
+    """A cell that rescues every incorrect case beats one that rescues none (idxmax, not idxmin)."""
+    rows = [dict(id=f"q{i}", position="t2", source_layer=s, target_layer=0, kind="back", success=s == 1,
+                 subset="incorrect", split="test") for i in range(10) for s in (1, 2)]
+    rows += [dict(id="ok", position="t2", source_layer=s, target_layer=0, kind="back", success=s == 2,
+                  subset="correct", split="test") for s in (1, 2)]
+    best = non_oracle(pd.DataFrame(rows)).query("split == 'test'").iloc[0]
+    assert (best.source_layer, best.target_layer, best.train_rate, best.gain) == (1, 0, 1.0, 1.0)
+    assert best.damage == 1.0  # the chosen cell breaks the one correct case

@@ -76,3 +76,31 @@ def test_heatmap_scale_follows_its_panel_and_prints_values():
     assert trace.zmax == 3.0 and trace.zmin == 0  # a 0-3% panel uses its own range ...
     assert "0–3" in trace.colorbar.title.text  # ... and says so
     assert trace.texttemplate == "%{z:.0f}"
+
+
+def test_figures_carry_the_numbers_of_their_tables():
+    import pandas as pd
+
+    from latent_hops import plots
+
+    cells = pd.DataFrame([dict(split="all", subset="incorrect", position="t1", kind="back", source_layer=s,
+                               target_layer=t, cases=10, successes=s + t, rate=(s + t) / 10)
+                          for s in range(4) for t in range(s)])
+    trace = plots.backpatch_heatmap(cells, "incorrect", "t1").data[0]
+    assert trace.z[3][1] == 40.0 and trace.z[2][0] == 20.0  # row = source layer, column = target layer
+    assert pd.isna(trace.z[0][3])  # not a back-patch: grey
+
+    stages = pd.DataFrame({"id": list("abc"), "subset": ["correct", "correct", "incorrect"], "split": "test",
+                           "method": "probe", "first_hop_layer": [1.0, 2.0, 5.0], "info_propagation_layer": 3.0,
+                           "second_hop_onset_layer": 4.0, "second_hop_layer": [6.0, 7.0, 8.0],
+                           "prediction_extracted_layer": 7.0})
+    box = plots.stage_boxplot(stages, "probe")
+    correct = box.data[0]
+    first = [y for x, y in zip(correct.x, correct.y) if x == "first hop resolved"]
+    assert sorted(first) == [1.0, 2.0] and "n=2" in correct.name
+
+    knockout = pd.DataFrame({"id": list("abab"), "preset": "last_to_t1", "layer": [0, 0, 1, 1],
+                             "changed": [True, False, True, True], "skip_reason": ""})
+    evaluation = pd.DataFrame({"id": ["a", "b"], "subset": "incorrect"})
+    curve = plots.knockout_curves(knockout, evaluation).data[0]
+    assert list(curve.x) == [0, 1] and list(curve.y) == [50.0, 100.0]

@@ -59,3 +59,18 @@ def test_training_script_smoke(tmp_path):
     model = load_model(out / "checkpoint", device="cpu")
     assert model.cfg.n_layers == 2
     assert len(load_dataset(out / "two_hop.csv")) == len(load_dataset("toy"))
+
+
+def test_training_gpt2_never_overwrites_the_llama_toy(tmp_path):
+    """The README's toy-gpt2 recipe writes checkpoint-gpt2/ and MODEL_CARD-gpt2.md (a tiny run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_toy_model.py"
+    small = ["--n-entities", "30", "--n-relations", "4", "--train-per-fact", "0.3", "--n-layers", "1", "--d-model", "16", "--n-heads", "2",
+             "--d-mlp", "32", "--steps", "2", "--warmup", "1", "--threads", "1"]
+    subprocess.run([sys.executable, str(script), "--arch", "gpt2", "--out", str(tmp_path), *small], check=True,
+                   capture_output=True)
+    assert (tmp_path / "checkpoint-gpt2" / "config.json").is_file() and (tmp_path / "MODEL_CARD-gpt2.md").is_file()
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "MODEL_CARD.md").exists()

@@ -35,13 +35,14 @@ from latent_hops.analysis import Analysis, Column, Context, ReportInput, option,
 from latent_hops.backend import EMBEDDINGS, Model, Site, check_layers
 from latent_hops.cases import POSITIONS, Case, case_batches
 from latent_hops.cases import prepare_cases as cases_for
+from latent_hops.config import config_from_dict
 from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct
 from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at, patch_hook
 from latent_hops.positions import GRID_HELP, parse_layers, tokenize_prompts
 from latent_hops.queries import PROMPT_SUFFIX
 from latent_hops.ranks import best_rank
-from latent_hops.rundir import done_ids, merge_parts, run_in_parts, write_table
+from latent_hops.rundir import done_ids, merge_parts, run_in_parts, write_table, write_text
 
 KINDS = ("back", "forward", "random")
 Kind = Literal["back", "forward", "random"]
@@ -361,11 +362,12 @@ def summarize(run_dir: Path, results: pd.DataFrame, evaluation: pd.DataFrame, ma
                "cases": int(results["id"].nunique()), "rows": len(results),
                "skipped": [] if skipped is None else skipped.to_dict("records"),
                "oracle": oracle.to_dict("records"), "non_oracle": beyond.to_dict("records")}
-    (run_dir / "backpatch_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text(run_dir / "backpatch_summary.json", json.dumps(summary, indent=1, default=str))
     figures = [plots.backpatch_heatmap(cells, subset, position, oracle=oracle)
                for subset in ("incorrect", "correct") if subset in set(oracle.subset)
                for position in sorted(set(oracle.position))]
-    plots.save_html(figures, run_dir / "backpatch_heatmaps.html", "latent_hops back-patching")
+    plots.save_html(figures, run_dir / "backpatch_heatmaps.html", "latent_hops: back-patching",
+                    _note(config_from_dict(BackpatchConfig, made_by.get("config", {}))))
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
         text = oracle[oracle.split == "all"].to_string(index=False)
         if not beyond.empty:
@@ -376,7 +378,8 @@ def summarize(run_dir: Path, results: pd.DataFrame, evaluation: pd.DataFrame, ma
 def _summary(context: Context, results: pd.DataFrame, config: BackpatchConfig) -> str:
     if context.run_dir is None:
         return ""
-    text = summarize(context.run_dir, results, context.evaluation, context.made_by("backpatch", config))
+    text = summarize(context.run_dir, results, context.evaluation, context.made_by("backpatch", config),
+                     context.skipped)
     cases, held = results["id"].nunique(), len(done_ids(context.folder("backpatch")))
     if held > cases:
         text += (f"\nsummarising the {cases} requested cases; {context.folder('backpatch')} holds {held} "
@@ -392,7 +395,10 @@ def _report(section: ReportInput) -> str:
                 for split in splits for subset in ("incorrect", "correct") if subset in set(oracle.subset)
                 for position in sorted(set(oracle.position))
                 if len(cells.query("split == @split and subset == @subset"))]
-    return ("<div class='grid'>" + "".join(heatmaps) + "</div>" + section.html_table(oracle)
+    shown = oracle.assign(**{c: 100 * oracle[c] for c in ("rate", "ci_low", "ci_high")}).rename(columns={
+        "rate": "rate %", "ci_low": "ci_low %", "ci_high": "ci_high %", "rescued": "successes"})
+    return ("<div class='grid'>" + "".join(heatmaps) + "</div><p class='note'>Oracle rates; successes = cases "
+            "rescued (incorrect) or kept correct (correct).</p>" + section.html_table(shown)
             + "<h3>Without the oracle</h3><p class='note'>The best (position, s, t) of each kind is chosen on half "
             "of the incorrect cases; gain = share of the other half rescued, damage = share of correct cases broken "
             "(bootstrap 95% intervals).</p>" + section.html_table(non_oracle(labelled))

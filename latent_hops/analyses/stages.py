@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from latent_hops import plots
-from latent_hops.analysis import Analysis, Column, Context, ReportInput, analyses, option, register
+from latent_hops.analysis import Analysis, Column, Context, ReportInput, analyses, get, option, register
 from latent_hops.errors import InputError
 
 STAGES = ["first_hop_layer", "info_propagation_layer", "second_hop_onset_layer", "second_hop_layer",
@@ -121,6 +121,11 @@ def empty_stage_notes(stages: pd.DataFrame, skipped: Collection[str] = ()) -> li
     return notes
 
 
+COVERAGE_NOTE = ("A missing layer (NaN) means the stage was never reached for that case (e.g. a small model's logit "
+                 "lens is blind in early layers, so the probe and Patchscopes carry the first-hop question), or "
+                 "that the analysis feeding it was not run (see the notes on empty columns).")
+
+
 def _run(context: Context, config: StagesConfig) -> pd.DataFrame:
     """Every stage analysis not skipped, each reused from the run directory when it was made
     the same way, then the stage table."""
@@ -145,7 +150,8 @@ def _summary(context: Context, stages: pd.DataFrame, config: StagesConfig) -> st
     if context.run_dir is not None:
         figures = [plots.stage_boxplot(stages, method) for method in stages["method"].unique()]
         figures.append(plots.resolution_curves(stages))
-        plots.save_html(figures, context.run_dir / "stages.html", "latent_hops stages")
+        plots.save_html(figures, context.run_dir / "stages.html", "latent_hops: stages of two-hop queries",
+                        get("stages").note(config) + " " + COVERAGE_NOTE)
     return text
 
 
@@ -157,10 +163,8 @@ def _report(section: ReportInput) -> str:
     empty = "".join(f"<li>{html.escape(note)}</li>" for note in empty_stage_notes(stages, config.skip))
     empty = f"<p class='note'>Empty columns:</p><ul class='note'>{empty}</ul>" if empty else ""
     return (body + section.html_table(stage_medians(stages)) + empty
-            + "<p class='note'>Share of cases for which each method gives each stage a layer. An empty cell means "
-            "the method never decoded that entity there (e.g. a small model's logit lens is blind in early layers, "
-            "so the probe and Patchscopes carry the first-hop question), or that the analysis was not run.</p>"
-            + section.html_table(coverage))
+            + f"<p class='note'>{html.escape(COVERAGE_NOTE)} Share of cases for which each method gives each stage "
+            "a layer:</p>" + section.html_table(coverage))
 
 
 register(Analysis(

@@ -39,14 +39,15 @@ Model = HookedTransformer
 EMBEDDINGS = -1
 """Layer index of the embedding output (the residual stream entering block 0)."""
 
-SITE_KINDS = ("resid", "attn_out", "mlp_out", "attn_scores")
+SITE_KINDS = ("resid", "attn_out", "mlp_out", "attn_scores", "attn_pattern")
+PER_POSITION = ("resid", "attn_out", "mlp_out")  # sites with one vector per position (``read_sites``)
 
 
 @dataclass(frozen=True)
 class Site:
     """A place in the model the analyses read or edit, in their own vocabulary: the hidden
     state of a layer (``"resid"``; layer -1 = the embeddings), a block's attention or MLP
-    output, or its attention scores (pre-softmax)."""
+    output, or its attention scores (pre-softmax) or pattern (post-softmax)."""
 
     kind: str
     layer: int
@@ -64,7 +65,8 @@ def hook_name(site: Site) -> str:
     if site.kind == "resid":
         return "blocks.0.hook_resid_pre" if site.layer == EMBEDDINGS else f"blocks.{site.layer}.hook_resid_post"
     return {"attn_out": f"blocks.{site.layer}.hook_attn_out", "mlp_out": f"blocks.{site.layer}.hook_mlp_out",
-            "attn_scores": f"blocks.{site.layer}.attn.hook_attn_scores"}[site.kind]
+            "attn_scores": f"blocks.{site.layer}.attn.hook_attn_scores",
+            "attn_pattern": f"blocks.{site.layer}.attn.hook_pattern"}[site.kind]
 
 
 def hidden_state_hook(layer: int) -> str:
@@ -124,6 +126,9 @@ def read_sites(
     sites: Sequence[Site],
 ) -> Float[torch.Tensor, "batch n_positions n_sites d_model"]:
     """Clean activations of ``sites`` at ``positions`` only (never a full cache)."""
+    odd = [site for site in sites if site.kind not in PER_POSITION]
+    if odd:
+        raise InputError(f"read_sites reads per-position vectors ({PER_POSITION}), not {odd}; see read_attention")
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
     pos = positions.to(tokens.device)
     found: dict[str, torch.Tensor] = {}
@@ -136,6 +141,30 @@ def read_sites(
     model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
                          fwd_hooks=[(name, read) for name in dict.fromkeys(names)])
     return torch.stack([found[name] for name in names], dim=2)
+
+
+@torch.no_grad()
+def read_attention(
+    model: Model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    queries: Int[torch.Tensor, " batch"],
+    keys: Int[torch.Tensor, " batch"],
+    layers: Sequence[int],
+) -> Float[torch.Tensor, "batch n_layers heads"]:
+    """Attention weight (post-softmax) from column ``queries[b]`` to column ``keys[b]`` in every
+    head of ``layers``, one row per prompt; the full patterns are never kept."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    found: dict[str, torch.Tensor] = {}
+
+    def read(pattern: torch.Tensor, hook) -> None:  # [batch, head, query, key]
+        r, q, k = (t.to(pattern.device) for t in (rows, queries, keys))
+        found[hook.name] = pattern[r, :, q, k].float().to(tokens.device)
+
+    names = [hook_name(Site("attn_pattern", layer)) for layer in check_layers(model, layers)]
+    model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
+                         fwd_hooks=[(name, read) for name in names])
+    return torch.stack([found[name] for name in names], dim=1)
 
 
 def write_hook(layer: int, write: Callable[[torch.Tensor], torch.Tensor]) -> tuple[str, Callable]:
