@@ -121,16 +121,20 @@ def test_stages_refuses_a_preset_the_knockout_does_not_run(tmp_path, capsys):
     assert "--knockout-preset last_to_t1 is not among the knockout's --presets all_to_t1" in capsys.readouterr().err
 
 
+def _rank(layer: int, first: int, after: int = 5) -> int:
+    """Rank 0 from layer ``first`` on, a near miss (rank 1) just before, far (``after``) earlier."""
+    return 0 if layer >= first else 1 if layer == first - 1 else after
+
+
 def _lens(layers: dict[str, tuple[int, int, int]], n_layers: int = 4) -> pd.DataFrame:
     """A logit-lens table where, per case, e2 is top at t1 from layer a, at t2 from layer b,
-    and e3 is top at t2 from layer c on (so it also stays in the top k from c)."""
+    and e3 is top at t2 from layer c on (rank 1 one layer earlier: still in the top k)."""
     rows = []
     for i, (a, b, c) in layers.items():
         for layer in range(-1, n_layers):
-            rows.append({"id": i, "position": "t1", "layer": layer, "e2_rank": 0 if layer >= a else 5,
-                         "e3_rank": 50})
-            rows.append({"id": i, "position": "t2", "layer": layer, "e2_rank": 0 if layer >= b else 5,
-                         "e3_rank": 0 if layer >= c else 50})
+            rows.append({"id": i, "position": "t1", "layer": layer, "e2_rank": _rank(layer, a), "e3_rank": 50})
+            rows.append({"id": i, "position": "t2", "layer": layer, "e2_rank": _rank(layer, b),
+                         "e3_rank": _rank(layer, c, after=50)})
     return pd.DataFrame(rows)
 
 
@@ -144,11 +148,12 @@ def test_stage_values_from_hand_built_tables():
     ko = _ko(["a", "b"], "last_to_t1", {"a": 0, "b": 9})
     stages = stage_table(evaluation, {"logit-lens": lens, "projection": projection, "knockout": ko}).set_index("id")
     a, b = stages.loc["a"], stages.loc["b"]
+    # onset: e3 within the top 10 from the near miss on; second hop: e3 top
     assert (a.first_hop_layer, a.second_hop_onset_layer, a.second_hop_layer, a.prediction_extracted_layer) == (
-        1, 3, 3, 2)
+        1, 2, 3, 2)
     assert a.info_propagation_layer == (0 + 1 + 2) / 3 and a.info_propagation_measures == "knockout,attn_e2,e2_at_t2"
     assert b.info_propagation_layer == 3 and b.info_propagation_measures == "attn_e2"  # no knockout effect, no e2
-    assert (b.first_hop_layer, b.second_hop_layer, b.second_hop_onset_layer) == (0, 2, 2)
+    assert (b.first_hop_layer, b.second_hop_layer, b.second_hop_onset_layer) == (0, 2, 1)
 
 
 def test_report_notes_come_from_the_configs_that_made_the_tables(tmp_path):
