@@ -13,6 +13,17 @@ from latent_hops.quick import BackpatchResult, run_backpatch
 
 __version__ = "0.1.0"
 __all__ = [
-    "BackpatchResult", "DatasetError", "EvaluationConfig", "ModelLoadError", "TwoHopQuery", "evaluate",
-    "hidden_state_hook", "load_dataset", "load_model", "run_backpatch", "save_dataset", "summarize", "tokenize_prompts",
+    "BackpatchResult",
+    "DatasetError",
+    "EvaluationConfig",
+    "ModelLoadError",
+    "TwoHopQuery",
+    "evaluate",
+    "hidden_state_hook",
+    "load_dataset",
+    "load_model",
+    "run_backpatch",
+    "save_dataset",
+    "summarize",
+    "tokenize_prompts",
 ]

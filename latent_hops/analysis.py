@@ -46,7 +46,9 @@ class Context:
     queries: pd.DataFrame  # every query of the run (a probe's training pool draws on them)
     identity: dict  # model, weights hash, dataset hash, version: see ``made_by``
     run_dir: Path | None = None
-    configs: dict[str, Any] = field(default_factory=dict)  # analysis name -> config (else its defaults)
+    configs: dict[str, Any] = field(
+        default_factory=dict
+    )  # analysis name -> config (else its defaults)
     batch_size: int = 64  # prompts per forward pass
     chunk_cases: int = 50  # cases per resumable part
     progress: bool = False
@@ -104,14 +106,22 @@ class Analysis:
     columns: tuple[Column, ...]  # the table's columns, in order: checked on write
     note: Callable[[Any], str] = lambda config: ""  # methods note of the report, from the config
     resumable: bool = False  # computed in parts under RUN_DIR/<name>/, skipping finished cases
-    shardable: bool = False  # --shard i/n splits its cases over processes; `latent-hops merge` joins them
-    stage_layers: Callable[[pd.DataFrame, Any], pd.DataFrame] | None = None  # (table, StagesConfig) ->
+    shardable: bool = (
+        False  # --shard i/n splits its cases over processes; `latent-hops merge` joins them
+    )
+    stage_layers: Callable[[pd.DataFrame, Any], pd.DataFrame] | None = (
+        None  # (table, StagesConfig) ->
+    )
     # one row per id, ``*_layer`` columns for the stage table
     decodes: str | None = None  # stage-table method name when its stage layers decode entities
     report: Callable[[ReportInput], str] | None = None  # HTML body of the report section
-    summary: Callable[[Context, pd.DataFrame, Any], str] | None = None  # what the CLI prints after a run (and
+    summary: Callable[[Context, pd.DataFrame, Any], str] | None = (
+        None  # what the CLI prints after a run (and
+    )
     # files it writes beside the table)
-    uses_positions: Callable[[Any], tuple[str, ...]] = lambda config: getattr(config, "positions", POSITIONS)
+    uses_positions: Callable[[Any], tuple[str, ...]] = lambda config: getattr(
+        config, "positions", POSITIONS
+    )
     aliases: tuple[str, ...] = ()  # other CLI command names
     order: int = 50  # place in the CLI, the stage table and the report
 
@@ -152,7 +162,9 @@ def get(name: str) -> Analysis:
     return found[name]
 
 
-def first_layer(table: pd.DataFrame, holds: pd.Series, name: str, layer: str = "layer") -> pd.Series:
+def first_layer(
+    table: pd.DataFrame, holds: pd.Series, name: str, layer: str = "layer"
+) -> pd.Series:
     """Per case (``id``), the smallest ``layer`` where ``holds``; every id of ``table``
     appears, missing (NaN) where it never holds. The stage reducer of every analysis."""
     return table[holds].groupby("id")[layer].min().rename(name).reindex(table["id"].unique())

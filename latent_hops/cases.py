@@ -18,7 +18,12 @@ from latent_hops.backend import Model
 from latent_hops.errors import InputError
 from latent_hops.evaluation import resolve_positions
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, length_batches
-from latent_hops.positions import TokenizedPrompts, answer_first_tokens, context_problems, tokenize_prompts
+from latent_hops.positions import (
+    TokenizedPrompts,
+    answer_first_tokens,
+    context_problems,
+    tokenize_prompts,
+)
 from latent_hops.queries import PROMPT_SUFFIX, composition_spans, iter_queries
 
 POSITIONS = ("t1", "t2")
@@ -32,8 +37,12 @@ class Case:
     prompt: str
     positions: dict[str, int]  # unpadded token index of t1 and t2
     names: dict[str, tuple[str, ...]]  # "e1" / "e2" / "e3" -> label and aliases
-    first_tokens: dict[str, list[int]] = field(default_factory=dict)  # "e2" / "e3" -> first answer tokens
-    r1_tokens: list[int] | None = None  # unpadded indices of the first-hop relation's tokens (not e1's)
+    first_tokens: dict[str, list[int]] = field(
+        default_factory=dict
+    )  # "e2" / "e3" -> first answer tokens
+    r1_tokens: list[int] | None = (
+        None  # unpadded indices of the first-hop relation's tokens (not e1's)
+    )
 
     @property
     def e3_names(self) -> tuple[str, ...]:
@@ -41,7 +50,10 @@ class Case:
 
 
 def prepare_cases(
-    model: Model, table: pd.DataFrame, positions: tuple[str, ...] = POSITIONS, suffix: str = PROMPT_SUFFIX,
+    model: Model,
+    table: pd.DataFrame,
+    positions: tuple[str, ...] = POSITIONS,
+    suffix: str = PROMPT_SUFFIX,
     new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> tuple[list[Case], pd.DataFrame]:
     """Cases for the queries of ``table``, and a table (``id``, ``reason``) of skipped ones
@@ -52,8 +64,12 @@ def prepare_cases(
         raise InputError(f"unknown positions {sorted(unknown)}; use {POSITIONS}")
     queries = iter_queries(table)
     pos = resolve_positions(model, queries, suffix).set_index("id")
-    too_long = dict(zip((q.id for q in queries),
-                        context_problems(model, [q.composition_prompt(suffix) for q in queries], new_tokens)))
+    too_long = dict(
+        zip(
+            (q.id for q in queries),
+            context_problems(model, [q.composition_prompt(suffix) for q in queries], new_tokens),
+        )
+    )
     cases, skipped = [], []
     for q in queries:
         error = pos.loc[q.id, "position_error"] or too_long[q.id]
@@ -63,8 +79,16 @@ def prepare_cases(
         prompt = q.composition_prompt(suffix)
         names = {e: q.names(e) for e in ("e1", "e2", "e3")}
         first = {e: answer_first_tokens(model, prompt, names[e]) for e in ("e2", "e3")}
-        cases.append(Case(q.id, prompt, {p: int(pos.loc[q.id, p]) for p in positions}, names, first,
-                          _r1_tokens(model, prompt, composition_spans(q, suffix))))
+        cases.append(
+            Case(
+                q.id,
+                prompt,
+                {p: int(pos.loc[q.id, p]) for p in positions},
+                names,
+                first,
+                _r1_tokens(model, prompt, composition_spans(q, suffix)),
+            )
+        )
     return cases, pd.DataFrame(skipped, columns=["id", "reason"])
 
 
@@ -87,14 +111,21 @@ class CaseBatch:
     columns: Int[torch.Tensor, "batch n_positions"]
 
 
-def case_batches(model: Model, cases: Sequence[Case], batch_size: int,
-                 positions: Sequence[str] = POSITIONS, lengths: Sequence[int] | None = None) -> Iterator[CaseBatch]:
+def case_batches(
+    model: Model,
+    cases: Sequence[Case],
+    batch_size: int,
+    positions: Sequence[str] = POSITIONS,
+    lengths: Sequence[int] | None = None,
+) -> Iterator[CaseBatch]:
     """The batching every analysis starts with: batches of ``cases`` of similar ``lengths``
     (default: characters), tokenised, with the columns of ``positions`` in the padded batch."""
     lengths = [len(c.prompt) for c in cases] if lengths is None else lengths
     for idx in length_batches(lengths, batch_size):
         batch = [cases[i] for i in idx]
         tok = tokenize_prompts(model, [c.prompt for c in batch])
-        cols = torch.tensor([[n + c.positions[p] for p in positions] for c, n in zip(batch, tok.n_pad)],
-                            dtype=torch.long).reshape(len(batch), len(positions))
+        cols = torch.tensor(
+            [[n + c.positions[p] for p in positions] for c, n in zip(batch, tok.n_pad)],
+            dtype=torch.long,
+        ).reshape(len(batch), len(positions))
         yield CaseBatch(idx, batch, tok, cols)

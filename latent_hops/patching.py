@@ -33,8 +33,9 @@ def write_positions(
     return resid
 
 
-def patch_hook(layer: int, positions: Int[torch.Tensor, " batch"],
-               values: Float[torch.Tensor, "batch d_model"]) -> Hook:
+def patch_hook(
+    layer: int, positions: Int[torch.Tensor, " batch"], values: Float[torch.Tensor, "batch d_model"]
+) -> Hook:
     """A forward hook writing ``values`` into the hidden state of ``layer`` at ``positions``.
 
     Positions index the prompt (left-padded) and so stay valid in a no-cache generation
@@ -107,5 +108,9 @@ def generate_with_patches(
             mask = attention_mask[base]
             sub_cache = backend.select_cache(cache, base, layer + 1, mask)
             screen = None if keep is None else (lambda logits, chunk=chunk: keep(chunk, logits))
-            on_output(chunk, backend.greedy_from_layer(model, patched, layer + 1, mask, sub_cache, max_new_tokens,
-                                                        sampler, screen))
+            on_output(
+                chunk,
+                backend.greedy_from_layer(
+                    model, patched, layer + 1, mask, sub_cache, max_new_tokens, sampler, screen
+                ),
+            )

@@ -40,46 +40,80 @@ def backpatch_heatmap(
     for r in data[data.kind == kind].itertuples():
         i, j = index[r.source_layer], index[r.target_layer]
         z[i, j] = 100 * r.rate
-        text[i, j] = (f"source {r.source_layer} → target {r.target_layer}<br>"
-                      f"{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)")
+        text[i, j] = (
+            f"source {r.source_layer} → target {r.target_layer}<br>"
+            f"{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)"
+        )
     names = [("emb" if layer == -1 else str(layer)) for layer in layers]
     # the scale spans this panel's own range (a 0-7% panel is not one colour), stated on the
     # colour bar; small grids also print each cell's value
     top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0, 1.0)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, text=text, hoverinfo="text", colorscale="Viridis", zmin=0, zmax=top,
-        colorbar={"title": f"% cases<br>(0–{top:.0f})"}, hoverongaps=False,
-        texttemplate="%{z:.0f}" if len(layers) <= 16 else None,
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=names,
+            y=names,
+            text=text,
+            hoverinfo="text",
+            colorscale="Viridis",
+            zmin=0,
+            zmax=top,
+            colorbar={"title": f"% cases<br>(0–{top:.0f})"},
+            hoverongaps=False,
+            texttemplate="%{z:.0f}" if len(layers) <= 16 else None,
+        )
+    )
     title = f"Back-patching at {position}: {subset} cases ({split})"
     if oracle is not None:
-        o = oracle[(oracle.subset == subset) & (oracle.position == position) & (oracle.split == split)]
+        o = oracle[
+            (oracle.subset == subset) & (oracle.position == position) & (oracle.split == split)
+        ]
         rates = ", ".join(f"{r.kind} {100 * r.rate:.0f}%" for r in o.itertuples())
         grid = f"; {int(o.cells.max())} cells per case and kind" if "cells" in o and len(o) else ""
-        title += f"<br><sup>oracle (≥1 cell succeeds) — {rates}; n = {int(o.cases.max()) if len(o) else 0}{grid}</sup>"
-    fig.update_layout(title=title, xaxis_title="target layer t", yaxis_title="source layer s",
-                      plot_bgcolor=GREY, width=560, height=520)
+        n = int(o.cases.max()) if len(o) else 0
+        title += f"<br><sup>oracle (≥1 cell succeeds) — {rates}; n = {n}{grid}</sup>"
+    fig.update_layout(
+        title=title,
+        xaxis_title="target layer t",
+        yaxis_title="source layer s",
+        plot_bgcolor=GREY,
+        width=560,
+        height=520,
+    )
     fig.update_xaxes(type="category", showgrid=False)
     fig.update_yaxes(type="category", showgrid=False)
     return fig
 
 
-def save_html(figures: Sequence[go.Figure], path: str | Path, title: str = "latent_hops", note: str = "") -> Path:
+def save_html(
+    figures: Sequence[go.Figure], path: str | Path, title: str = "latent_hops", note: str = ""
+) -> Path:
     """Several figures in one standalone HTML page under a heading and a note (plotly.js
     embedded once: works offline)."""
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    parts = [
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)
+    ]
     head = f"<h1>{html.escape(title)}</h1>" + (f"<p>{html.escape(note)}</p>" if note else "")
-    return write_text(Path(path), f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-                      f"<body style='font-family:sans-serif'>{head}" + "\n".join(parts) + "</body></html>")
+    return write_text(
+        Path(path),
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+        f"<body style='font-family:sans-serif'>{head}" + "\n".join(parts) + "</body></html>",
+    )
 
 
-STAGE_LABELS = {"first_hop_layer": "first hop resolved", "info_propagation_layer": "information propagation",
-                "second_hop_onset_layer": "second-hop onset", "second_hop_layer": "second hop resolved",
-                "prediction_extracted_layer": "prediction extracted"}
+STAGE_LABELS = {
+    "first_hop_layer": "first hop resolved",
+    "info_propagation_layer": "information propagation",
+    "second_hop_onset_layer": "second-hop onset",
+    "second_hop_layer": "second hop resolved",
+    "prediction_extracted_layer": "prediction extracted",
+}
 SUBSET_COLORS = {"correct": "#1b9e77", "incorrect": "#d95f02"}
 
 
-def stage_boxplot(stages: pd.DataFrame, method: str = "patchscopes", split: str | None = None) -> go.Figure:
+def stage_boxplot(
+    stages: pd.DataFrame, method: str = "patchscopes", split: str | None = None
+) -> go.Figure:
     """Boxplots of each stage's layer, correct vs incorrect cases (the paper's Figure)."""
     data = stages[stages.method == method]
     if split is not None:
@@ -88,10 +122,22 @@ def stage_boxplot(stages: pd.DataFrame, method: str = "patchscopes", split: str 
     for subset in ("correct", "incorrect"):
         d = data[data.subset == subset]
         long = d.melt(value_vars=list(STAGE_LABELS), var_name="stage", value_name="layer").dropna()
-        fig.add_trace(go.Box(x=long.stage.map(STAGE_LABELS), y=long.layer, name=f"{subset} (n={len(d)})",
-                             marker_color=SUBSET_COLORS[subset], boxmean=True))
-    fig.update_layout(boxmode="group", title=f"Stages of two-hop queries ({method}{', ' + split if split else ''})",
-                      yaxis_title="layer", width=820, height=480)
+        fig.add_trace(
+            go.Box(
+                x=long.stage.map(STAGE_LABELS),
+                y=long.layer,
+                name=f"{subset} (n={len(d)})",
+                marker_color=SUBSET_COLORS[subset],
+                boxmean=True,
+            )
+        )
+    fig.update_layout(
+        boxmode="group",
+        title=f"Stages of two-hop queries ({method}{', ' + split if split else ''})",
+        yaxis_title="layer",
+        width=820,
+        height=480,
+    )
     return fig
 
 
@@ -101,28 +147,64 @@ def resolution_curves(stages: pd.DataFrame, method: str | None = None) -> go.Fig
     data = stages if method is None else stages[stages.method == method]
     fig = go.Figure()
     layers = sorted(set(data.first_hop_layer.dropna()) | set(data.second_hop_layer.dropna()))
-    for (m, subset), d in data[data.subset.isin(["correct", "incorrect"])].groupby(["method", "subset"]):
-        for col, name, dash in (("first_hop_layer", "e2 from t1", "solid"), ("second_hop_layer", "e3 from t2", "dash")):
+    for (m, subset), d in data[data.subset.isin(["correct", "incorrect"])].groupby(
+        ["method", "subset"]
+    ):
+        for col, name, dash in (
+            ("first_hop_layer", "e2 from t1", "solid"),
+            ("second_hop_layer", "e3 from t2", "dash"),
+        ):
             pct = [100 * (d[col] <= layer).mean() for layer in layers]
-            fig.add_trace(go.Scatter(x=layers, y=pct, mode="lines+markers", name=f"{m}: {name}, {subset}",
-                                     line={"dash": dash, "color": SUBSET_COLORS[subset]}))
-    fig.update_layout(title="Cases resolved by layer (minimum decoding layer)", xaxis_title="layer",
-                      yaxis_title="% of cases", width=820, height=480)
+            fig.add_trace(
+                go.Scatter(
+                    x=layers,
+                    y=pct,
+                    mode="lines+markers",
+                    name=f"{m}: {name}, {subset}",
+                    line={"dash": dash, "color": SUBSET_COLORS[subset]},
+                )
+            )
+    fig.update_layout(
+        title="Cases resolved by layer (minimum decoding layer)",
+        xaxis_title="layer",
+        yaxis_title="% of cases",
+        width=820,
+        height=480,
+    )
     return fig
 
 
-def patchscope_heatmap(scopes: pd.DataFrame, position: str = "t1", entity: str = "e2",
-                       ids: Sequence[str] | None = None) -> go.Figure:
+def patchscope_heatmap(
+    scopes: pd.DataFrame, position: str = "t1", entity: str = "e2", ids: Sequence[str] | None = None
+) -> go.Figure:
     """Source layer (y) x target layer (x): % of cases decoded as ``entity`` from ``position``."""
     data = scopes[scopes.position == position]
     if ids is not None:
         data = data[data.id.isin(set(ids))]
-    hit = data.assign(hit=data.decoded == entity).groupby(["source_layer", "target_layer"])["hit"].mean()
+    hit = (
+        data.assign(hit=data.decoded == entity)
+        .groupby(["source_layer", "target_layer"])["hit"]
+        .mean()
+    )
     grid = hit.unstack("target_layer") * 100
-    fig = go.Figure(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index],
-                               colorscale="Viridis", zmin=0, zmax=100, colorbar={"title": "% cases"}))
-    fig.update_layout(title=f"Patchscopes: {entity} decoded from {position}", xaxis_title="target layer",
-                      yaxis_title="source layer", width=560, height=520)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.values,
+            x=[str(c) for c in grid.columns],
+            y=[str(i) for i in grid.index],
+            colorscale="Viridis",
+            zmin=0,
+            zmax=100,
+            colorbar={"title": "% cases"},
+        )
+    )
+    fig.update_layout(
+        title=f"Patchscopes: {entity} decoded from {position}",
+        xaxis_title="target layer",
+        yaxis_title="source layer",
+        width=560,
+        height=520,
+    )
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category")
     return fig
@@ -134,8 +216,20 @@ def knockout_curves(knockout: pd.DataFrame, evaluation: pd.DataFrame) -> go.Figu
     fig = go.Figure()
     for (preset, subset), d in data.groupby(["preset", "subset"]):
         rate = d.groupby("layer")["changed"].mean() * 100
-        fig.add_trace(go.Scatter(x=rate.index, y=rate.values, mode="lines+markers", name=f"{preset}, {subset}",
-                                 line={"color": SUBSET_COLORS.get(subset)}))
-    fig.update_layout(title="Attention knockout: answer changed", xaxis_title="centre layer of the window",
-                      yaxis_title="% of cases", width=820, height=480)
+        fig.add_trace(
+            go.Scatter(
+                x=rate.index,
+                y=rate.values,
+                mode="lines+markers",
+                name=f"{preset}, {subset}",
+                line={"color": SUBSET_COLORS.get(subset)},
+            )
+        )
+    fig.update_layout(
+        title="Attention knockout: answer changed",
+        xaxis_title="centre layer of the window",
+        yaxis_title="% of cases",
+        width=820,
+        height=480,
+    )
     return fig

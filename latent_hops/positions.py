@@ -47,19 +47,28 @@ def parse_layers(spec, n_layers: int, first: int = 0) -> tuple[int, ...] | None:
                 if len(parts) > 3:
                     raise ValueError
                 start, stop, step = (parts + [None, None])[:3]
-                layers = list(range(first if start is None else start, n_layers if stop is None else stop,
-                                    step or 1))
+                layers = list(
+                    range(
+                        first if start is None else start,
+                        n_layers if stop is None else stop,
+                        step or 1,
+                    )
+                )
             else:
                 layers = [int(x) for x in text.split(",") if x.strip()]
         except (ValueError, TypeError):
-            raise InputError(f"layer grid {spec!r}: use 'all', a list '0,3,7', a range 'a:b:k' or 'every:k'") from None
+            raise InputError(
+                f"layer grid {spec!r}: use 'all', a list '0,3,7', a range 'a:b:k' or 'every:k'"
+            ) from None
     else:
         layers = [int(x) for x in spec]
     if not layers:
         raise InputError(f"layer grid {spec!r} selects no layer")
     bad = [x for x in layers if not EMBEDDINGS <= x < n_layers]
     if bad:
-        raise InputError(f"layer grid {spec!r}: layers {bad} out of range -1 (embeddings) to {n_layers - 1}")
+        raise InputError(
+            f"layer grid {spec!r}: layers {bad} out of range -1 (embeddings) to {n_layers - 1}"
+        )
     return tuple(sorted(set(layers)))
 
 
@@ -136,11 +145,17 @@ def context_problems(model: Model, prompts: list[str], new_tokens: int = 0) -> l
     exceed the model's context ``n_ctx``), or None. TransformerLens would fail deep in its
     positional code, and fail the whole batch with it."""
     tokenizer, bos = backend.tokenizer_of(model), int(backend.prepends_bos(model))
-    lengths = [len(ids) + bos for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids) + bos for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    ]
     n_ctx = backend.context_length(model)
-    return [None if n + new_tokens <= n_ctx else
-            f"prompt of {n} tokens{f' + {new_tokens} generated' if new_tokens else ''} exceeds the model's "
-            f"context of {n_ctx} tokens" for n in lengths]
+    generated = f" + {new_tokens} generated" if new_tokens else ""
+    return [
+        None
+        if n + new_tokens <= n_ctx
+        else f"prompt of {n} tokens{generated} exceeds the model's context of {n_ctx} tokens"
+        for n in lengths
+    ]
 
 
 def answer_first_tokens(model: Model, prompt: str, aliases) -> list[int]:
@@ -153,7 +168,9 @@ def answer_first_tokens(model: Model, prompt: str, aliases) -> list[int]:
     base = backend.tokenizer_of(model)(prompt, add_special_tokens=False)["input_ids"]
     firsts = []
     for alias in aliases:
-        ids = backend.tokenizer_of(model)(f"{prompt} {alias}", add_special_tokens=False)["input_ids"]
+        ids = backend.tokenizer_of(model)(f"{prompt} {alias}", add_special_tokens=False)[
+            "input_ids"
+        ]
         if len(ids) > len(base) and ids[: len(base)] == base:
             firsts.append(ids[len(base)])
         else:

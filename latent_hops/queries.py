@@ -27,8 +27,15 @@ PROMPT_KINDS = ("first_hop", "second_hop", "composition", "entity_shortcut", "re
 
 PROMPT_SUFFIX = " is"
 REQUIRED_COLUMNS = (
-    "id", "e1_label", "e2_label", "e3_label", "e1_aliases", "e2_aliases", "e3_aliases",
-    "r1_template", "r2_template",
+    "id",
+    "e1_label",
+    "e2_label",
+    "e3_label",
+    "e1_aliases",
+    "e2_aliases",
+    "e3_aliases",
+    "r1_template",
+    "r2_template",
 )
 
 
@@ -69,7 +76,9 @@ class TwoHopQuery:
 
     def prompts(self, suffix: str = PROMPT_SUFFIX) -> dict[str, str]:
         """The five prompts of the reference (first hop, second hop, composition, shortcuts)."""
-        return build_prompts(self.r1_template, self.r2_template, self.e1_label, self.e2_label, suffix)
+        return build_prompts(
+            self.r1_template, self.r2_template, self.e1_label, self.e2_label, suffix
+        )
 
     def composition_prompt(self, suffix: str = PROMPT_SUFFIX) -> str:
         """The two-hop prompt: the dataset's ``source_prompt`` when it has one."""
@@ -80,11 +89,14 @@ QUERY_COLUMNS = tuple(f.name for f in fields(TwoHopQuery))
 ALIAS_COLUMNS = ("e1_aliases", "e2_aliases", "e3_aliases")
 
 
-def build_prompts(r1_template: str, r2_template: str, e1: str, e2: str, suffix: str = PROMPT_SUFFIX) -> dict[str, str]:
+def build_prompts(
+    r1_template: str, r2_template: str, e1: str, e2: str, suffix: str = PROMPT_SUFFIX
+) -> dict[str, str]:
     """The five prompts, from data-driven templates with one ``{}`` slot each.
 
     The relation shortcut drops e1: ``r2_template(r1_template(""))``, whitespace-normalised.
     """
+
     def fill(template: str, value: str) -> str:
         return " ".join(template.format(value).split())
 
@@ -97,7 +109,9 @@ def build_prompts(r1_template: str, r2_template: str, e1: str, e2: str, suffix: 
     }
 
 
-def composition_spans(query: TwoHopQuery, suffix: str = PROMPT_SUFFIX) -> dict[str, tuple[int, int]] | str:
+def composition_spans(
+    query: TwoHopQuery, suffix: str = PROMPT_SUFFIX
+) -> dict[str, tuple[int, int]] | str:
     """Character spans [start, end) of ``"e1"`` and of the first-hop phrase ``"r1"`` (r1's
     template with e1 in it) in the composition prompt, or a skip reason.
 
@@ -120,7 +134,9 @@ def composition_spans(query: TwoHopQuery, suffix: str = PROMPT_SUFFIX) -> dict[s
     return {"e1": (start, start + len(query.e1_label))}
 
 
-def e1_span_in_composition(query: TwoHopQuery, suffix: str = PROMPT_SUFFIX) -> tuple[int, int] | str:
+def e1_span_in_composition(
+    query: TwoHopQuery, suffix: str = PROMPT_SUFFIX
+) -> tuple[int, int] | str:
     """Character span of e1's mention in the composition prompt, or a skip reason."""
     spans = composition_spans(query, suffix)
     return spans if isinstance(spans, str) else spans["e1"]
@@ -150,7 +166,9 @@ def _parse_aliases(value: object, row_id: str, column: str) -> list[str]:
         try:
             items = ast.literal_eval(str(value))
         except (ValueError, SyntaxError):
-            raise DatasetError(f"row id {row_id}: column {column} is not a Python list literal: {value!r}") from None
+            raise DatasetError(
+                f"row id {row_id}: column {column} is not a Python list literal: {value!r}"
+            ) from None
         if not isinstance(items, (list, tuple)):
             raise DatasetError(f"row id {row_id}: column {column} is not a list: {value!r}")
     return [str(a) for a in items]
@@ -163,11 +181,16 @@ def template_problem(template: str) -> str | None:
     """Why a relation template is unusable (None if it is fine): exactly one ``{}`` slot, no
     named or numbered fields, other braces escaped as ``{{`` / ``}}``."""
     try:
-        slots = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        slots = [
+            (name, spec, conv)
+            for _, name, spec, conv in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError as err:
         return f"not a valid template ({err}); write literal braces as '{{{{' and '}}}}'"
     if any(name for name, _, _ in slots):
-        return f"named or numbered fields {[n for n, _, _ in slots if n]} are not allowed: use one '{{}}'"
+        named = [n for n, _, _ in slots if n]
+        return f"named or numbered fields {named} are not allowed: use one '{{}}'"
     if len(slots) != 1:
         return f"must contain exactly one '{{}}' slot, found {len(slots)}"
     if slots[0][1] or slots[0][2]:
@@ -207,8 +230,12 @@ def normalize_table(raw: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
     return table[list(QUERY_COLUMNS)].reset_index(drop=True)
 
 
-SHIPPED_DATASETS = {"toy": ("latent_hops.toy", "two_hop.csv"), "world": ("latent_hops.data", "world_two_hop.csv")}
-"""Datasets inside the package: the toy model's, and real-world facts (``scripts/build_world_dataset.py``)."""
+SHIPPED_DATASETS = {
+    "toy": ("latent_hops.toy", "two_hop.csv"),
+    "world": ("latent_hops.data", "world_two_hop.csv"),
+}
+"""Datasets inside the package: the toy model's, and real-world facts
+(``scripts/build_world_dataset.py``)."""
 
 
 def shipped_dataset_path(name: str) -> Path:
@@ -223,12 +250,14 @@ def toy_dataset_path() -> Path:
 
 
 def load_dataset(spec: str | os.PathLike = "toy") -> pd.DataFrame:
-    """Load queries: ``"toy"``, ``"world"``, the paper's CSV, or our Parquet / JSONL; returns the table."""
+    """Load queries: ``"toy"``, ``"world"``, the paper's CSV, or our Parquet / JSONL; returns
+    the table."""
     shipped = str(spec) in SHIPPED_DATASETS
     path = shipped_dataset_path(str(spec)) if shipped else Path(spec).expanduser()
     if not path.is_file():
         raise DatasetError(
-            f"dataset {str(spec)!r}: no such file (expected {' or '.join(map(repr, SHIPPED_DATASETS))}, "
+            f"dataset {str(spec)!r}: no such file (expected "
+            f"{' or '.join(map(repr, SHIPPED_DATASETS))}, "
             ".csv, .parquet or .jsonl)"
         )
     suffix = path.suffix.lower()
@@ -240,7 +269,9 @@ def load_dataset(spec: str | os.PathLike = "toy") -> pd.DataFrame:
         elif suffix in (".jsonl", ".json"):
             raw = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
         else:
-            raise DatasetError(f"dataset {path}: unknown format {suffix!r} (use .csv, .parquet or .jsonl)")
+            raise DatasetError(
+                f"dataset {path}: unknown format {suffix!r} (use .csv, .parquet or .jsonl)"
+            )
     except (pd.errors.ParserError, ValueError, OSError) as err:
         if isinstance(err, DatasetError):
             raise

@@ -33,7 +33,10 @@ def _check(table: pd.DataFrame, name: str, columns: tuple[str, ...]) -> None:
 
 
 def build_queries(
-    triples: pd.DataFrame, entities: pd.DataFrame, relations: pd.DataFrame, config: BuilderConfig = BuilderConfig()
+    triples: pd.DataFrame,
+    entities: pd.DataFrame,
+    relations: pd.DataFrame,
+    config: BuilderConfig = BuilderConfig(),
 ) -> pd.DataFrame:
     """Every two-hop path of the knowledge base as a normalised query table.
 
@@ -51,11 +54,18 @@ def build_queries(
     hop2 = facts.rename(columns={"subject": "e2", "relation": "r2", "object": "e3"})
     paths = hop1.merge(hop2, on="e2")  # bridge first: join on the bridge entity
     paths = paths[(paths.e1 != paths.e2) & (paths.e2 != paths.e3) & (paths.e1 != paths.e3)]
-    paths = paths.drop_duplicates(["e1", "r1", "e2", "r2", "e3"]).sort_values(["e2", "e1", "r1", "r2", "e3"])
+    paths = paths.drop_duplicates(["e1", "r1", "e2", "r2", "e3"]).sort_values(
+        ["e2", "e1", "r1", "r2", "e3"]
+    )
     if config.max_per_bridge is not None:
         rng = np.random.default_rng(config.seed)
         keys = rng.random(len(paths))
-        paths = paths.assign(_k=keys).sort_values(["e2", "_k"]).groupby("e2").head(config.max_per_bridge)
+        paths = (
+            paths.assign(_k=keys)
+            .sort_values(["e2", "_k"])
+            .groupby("e2")
+            .head(config.max_per_bridge)
+        )
         paths = paths.drop(columns="_k").sort_values(["e2", "e1", "r1", "r2", "e3"])
 
     ent = entities.assign(id=entities["id"].astype(str)).set_index("id")
@@ -66,7 +76,9 @@ def build_queries(
     aliases = ent["aliases"] if "aliases" in ent else pd.Series([[]] * len(ent), index=ent.index)
     types = ent["type"] if "type" in ent else pd.Series([""] * len(ent), index=ent.index)
     rtypes = rel["type"] if "type" in rel else rel.index.to_series()
-    out = pd.DataFrame({"id": paths.e1 + "|" + paths.r1 + "|" + paths.e2 + "|" + paths.r2 + "|" + paths.e3})
+    out = pd.DataFrame(
+        {"id": paths.e1 + "|" + paths.r1 + "|" + paths.e2 + "|" + paths.r2 + "|" + paths.e3}
+    )
     for k in ("e1", "r1", "e2", "r2", "e3"):
         out[k] = paths[k].to_numpy()
     for k in ("e1", "e2", "e3"):

@@ -47,8 +47,12 @@ class BackpatchResult:
     def cells(self) -> pd.DataFrame:
         return bp.cell_rates(self.table)
 
-    def heatmap(self, subset: str = "incorrect", position: str = "t2", kind: str = "back") -> go.Figure:
-        return plots.backpatch_heatmap(self.cells, subset, position, "all", kind, oracle=bp.oracle_rates(self.table))
+    def heatmap(
+        self, subset: str = "incorrect", position: str = "t2", kind: str = "back"
+    ) -> go.Figure:
+        return plots.backpatch_heatmap(
+            self.cells, subset, position, "all", kind, oracle=bp.oracle_rates(self.table)
+        )
 
 
 def run_backpatch(
@@ -62,14 +66,18 @@ def run_backpatch(
     config = config or bp.BackpatchConfig()
     table = queries_to_table(list(queries)) if not isinstance(queries, pd.DataFrame) else queries
     table = normalize_table(table, "queries")
-    evaluation = evaluate(model, table, EvaluationConfig(max_new_tokens=config.max_new_tokens, suffix=config.suffix))
+    evaluation = evaluate(
+        model, table, EvaluationConfig(max_new_tokens=config.max_new_tokens, suffix=config.suffix)
+    )
     chosen = evaluation[evaluation["subset"].isin(subsets)]
     if max_cases is not None:
         chosen = chosen.groupby("subset", sort=False).head(max_cases)
     if chosen.empty:
         counts = evaluation["subset"].value_counts().to_dict()
-        raise InputError(f"no query is in subsets {list(subsets)} (subsets found: {counts}); "
-                         "see the evaluation's exclusion_reason column")
+        raise InputError(
+            f"no query is in subsets {list(subsets)} (subsets found: {counts}); "
+            "see the evaluation's exclusion_reason column"
+        )
     cases, skipped = bp.prepare_cases(model, table[table["id"].isin(set(chosen["id"]))], config)
     labelled = bp.with_labels(bp.sweep(model, cases, config), evaluation)
     return BackpatchResult(labelled, evaluation, skipped, config)

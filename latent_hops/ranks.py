@@ -11,7 +11,9 @@ from latent_hops.backend import project_to_vocab
 __all__ = ["best_rank", "project_to_vocab"]
 
 
-def best_rank(logprobs: Float[torch.Tensor, "... vocab"], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def best_rank(
+    logprobs: Float[torch.Tensor, "... vocab"], token_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank (0 = top) and log-probability of the best of ``token_ids``; rank -1 without tokens."""
     if not token_ids:
         shape = logprobs.shape[:-1]

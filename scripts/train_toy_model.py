@@ -49,7 +49,9 @@ class Recipe:
     n_relations: int = 20
     ood_fraction: float = 0.1
     train_per_fact: float = 15.0
-    arch: str = "llama"  # "llama" (RoPE, RMSNorm, SwiGLU) or "gpt2" (learned positions, LayerNorm, GELU)
+    arch: str = (
+        "llama"  # "llama" (RoPE, RMSNorm, SwiGLU) or "gpt2" (learned positions, LayerNorm, GELU)
+    )
     n_layers: int = 8
     d_model: int = 128
     n_heads: int = 4
@@ -73,7 +75,11 @@ class Batcher:
         vocab = tokenizer.get_vocab()
         self.ent = np.array([vocab[e] for e in kg.entities])
         self.rel = np.array([vocab[f"the {r} of"] for r in kg.relations])
-        self.bos, self.eos, self.pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.bos, self.eos, self.pad = (
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
         self.is_, self.colon, self.comma = vocab["is"], vocab[":"], vocab[","]
         self.kg, self.splits = kg, splits
         self.rng = np.random.default_rng(seed + 2)
@@ -82,8 +88,15 @@ class Batcher:
         """[n, 7] right-padded token ids; the answer is predicted at index 3."""
         e2 = self.kg.objects[e1, r1]
         n = len(e1)
-        cols = [np.full(n, self.bos), self.rel[r1], self.ent[e1], np.full(n, self.is_), self.ent[e2],
-                np.full(n, self.eos), np.full(n, self.pad)]
+        cols = [
+            np.full(n, self.bos),
+            self.rel[r1],
+            self.ent[e1],
+            np.full(n, self.is_),
+            self.ent[e2],
+            np.full(n, self.eos),
+            np.full(n, self.pad),
+        ]
         return np.stack(cols, 1), 3
 
     def two_hop(self, comps: np.ndarray) -> tuple[np.ndarray, int]:
@@ -91,8 +104,15 @@ class Batcher:
         e1, r1, r2 = comps.T
         e3 = self.kg.objects[self.kg.objects[e1, r1], r2]
         n = len(e1)
-        cols = [np.full(n, self.bos), self.rel[r2], self.rel[r1], self.ent[e1], np.full(n, self.is_),
-                self.ent[e3], np.full(n, self.eos)]
+        cols = [
+            np.full(n, self.bos),
+            self.rel[r2],
+            self.rel[r1],
+            self.ent[e1],
+            np.full(n, self.is_),
+            self.ent[e3],
+            np.full(n, self.eos),
+        ]
         return np.stack(cols, 1), 4
 
     def train_batch(self, batch_size: int, copy_batch_size: int):
@@ -100,14 +120,18 @@ class Batcher:
         e1 = self.rng.integers(0, self.kg.n_entities, half)
         r1 = self.rng.integers(0, self.kg.n_relations, half)
         one, _ = self.one_hop(e1, r1)
-        two, _ = self.two_hop(self.splits.train[self.rng.integers(0, len(self.splits.train), batch_size - half)])
+        two, _ = self.two_hop(
+            self.splits.train[self.rng.integers(0, len(self.splits.train), batch_size - half)]
+        )
         hops = torch.from_numpy(np.concatenate([one, two]))
         mask = torch.zeros_like(hops, dtype=torch.bool)  # mask[i, j]: predict token j+1 at j
         mask[:half, 3:5] = True
         mask[half:, 4:6] = True
         a, b = self.ent[self.rng.integers(0, self.kg.n_entities, (2, copy_batch_size))]
         colon, comma = np.full_like(a, self.colon), np.full_like(a, self.comma)
-        copy = torch.from_numpy(np.stack([np.full_like(a, self.bos), a, colon, a, comma, b, colon, b], 1))
+        copy = torch.from_numpy(
+            np.stack([np.full_like(a, self.bos), a, colon, a, comma, b, colon, b], 1)
+        )
         copy_mask = torch.zeros_like(copy, dtype=torch.bool)
         copy_mask[:, [2, 6]] = True
         return (hops, mask), (copy, copy_mask)
@@ -125,14 +149,19 @@ def accuracy(model, tokens: np.ndarray, answer_index: int, batch: int = 1024) ->
     for i in range(0, len(tokens), batch):
         x = torch.from_numpy(tokens[i : i + batch])
         pred = model(input_ids=x).logits.argmax(-1)
-        ok = (pred[:, answer_index] == x[:, answer_index + 1]) & (pred[:, answer_index + 1] == x[:, answer_index + 2])
+        ok = (pred[:, answer_index] == x[:, answer_index + 1]) & (
+            pred[:, answer_index + 1] == x[:, answer_index + 2]
+        )
         hits += int(ok.sum())
     return hits / len(tokens)
 
 
 def evaluate(model, batcher: Batcher) -> dict[str, float]:
     kg, splits = batcher.kg, batcher.splits
-    e1, r1 = (a.ravel() for a in np.meshgrid(np.arange(kg.n_entities), np.arange(kg.n_relations), indexing="ij"))
+    e1, r1 = (
+        a.ravel()
+        for a in np.meshgrid(np.arange(kg.n_entities), np.arange(kg.n_relations), indexing="ij")
+    )
     model.eval()
     out = {
         "one_hop": accuracy(model, *batcher.one_hop(e1, r1)),
@@ -145,20 +174,40 @@ def evaluate(model, batcher: Batcher) -> dict[str, float]:
 
 
 def build_model(recipe: Recipe, tokenizer):
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if recipe.arch == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(
-            vocab_size=len(tokenizer), n_embd=recipe.d_model, n_layer=recipe.n_layers, n_head=recipe.n_heads,
-            n_inner=recipe.d_mlp, n_positions=64, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, **ids))
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(tokenizer),
+                n_embd=recipe.d_model,
+                n_layer=recipe.n_layers,
+                n_head=recipe.n_heads,
+                n_inner=recipe.d_mlp,
+                n_positions=64,
+                tie_word_embeddings=False,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                **ids,
+            )
+        )
     if recipe.arch != "llama":
         raise ValueError(f"unknown arch {recipe.arch!r}: llama or gpt2")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.d_model, intermediate_size=recipe.d_mlp,
-        num_hidden_layers=recipe.n_layers, num_attention_heads=recipe.n_heads,
-        num_key_value_heads=recipe.n_heads, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.d_model,
+        intermediate_size=recipe.d_mlp,
+        num_hidden_layers=recipe.n_layers,
+        num_attention_heads=recipe.n_heads,
+        num_key_value_heads=recipe.n_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
@@ -167,7 +216,9 @@ def build_model(recipe: Recipe, tokenizer):
 def train(recipe: Recipe, checkpoint: Path, log=print) -> dict:
     torch.set_num_threads(recipe.threads)  # pinned: 1 vs 2 threads give different weights
     torch.manual_seed(recipe.seed)
-    kg = build_knowledge_graph(recipe.n_entities, recipe.n_relations, recipe.ood_fraction, recipe.seed)
+    kg = build_knowledge_graph(
+        recipe.n_entities, recipe.n_relations, recipe.ood_fraction, recipe.seed
+    )
     splits = split_compositions(kg, recipe.train_per_fact, seed=recipe.seed)
     tokenizer = build_toy_tokenizer(kg)
     model = build_model(recipe, tokenizer)
@@ -175,8 +226,12 @@ def train(recipe: Recipe, checkpoint: Path, log=print) -> dict:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, betas=(0.9, 0.98),
+        [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
     )
     decay_start = int(recipe.steps * (1 - recipe.decay_fraction))
 
@@ -192,23 +247,38 @@ def train(recipe: Recipe, checkpoint: Path, log=print) -> dict:
     for step in range(recipe.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        (hops, mask), (copy, copy_mask) = batcher.train_batch(recipe.batch_size, recipe.copy_batch_size)
+        (hops, mask), (copy, copy_mask) = batcher.train_batch(
+            recipe.batch_size, recipe.copy_batch_size
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
             loss = masked_loss(model, hops, mask) + masked_loss(model, copy, copy_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
-            metrics = {"step": step + 1, "loss": loss.item(), "minutes": (time.time() - start) / 60,
-                       **evaluate(model, batcher)}
+            metrics = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "minutes": (time.time() - start) / 60,
+                **evaluate(model, batcher),
+            }
             history.append(metrics)
-            log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+            log(
+                json.dumps(
+                    {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+                )
+            )
     wall = time.time() - start
     checkpoint.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(checkpoint, safe_serialization=True)
     tokenizer.save_pretrained(checkpoint)
-    result = {"recipe": asdict(recipe), "wall_time_s": wall, "final": history[-1], "history": history,
-              "torch": torch.__version__}
+    result = {
+        "recipe": asdict(recipe),
+        "wall_time_s": wall,
+        "final": history[-1],
+        "history": history,
+        "torch": torch.__version__,
+    }
     (checkpoint / "training_log.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -239,7 +309,9 @@ def write_artifacts(out: Path, arch: str = "llama", eval_batch_size: int = 256) 
     result = json.loads(log_file.read_text())
     recipe = Recipe(**result["recipe"])
     torch.set_num_threads(recipe.threads)
-    kg = build_knowledge_graph(recipe.n_entities, recipe.n_relations, recipe.ood_fraction, recipe.seed)
+    kg = build_knowledge_graph(
+        recipe.n_entities, recipe.n_relations, recipe.ood_fraction, recipe.seed
+    )
     splits = split_compositions(kg, recipe.train_per_fact, seed=recipe.seed)
     dataset = build_toy_dataset(kg, splits)
     write_paper_csv(dataset, out / "two_hop.csv")
@@ -256,18 +328,22 @@ def model_card(result: dict, summary, size_mb: float) -> str:
     r = result["recipe"]
     history = "\n".join(
         f"| {h['step']} | {h['one_hop']:.3f} | {h['two_hop_train']:.3f} | {h['two_hop_test_id']:.3f} "
-        f"| {h['two_hop_test_ood']:.3f} |" for h in result["history"]
+        f"| {h['two_hop_test_ood']:.3f} |"
+        for h in result["history"]
     )
-    arch = ("Llama (`LlamaForCausalLM`", "RoPE, RMSNorm") if r.get("arch", "llama") == "llama" else \
-        ("GPT-2 (`GPT2LMHeadModel`", "learned positions, LayerNorm")
+    arch = (
+        ("Llama (`LlamaForCausalLM`", "RoPE, RMSNorm")
+        if r.get("arch", "llama") == "llama"
+        else ("GPT-2 (`GPT2LMHeadModel`", "learned positions, LayerNorm")
+    )
     return f"""# latent_hops toy model
 
-A {r['n_layers']}-layer {arch[0]}, d_model {r['d_model']}, {r['n_heads']} heads,
-MLP {r['d_mlp']}, {arch[1]}, untied unembedding) trained from scratch by
-`scripts/train_toy_model.py` on a synthetic knowledge graph of {r['n_entities']} entities and
-{r['n_relations']} relations (every (entity, relation) has one object; seed {r['seed']}).
-{r['ood_fraction']:.0%} of the atomic facts are out-of-distribution: trained as one-hop facts,
-never inside a trained two-hop query. {r['train_per_fact']:g} x N x R = {int(r['train_per_fact'] * r['n_entities'] * r['n_relations'])}
+A {r["n_layers"]}-layer {arch[0]}, d_model {r["d_model"]}, {r["n_heads"]} heads,
+MLP {r["d_mlp"]}, {arch[1]}, untied unembedding) trained from scratch by
+`scripts/train_toy_model.py` on a synthetic knowledge graph of {r["n_entities"]} entities and
+{r["n_relations"]} relations (every (entity, relation) has one object; seed {r["seed"]}).
+{r["ood_fraction"]:.0%} of the atomic facts are out-of-distribution: trained as one-hop facts,
+never inside a trained two-hop query. {r["train_per_fact"]:g} x N x R = {int(r["train_per_fact"] * r["n_entities"] * r["n_relations"])}
 in-distribution compositions are trained; held-out ones form `test_id`, compositions with an
 OOD second hop form `test_ood`.
 
@@ -279,19 +355,19 @@ tokenised "the"/"of" trained 2x slower and blurred the logit lens). A copy forma
 entity is patched into `x`.
 
 ## Recipe
-AdamW lr {r['lr']} ({r['warmup']} warmup steps, constant, linear decay to 0 over the last
-{r['decay_fraction']:.0%}), betas (0.9, 0.98), weight decay {r['weight_decay']} on matrices, batch
-{r['batch_size']} (half one-hop, half two-hop) + {r['copy_batch_size']} copy sequences, loss on
-answer and EOS only, bf16 autocast on CPU, {r['steps']} steps, torch threads pinned to
-{r['threads']} (1 vs 2 threads give different weights), torch {result['torch']}.
-Wall time: {result['wall_time_s'] / 60:.1f} min on one CPU core. Checkpoint: {size_mb:.1f} MB (fp32 safetensors).
+AdamW lr {r["lr"]} ({r["warmup"]} warmup steps, constant, linear decay to 0 over the last
+{r["decay_fraction"]:.0%}), betas (0.9, 0.98), weight decay {r["weight_decay"]} on matrices, batch
+{r["batch_size"]} (half one-hop, half two-hop) + {r["copy_batch_size"]} copy sequences, loss on
+answer and EOS only, bf16 autocast on CPU, {r["steps"]} steps, torch threads pinned to
+{r["threads"]} (1 vs 2 threads give different weights), torch {result["torch"]}.
+Wall time: {result["wall_time_s"] / 60:.1f} min on one CPU core. Checkpoint: {size_mb:.1f} MB (fp32 safetensors).
 
 ## Accuracy on the shipped dataset (`latent_hops evaluate`: greedy, 10 tokens, alias match)
 ```
 {summary.round(3).to_string()}
 ```
 
-## Training curve (argmax answer then EOS; one-hop over all {r['n_entities'] * r['n_relations']} facts, two-hop over the first 3000 compositions of each set)
+## Training curve (argmax answer then EOS; one-hop over all {r["n_entities"] * r["n_relations"]} facts, two-hop over the first 3000 compositions of each set)
 | step | one-hop | two-hop train | two-hop test_id | two-hop test_ood |
 |---|---|---|---|---|
 {history}
@@ -301,12 +377,20 @@ Reproduce: `python scripts/train_toy_model.py` (same seed + same thread count = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, value in asdict(Recipe()).items():
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        kind = (
+            (lambda s: s.lower() in ("1", "true", "yes"))
+            if isinstance(value, bool)
+            else type(value)
+        )
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--artifacts-only", action="store_true", help="only rewrite dataset and card")
+    parser.add_argument(
+        "--artifacts-only", action="store_true", help="only rewrite dataset and card"
+    )
     args = vars(parser.parse_args())
     out, artifacts_only = args.pop("out"), args.pop("artifacts_only")
     checkpoint, _ = artifact_paths(args["arch"], out)

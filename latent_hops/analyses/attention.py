@@ -17,8 +17,12 @@ from latent_hops.analysis import Analysis, Column, ReportInput, register, runtim
 from latent_hops.backend import Model
 from latent_hops.cases import Case, case_batches
 
-TABLE = (Column("id", "query id"), Column("layer", "block"), Column("head", "attention head"),
-         Column("weight", "attention weight from t2 to t1 (post-softmax)"))
+TABLE = (
+    Column("id", "query id"),
+    Column("layer", "block"),
+    Column("head", "attention head"),
+    Column("weight", "attention weight from t2 to t1 (post-softmax)"),
+)
 
 
 @torch.no_grad()
@@ -27,11 +31,14 @@ def attention_to_t1(model: Model, cases: Sequence[Case], batch_size: int = 64) -
     layers = list(range(backend.n_layers(model)))
     rows = []
     for b in case_batches(model, cases, batch_size, ("t1", "t2")):
-        weights = backend.read_attention(model, b.tok.tokens, b.tok.attention_mask, b.columns[:, 1], b.columns[:, 0],
-                                         layers)  # [case, layer, head]
+        weights = backend.read_attention(
+            model, b.tok.tokens, b.tok.attention_mask, b.columns[:, 1], b.columns[:, 0], layers
+        )  # [case, layer, head]
         for qi, case in enumerate(b.cases):
             for li, layer in enumerate(layers):
-                rows += [(case.id, layer, h, float(w)) for h, w in enumerate(weights[qi, li].tolist())]
+                rows += [
+                    (case.id, layer, h, float(w)) for h, w in enumerate(weights[qi, li].tolist())
+                ]
     return pd.DataFrame(rows, columns=[c.name for c in TABLE])
 
 
@@ -43,16 +50,32 @@ class AttentionConfig:
 def _report(section: ReportInput) -> str:
     """Mean and max-over-heads weight per layer, correct vs incorrect cases."""
     data = section.table.merge(section.evaluation[["id", "subset"]], on="id")
-    per_case = data.groupby(["subset", "id", "layer"])["weight"].agg(mean="mean", max="max").reset_index()
+    per_case = (
+        data.groupby(["subset", "id", "layer"])["weight"].agg(mean="mean", max="max").reset_index()
+    )
     table = per_case.groupby(["layer", "subset"])[["mean", "max"]].mean().unstack("subset")
     return section.html_table((100 * table).round(1))
 
 
-register(Analysis(
-    name="attention", title="Attention from t2 to t1", order=45, help="attention weights t2 -> t1 -> attention.parquet",
-    config=AttentionConfig, columns=TABLE, report=_report, uses_positions=lambda config: ("t1", "t2"),
-    run=lambda context, config: attention_to_t1(context.model, context.cases, config.batch_size),
-    note=lambda config: ("Post-softmax attention weight from t2 (the last token) to t1 (e1's last token) on the clean "
-                         "prompt, per layer: the mean over heads and the largest head, in % (averaged over cases). "
-                         "Correlational; the knockout measures what the edge does."),
-))
+register(
+    Analysis(
+        name="attention",
+        title="Attention from t2 to t1",
+        order=45,
+        help="attention weights t2 -> t1 -> attention.parquet",
+        config=AttentionConfig,
+        columns=TABLE,
+        report=_report,
+        uses_positions=lambda config: ("t1", "t2"),
+        run=lambda context, config: attention_to_t1(
+            context.model, context.cases, config.batch_size
+        ),
+        note=lambda config: (
+            "Post-softmax attention weight from t2 (the last token) to t1 (e1's last token) on the "
+            "clean "
+            "prompt, per layer: the mean over heads and the largest head, in % (averaged over "
+            "cases). "
+            "Correlational; the knockout measures what the edge does."
+        ),
+    )
+)

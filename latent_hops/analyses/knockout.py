@@ -19,7 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from latent_hops import backend, plots
-from latent_hops.analysis import Analysis, Column, ReportInput, first_layer, option, register, runtime
+from latent_hops.analysis import (
+    Analysis,
+    Column,
+    ReportInput,
+    first_layer,
+    option,
+    register,
+    runtime,
+)
 from latent_hops.backend import Model, greedy_generate
 from latent_hops.cases import Case, case_batches
 from latent_hops.errors import InputError
@@ -28,19 +36,26 @@ from latent_hops.ranks import best_rank
 
 EDGE_PRESETS = ("last_to_t1", "last_to_r1", "all_to_t1")
 Preset = Literal["last_to_t1", "last_to_r1", "all_to_t1"]
-TABLE = (Column("id", "query id"), Column("preset", "the edges knocked out (EDGE_PRESETS)"),
-         Column("layer", "centre layer l of the window"), Column("window_start", "first blocked layer"),
-         Column("window_end", "last blocked layer"), Column("generation", "greedy generation under the knockout"),
-         Column("correct", "an e3 alias in it"),
-         Column("changed", "the generation differs from the clean one (and not both are correct)"),
-         Column("e3_logprob_delta", "change of e3's first-token log-probability at t2"),
-         Column("skip_reason", "why the case has no knockout for this preset ('' = none)"))
+TABLE = (
+    Column("id", "query id"),
+    Column("preset", "the edges knocked out (EDGE_PRESETS)"),
+    Column("layer", "centre layer l of the window"),
+    Column("window_start", "first blocked layer"),
+    Column("window_end", "last blocked layer"),
+    Column("generation", "greedy generation under the knockout"),
+    Column("correct", "an e3 alias in it"),
+    Column("changed", "the generation differs from the clean one (and not both are correct)"),
+    Column("e3_logprob_delta", "change of e3's first-token log-probability at t2"),
+    Column("skip_reason", "why the case has no knockout for this preset ('' = none)"),
+)
 COLUMNS = [c.name for c in TABLE]
 
 
 @dataclass(frozen=True)
 class KnockoutConfig:
-    presets: tuple[Preset, ...] = option(("last_to_t1",), f"knockout edges: {','.join(EDGE_PRESETS)}")
+    presets: tuple[Preset, ...] = option(
+        ("last_to_t1",), f"knockout edges: {','.join(EDGE_PRESETS)}"
+    )
     window: int = option(3, "knockout window half-width k: layers [l - k, l + k]")
     max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt")
     batch_size: int = runtime(64)
@@ -62,8 +77,9 @@ def edges(case: Case, preset: str) -> tuple[list[int], list[int]] | str:
 
 
 @torch.no_grad()
-def attention_knockout(model: Model, cases: Sequence[Case],
-                       config: KnockoutConfig = KnockoutConfig()) -> pd.DataFrame:
+def attention_knockout(
+    model: Model, cases: Sequence[Case], config: KnockoutConfig = KnockoutConfig()
+) -> pd.DataFrame:
     """One row per case x preset x centre layer l (window [l - k, l + k] clipped)."""
     for preset in config.presets:
         if preset not in EDGE_PRESETS:
@@ -79,30 +95,72 @@ def attention_knockout(model: Model, cases: Sequence[Case],
         clean_text = [decode(model, r) for r in clean.tokens.tolist()]
         clean_lp = clean.first_logits.log_softmax(-1)
         for preset in config.presets:
-            mask = torch.zeros((len(batch),) + (tok.tokens.shape[1],) * 2, dtype=torch.bool, device=tok.tokens.device)
+            mask = torch.zeros(
+                (len(batch),) + (tok.tokens.shape[1],) * 2,
+                dtype=torch.bool,
+                device=tok.tokens.device,
+            )
             reasons = []
             for qi, (case, pad) in enumerate(zip(batch, tok.n_pad)):
                 e = edges(case, preset)
                 reasons.append(e if isinstance(e, str) else "")
                 if not isinstance(e, str):
                     queries, keys = e
-                    mask[qi, [pad + q for q in queries for _ in keys], [pad + k for _ in queries for k in keys]] = True
+                    mask[
+                        qi,
+                        [pad + q for q in queries for _ in keys],
+                        [pad + k for _ in queries for k in keys],
+                    ] = True
             for layer in range(n_layers):
-                window = range(max(0, layer - config.window), min(n_layers, layer + config.window + 1))
-                out = greedy_generate(model, tok.tokens, tok.attention_mask, config.max_new_tokens,
-                                      backend.block_attention(window, mask))
+                window = range(
+                    max(0, layer - config.window), min(n_layers, layer + config.window + 1)
+                )
+                out = greedy_generate(
+                    model,
+                    tok.tokens,
+                    tok.attention_mask,
+                    config.max_new_tokens,
+                    backend.block_attention(window, mask),
+                )
                 lp = out.first_logits.log_softmax(-1)
                 for qi, case in enumerate(batch):
                     if reasons[qi]:
-                        rows.append((case.id, preset, layer, window[0], window[-1], "", False, False, float("nan"),
-                                     reasons[qi]))
+                        rows.append(
+                            (
+                                case.id,
+                                preset,
+                                layer,
+                                window[0],
+                                window[-1],
+                                "",
+                                False,
+                                False,
+                                float("nan"),
+                                reasons[qi],
+                            )
+                        )
                         continue
                     text = decode(model, out.tokens[qi].tolist())
-                    ok, was_ok = is_correct(text, case.e3_names), is_correct(clean_text[qi], case.e3_names)
+                    ok, was_ok = (
+                        is_correct(text, case.e3_names),
+                        is_correct(clean_text[qi], case.e3_names),
+                    )
                     _, new = best_rank(lp[qi], case.first_tokens["e3"])
                     _, old = best_rank(clean_lp[qi], case.first_tokens["e3"])
-                    rows.append((case.id, preset, layer, window[0], window[-1], text, ok,
-                                 text != clean_text[qi] and not (ok and was_ok), float(new - old), ""))
+                    rows.append(
+                        (
+                            case.id,
+                            preset,
+                            layer,
+                            window[0],
+                            window[-1],
+                            text,
+                            ok,
+                            text != clean_text[qi] and not (ok and was_ok),
+                            float(new - old),
+                            "",
+                        )
+                    )
             bar.update(len(batch))
     bar.close()
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -113,8 +171,10 @@ def knockout_layer(knockout: pd.DataFrame, preset: str = "last_to_t1") -> pd.Ser
     error when the table holds no ``preset`` rows (never a column of NaN that looks measured)."""
     rows = knockout[knockout.preset == preset]
     if rows.empty:
-        raise InputError(f"the knockout table has no {preset!r} rows (presets: {sorted(set(knockout.preset))}): "
-                         f"run the knockout with --presets {preset}")
+        raise InputError(
+            f"the knockout table has no {preset!r} rows (presets: {sorted(set(knockout.preset))}): "
+            f"run the knockout with --presets {preset}"
+        )
     return first_layer(rows, rows.changed, "knockout_layer").reindex(knockout["id"].unique())
 
 
@@ -122,14 +182,25 @@ def _report(section: ReportInput) -> str:
     return section.figure(plots.knockout_curves(section.table, section.evaluation))
 
 
-register(Analysis(
-    name="knockout", title="Attention knockout", order=40, help="attention knockout -> knockout.parquet",
-    config=KnockoutConfig, columns=TABLE, report=_report,
-    run=lambda context, config: attention_knockout(context.model, context.cases, config),
-    stage_layers=lambda table, stages: knockout_layer(table, stages.knockout_preset).to_frame(),
-    uses_positions=lambda config: ("t1", "t2"),
-    note=lambda config: (f"Attention knockout: edges from query to key positions ({', '.join(config.presets)}) are "
-                         f"blocked (score −inf) in all heads of layers [l − {config.window}, l + {config.window}], "
-                         f"on the prompt pass; {config.max_new_tokens} greedy tokens; a layer matters when the "
-                         "answer changes (and not both are correct)."),
-))
+register(
+    Analysis(
+        name="knockout",
+        title="Attention knockout",
+        order=40,
+        help="attention knockout -> knockout.parquet",
+        config=KnockoutConfig,
+        columns=TABLE,
+        report=_report,
+        run=lambda context, config: attention_knockout(context.model, context.cases, config),
+        stage_layers=lambda table, stages: knockout_layer(table, stages.knockout_preset).to_frame(),
+        uses_positions=lambda config: ("t1", "t2"),
+        note=lambda config: (
+            f"Attention knockout: edges from query to key positions ({', '.join(config.presets)}) "
+            "are "
+            f"blocked (score −inf) in all heads of layers [l − {config.window}, l + "
+            f"{config.window}], "
+            f"on the prompt pass; {config.max_new_tokens} greedy tokens; a layer matters when the "
+            "answer changes (and not both are correct)."
+        ),
+    )
+)

@@ -21,11 +21,16 @@ from latent_hops.cases import POSITIONS, Case, case_batches
 from latent_hops.patching import hidden_states_at
 from latent_hops.ranks import best_rank, project_to_vocab
 
-TABLE = (Column("id", "query id"), Column("position", "t1 or t2"),
-         Column("layer", "hidden-state layer (-1 = embeddings)"),
-         Column("e2_rank", "best rank of e2's first tokens (0 = top; -1 = no known token)"),
-         Column("e2_prob", "probability of that token"), Column("e3_rank", "as e2_rank, for e3"),
-         Column("e3_prob", "probability of that token"), Column("top_token", "id of the top token"))
+TABLE = (
+    Column("id", "query id"),
+    Column("position", "t1 or t2"),
+    Column("layer", "hidden-state layer (-1 = embeddings)"),
+    Column("e2_rank", "best rank of e2's first tokens (0 = top; -1 = no known token)"),
+    Column("e2_prob", "probability of that token"),
+    Column("e3_rank", "as e2_rank, for e3"),
+    Column("e3_prob", "probability of that token"),
+    Column("top_token", "id of the top token"),
+)
 COLUMNS = [c.name for c in TABLE]
 
 
@@ -41,16 +46,27 @@ def logit_lens(
     layers = list(range(EMBEDDINGS if include_embeddings else 0, backend.n_layers(model)))
     rows = []
     for b in case_batches(model, cases, batch_size, positions):
-        logprobs = project_to_vocab(model, hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns,
-                                                            layers))
+        logprobs = project_to_vocab(
+            model, hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns, layers)
+        )
         top = logprobs.argmax(-1)
         for qi, case in enumerate(b.cases):
             r2, lp2 = best_rank(logprobs[qi], case.first_tokens["e2"])
             r3, lp3 = best_rank(logprobs[qi], case.first_tokens["e3"])
             for pi, position in enumerate(positions):
                 for li, layer in enumerate(layers):
-                    rows.append((case.id, position, layer, int(r2[pi, li]), float(lp2[pi, li].exp()),
-                                 int(r3[pi, li]), float(lp3[pi, li].exp()), int(top[qi, pi, li])))
+                    rows.append(
+                        (
+                            case.id,
+                            position,
+                            layer,
+                            int(r2[pi, li]),
+                            float(lp2[pi, li].exp()),
+                            int(r3[pi, li]),
+                            float(lp3[pi, li].exp()),
+                            int(top[qi, pi, li]),
+                        )
+                    )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -58,11 +74,14 @@ def resolution_layers(lens: pd.DataFrame, second_hop_k: int = 0) -> pd.DataFrame
     """Per case: first-hop layer (e2 rank 0 at t1), e2 decoded at t2 (rank 0), second-hop
     layer (e3 rank <= k at t2)."""
     t1, t2 = lens[lens.position == "t1"], lens[lens.position == "t2"]
-    out = pd.concat([
-        first_layer(t1, t1.e2_rank == 0, "first_hop_layer"),
-        first_layer(t2, t2.e2_rank == 0, "e2_at_t2_layer"),
-        first_layer(t2, (t2.e3_rank >= 0) & (t2.e3_rank <= second_hop_k), "second_hop_layer"),
-    ], axis=1)
+    out = pd.concat(
+        [
+            first_layer(t1, t1.e2_rank == 0, "first_hop_layer"),
+            first_layer(t2, t2.e2_rank == 0, "e2_at_t2_layer"),
+            first_layer(t2, (t2.e3_rank >= 0) & (t2.e3_rank <= second_hop_k), "second_hop_layer"),
+        ],
+        axis=1,
+    )
     return out.reindex(lens["id"].unique()).rename_axis("id").reset_index()
 
 
@@ -84,7 +103,9 @@ class LogitLensConfig:
 
 
 def _run(context: Context, config: LogitLensConfig) -> pd.DataFrame:
-    return logit_lens(context.model, context.cases, config.positions, config.include_embeddings, config.batch_size)
+    return logit_lens(
+        context.model, context.cases, config.positions, config.include_embeddings, config.batch_size
+    )
 
 
 def _stage_layers(lens: pd.DataFrame, stages) -> pd.DataFrame:
@@ -92,10 +113,20 @@ def _stage_layers(lens: pd.DataFrame, stages) -> pd.DataFrame:
     return resolution_layers(lens).set_index("id").join(onset_layer(lens, stages.onset_k))
 
 
-register(Analysis(
-    name="logit-lens", title="Logit lens", order=20, help="logit lens at t1/t2 -> logit_lens.parquet",
-    config=LogitLensConfig, run=_run, stage_layers=_stage_layers, decodes="logit_lens",
-    note=lambda config: "Each layer's hidden state at t1 and t2 read through the final norm and the "
-                        "unembedding (float32).",
-    columns=TABLE,
-))
+register(
+    Analysis(
+        name="logit-lens",
+        title="Logit lens",
+        order=20,
+        help="logit lens at t1/t2 -> logit_lens.parquet",
+        config=LogitLensConfig,
+        run=_run,
+        stage_layers=_stage_layers,
+        decodes="logit_lens",
+        note=lambda config: (
+            "Each layer's hidden state at t1 and t2 read through the final norm and the "
+            "unembedding (float32)."
+        ),
+        columns=TABLE,
+    )
+)

@@ -24,7 +24,16 @@ import torch
 from tqdm.auto import tqdm
 
 from latent_hops import backend, plots
-from latent_hops.analysis import Analysis, Column, Context, ReportInput, first_layer, option, register, runtime
+from latent_hops.analysis import (
+    Analysis,
+    Column,
+    Context,
+    ReportInput,
+    first_layer,
+    option,
+    register,
+    runtime,
+)
 from latent_hops.backend import GreedyOutput, Model, Sampler, check_layers
 from latent_hops.cases import POSITIONS, Case, case_batches
 from latent_hops.errors import InputError
@@ -34,18 +43,24 @@ from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_
 from latent_hops.positions import GRID_HELP, parse_layers, tokenize_prompts
 from latent_hops.rundir import merge_parts, run_in_parts
 
-PAPER_TARGET = ("Syria: Syria is a country in the Middle East, Leonardo DiCaprio: Leonardo DiCaprio is an "
-                "American actor, Samsung: Samsung is a South Korean multinational corporation, x")
+PAPER_TARGET = (
+    "Syria: Syria is a country in the Middle East, Leonardo DiCaprio: Leonardo DiCaprio is an "
+    "American actor, Samsung: Samsung is a South Korean multinational corporation, x"
+)
 TOY_TARGET = "Voliba : Voliba , x :"  # Voliba: the toy graph's first entity (seed 0)
 REPEAT_TARGET = "cat -> cat; 1135 -> 1135; hello -> hello; x"  # Patchscopes' identity prompt
 PATTERNS = (": {} ", ": {},", ": {}.", ": {}:", "{}: ")
 ENTITIES = ("e1", "e2", "e3")  # classification priority
-TABLE = (Column("id", "query id"), Column("position", "t1 or t2: where the source state is read"),
-         Column("source_layer", "layer of the source hidden state"),
-         Column("target_layer", "layer of the target prompt it is written into"),
-         Column("seed", "sampling seed (-1 = greedy)"), Column("generation", "the target prompt's continuation"),
-         Column("decoded", "e1, e2, e3 or other, by the paper's patterns"),
-         Column("target", "name of the target prompt (a preset, or 'custom')"))
+TABLE = (
+    Column("id", "query id"),
+    Column("position", "t1 or t2: where the source state is read"),
+    Column("source_layer", "layer of the source hidden state"),
+    Column("target_layer", "layer of the target prompt it is written into"),
+    Column("seed", "sampling seed (-1 = greedy)"),
+    Column("generation", "the target prompt's continuation"),
+    Column("decoded", "e1, e2, e3 or other, by the paper's patterns"),
+    Column("target", "name of the target prompt (a preset, or 'custom')"),
+)
 COLUMNS = [c.name for c in TABLE]
 
 
@@ -64,26 +79,39 @@ class TargetPrompt:
         return cls(text, (start, start + len(placeholder)))
 
 
-TARGET_PRESETS = {"paper": TargetPrompt.from_text(PAPER_TARGET), "repeat": TargetPrompt.from_text(REPEAT_TARGET),
-                  "toy": TargetPrompt.from_text(TOY_TARGET)}
+TARGET_PRESETS = {
+    "paper": TargetPrompt.from_text(PAPER_TARGET),
+    "repeat": TargetPrompt.from_text(REPEAT_TARGET),
+    "toy": TargetPrompt.from_text(TOY_TARGET),
+}
 
 
 @dataclass(frozen=True)
 class PatchscopeConfig:
     target: str | TargetPrompt = option(
-        "auto", "target prompt(s): auto (toy on the toy models, else paper), paper, repeat, toy (comma-separated), "
-        "or a text with an x")
+        "auto",
+        "target prompt(s): auto (toy on the toy models, else paper), paper, repeat, toy "
+        "(comma-separated), "
+        "or a text with an x",
+    )
     positions: tuple[str, ...] = POSITIONS
-    layer_pairs: tuple[tuple[int, int], ...] | None = None  # (source, target); default: the grid below
-    source_layers: tuple[int, ...] | str | None = option(None, "Patchscopes " + GRID_HELP,
-                                                         flag="--patchscope-source-layers")
-    target_layers: tuple[int, ...] | str | None = option(None, "Patchscopes " + GRID_HELP,
-                                                         flag="--patchscope-target-layers")
+    layer_pairs: tuple[tuple[int, int], ...] | None = (
+        None  # (source, target); default: the grid below
+    )
+    source_layers: tuple[int, ...] | str | None = option(
+        None, "Patchscopes " + GRID_HELP, flag="--patchscope-source-layers"
+    )
+    target_layers: tuple[int, ...] | str | None = option(
+        None, "Patchscopes " + GRID_HELP, flag="--patchscope-target-layers"
+    )
     seeds: tuple[int, ...] = option((), "comma-separated sampling seeds (default: greedy)")
     temperature: float = 1.0
     max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt")
-    batch_rows: int | None = option(None, "patched rows per forward (default: from the memory budget; "
-                                    "Patchscopes: 512)", runtime=True)
+    batch_rows: int | None = option(
+        None,
+        "patched rows per forward (default: from the memory budget; Patchscopes: 512)",
+        runtime=True,
+    )
     progress: bool = runtime(False)
 
 
@@ -122,14 +150,20 @@ def _pairs(model: Model, config: PatchscopeConfig) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def patchscope(model: Model, cases: Sequence[Case], config: PatchscopeConfig = PatchscopeConfig()) -> pd.DataFrame:
+def patchscope(
+    model: Model, cases: Sequence[Case], config: PatchscopeConfig = PatchscopeConfig()
+) -> pd.DataFrame:
     """One row per case x position x (source, target) layer pair x seed, for each target prompt."""
-    frames = [_one_target(model, cases, config, name, prompt) for name, prompt in target_prompts(model, config.target)]
+    frames = [
+        _one_target(model, cases, config, name, prompt)
+        for name, prompt in target_prompts(model, config.target)
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
-def _one_target(model: Model, cases: Sequence[Case], config: PatchscopeConfig, name: str,
-                prompt: TargetPrompt) -> pd.DataFrame:
+def _one_target(
+    model: Model, cases: Sequence[Case], config: PatchscopeConfig, name: str, prompt: TargetPrompt
+) -> pd.DataFrame:
     pairs = _pairs(model, config)
     batch_rows = config.batch_rows or 512
     target = tokenize_prompts(model, [prompt.text])
@@ -139,37 +173,68 @@ def _one_target(model: Model, cases: Sequence[Case], config: PatchscopeConfig, n
     tail = target.tokens[0, slot:].tolist()  # placeholder onwards: read with the generation
     sources = sorted({s for s, _ in pairs})
     index = {s: i for i, s in enumerate(sources)}
-    decoders: list[tuple[int, Sampler | None]] = [(seed, Sampler(seed, config.temperature))
-                                                  for seed in config.seeds] or [(-1, None)]
+    decoders: list[tuple[int, Sampler | None]] = [
+        (seed, Sampler(seed, config.temperature)) for seed in config.seeds
+    ] or [(-1, None)]
     per_case = len(config.positions) * len(pairs)
     rows_out = []
-    bar = tqdm(total=len(cases) * per_case * len(decoders), desc="patchscope", unit="run", disable=not config.progress)
+    bar = tqdm(
+        total=len(cases) * per_case * len(decoders),
+        desc="patchscope",
+        unit="run",
+        disable=not config.progress,
+    )
     for b in case_batches(model, cases, max(1, batch_rows // per_case), config.positions):
         batch = b.cases
         states = hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns, sources)
-        rows = [PatchRow(0, slot, t, (qi, pi, s)) for qi in range(len(batch))
-                for pi in range(len(config.positions)) for s, t in pairs]
+        rows = [
+            PatchRow(0, slot, t, (qi, pi, s))
+            for qi in range(len(batch))
+            for pi in range(len(config.positions))
+            for s, t in pairs
+        ]
 
         def values(chunk: Sequence[PatchRow]) -> torch.Tensor:
             return torch.stack([states[r.key[0], r.key[1], index[r.key[2]]] for r in chunk])
 
         for seed, sampler in decoders:
+
             def on_output(chunk: Sequence[PatchRow], out: GreedyOutput, seed=seed) -> None:
                 for r, ids in zip(chunk, out.tokens.tolist()):
                     case = batch[r.key[0]]
                     text = backend.tokenizer_of(model).decode(tail + ids, skip_special_tokens=True)
-                    rows_out.append((case.id, config.positions[r.key[1]], r.key[2], r.layer, seed, text,
-                                     classify(text, case.names), name))
+                    rows_out.append(
+                        (
+                            case.id,
+                            config.positions[r.key[1]],
+                            r.key[2],
+                            r.layer,
+                            seed,
+                            text,
+                            classify(text, case.names),
+                            name,
+                        )
+                    )
                 bar.update(len(chunk))
 
-            generate_with_patches(model, target.tokens, target.attention_mask, rows, values, on_output,
-                                  config.max_new_tokens, batch_rows, sampler)
+            generate_with_patches(
+                model,
+                target.tokens,
+                target.attention_mask,
+                rows,
+                values,
+                on_output,
+                config.max_new_tokens,
+                batch_rows,
+                sampler,
+            )
     bar.close()
     return pd.DataFrame(rows_out, columns=COLUMNS)
 
 
 def decoded_shares(scopes: pd.DataFrame) -> pd.DataFrame:
-    """Share of runs decoded as e1 / e2 / e3 / other, per target prompt (if several) and position."""
+    """Share of runs decoded as e1 / e2 / e3 / other, per target prompt (if several) and
+    position."""
     keys = [k for k in ("target", "position") if k in scopes]
     shares = scopes.groupby(keys)["decoded"].value_counts(normalize=True).unstack(fill_value=0.0)
     return shares.reindex(columns=[*ENTITIES, "other"], fill_value=0.0)
@@ -186,12 +251,19 @@ def reads_nothing(scopes: pd.DataFrame) -> bool:
 def patchscope_layers(scopes: pd.DataFrame) -> pd.DataFrame:
     """Per case: first-hop layer (e2 from t1), e2 decoded from t2, second-hop layer (e3 from t2);
     the minimum source layer over all target layers, target prompts and seeds."""
+
     def first(position: str, entity: str, name: str) -> pd.Series:
         at = scopes[scopes.position == position]
         return first_layer(at, at.decoded == entity, name, layer="source_layer")
 
-    out = pd.concat([first("t1", "e2", "first_hop_layer"), first("t2", "e2", "e2_at_t2_layer"),
-                     first("t2", "e3", "second_hop_layer")], axis=1)
+    out = pd.concat(
+        [
+            first("t1", "e2", "first_hop_layer"),
+            first("t2", "e2", "e2_at_t2_layer"),
+            first("t2", "e3", "second_hop_layer"),
+        ],
+        axis=1,
+    )
     return out.reindex(scopes["id"].unique()).rename_axis("id").reset_index()
 
 
@@ -202,17 +274,29 @@ def _run(context: Context, config: PatchscopeConfig) -> pd.DataFrame:
     for name, prompt in target_prompts(context.model, config.target):
         one = replace(config, target=prompt if name == "custom" else name)
         folder = context.folder("patchscope") / name
-        bar = tqdm(total=len(context.cases), desc=f"patchscope ({name})", unit="case", disable=not context.progress)
-        run_in_parts(folder, context.cases, context.chunk_cases,
-                     lambda part: (patchscope(context.model, part, one), bar.update(len(part)))[0],
-                     on_skip=bar.update, made_by=context.made_by("patchscope", one))
+        bar = tqdm(
+            total=len(context.cases),
+            desc=f"patchscope ({name})",
+            unit="case",
+            disable=not context.progress,
+        )
+        run_in_parts(
+            folder,
+            context.cases,
+            context.chunk_cases,
+            lambda part: (patchscope(context.model, part, one), bar.update(len(part)))[0],
+            on_skip=bar.update,
+            made_by=context.made_by("patchscope", one),
+        )
         bar.close()
         frames.append(merge_parts(folder, order=[c.id for c in context.cases]))
     return pd.concat(frames, ignore_index=True)
 
 
-READS_NOTHING = ("Patchscopes reads nothing on this model: every patched generation is the same string whatever "
-                 "the source layer, so its 0% cells measure nothing")
+READS_NOTHING = (
+    "Patchscopes reads nothing on this model: every patched generation is the same string whatever "
+    "the source layer, so its 0% cells measure nothing"
+)
 
 
 def _summary(context: Context, table: pd.DataFrame, config: PatchscopeConfig) -> str:
@@ -222,18 +306,40 @@ def _summary(context: Context, table: pd.DataFrame, config: PatchscopeConfig) ->
 
 def _report(section: ReportInput) -> str:
     scopes = section.table
-    warning = f"<p class='note'><b>Warning: {html.escape(READS_NOTHING)}.</b></p>" if reads_nothing(scopes) else ""
+    warning = (
+        f"<p class='note'><b>Warning: {html.escape(READS_NOTHING)}.</b></p>"
+        if reads_nothing(scopes)
+        else ""
+    )
     figures = section.figure(plots.patchscope_heatmap(scopes, "t1", "e2")) + section.figure(
-        plots.patchscope_heatmap(scopes, "t2", "e3"))
-    return warning + f"<div class='grid'>{figures}</div>" + section.html_table(decoded_shares(scopes))
+        plots.patchscope_heatmap(scopes, "t2", "e3")
+    )
+    return (
+        warning + f"<div class='grid'>{figures}</div>" + section.html_table(decoded_shares(scopes))
+    )
 
 
-register(Analysis(
-    name="patchscope", title="Patchscopes", order=50, help="Patchscopes -> patchscope.parquet",
-    config=PatchscopeConfig, columns=TABLE, run=_run, resumable=True, summary=_summary, report=_report,
-    stage_layers=lambda table, stages: patchscope_layers(table).set_index("id"), decodes="patchscopes",
-    note=lambda config: ("Patchscopes: the source hidden state is written into the target prompt's placeholder "
-                         f"(target: {config.target}) at the target layer; {config.max_new_tokens} greedy tokens, "
-                         "classified with the paper's patterns. The table gives, per target prompt and position, "
-                         "the share of runs decoded as each entity."),
-))
+register(
+    Analysis(
+        name="patchscope",
+        title="Patchscopes",
+        order=50,
+        help="Patchscopes -> patchscope.parquet",
+        config=PatchscopeConfig,
+        columns=TABLE,
+        run=_run,
+        resumable=True,
+        summary=_summary,
+        report=_report,
+        stage_layers=lambda table, stages: patchscope_layers(table).set_index("id"),
+        decodes="patchscopes",
+        note=lambda config: (
+            "Patchscopes: the source hidden state is written into the target prompt's placeholder "
+            f"(target: {config.target}) at the target layer; {config.max_new_tokens} greedy "
+            "tokens, "
+            "classified with the paper's patterns. The table gives, per target prompt and "
+            "position, "
+            "the share of runs decoded as each entity."
+        ),
+    )
+)

@@ -40,15 +40,24 @@ from latent_hops.cases import Case, case_batches, prepare_cases
 from latent_hops.errors import InputError
 from latent_hops.patching import hidden_states_at
 
-TABLE = (Column("id", "query id"), Column("entity", "e2 or e3: what the probe names"),
-         Column("position", "t1 or t2"), Column("layer", "hidden-state layer probed"),
-         Column("fold", "cross-validation fold that scored the case"),
-         Column("candidates", "entities the probe chooses among"), Column("predicted", "token id it names"),
-         Column("target", "the entity's first token id"), Column("correct", "predicted == target"),
-         Column("control_correct", "the shuffled-target control's hit"), Column("grouping", "how folds were split"))
+TABLE = (
+    Column("id", "query id"),
+    Column("entity", "e2 or e3: what the probe names"),
+    Column("position", "t1 or t2"),
+    Column("layer", "hidden-state layer probed"),
+    Column("fold", "cross-validation fold that scored the case"),
+    Column("candidates", "entities the probe chooses among"),
+    Column("predicted", "token id it names"),
+    Column("target", "the entity's first token id"),
+    Column("correct", "predicted == target"),
+    Column("control_correct", "the shuffled-target control's hit"),
+    Column("grouping", "how folds were split"),
+)
 COLUMNS = [c.name for c in TABLE]
-GROUPINGS = {False: "folds by e1: no training case shares the scored case's e1",
-             True: "folds by e1; training also excludes cases sharing the scored case's target entity"}
+GROUPINGS = {
+    False: "folds by e1: no training case shares the scored case's e1",
+    True: "folds by e1; training also excludes cases sharing the scored case's target entity",
+}
 DEFAULT_MARGIN = 0.10
 
 
@@ -60,15 +69,20 @@ class ProbeConfig:
     folds: int = 5
     ridge: float = 10.0  # L2 penalty of the regression on standardised states
     margin: float = DEFAULT_MARGIN  # a layer counts where accuracy >= control accuracy + margin
-    hold_out_target: bool = option(False, "also keep the scored cases' target entities out of training")
+    hold_out_target: bool = option(
+        False, "also keep the scored cases' target entities out of training"
+    )
     seed: int = 0
-    probe_train: int = option(2000, "queries beside the analysed cases that join the probes' training folds")
+    probe_train: int = option(
+        2000, "queries beside the analysed cases that join the probes' training folds"
+    )
     batch_size: int = runtime(256)
 
 
 @torch.no_grad()
-def states_for(model: Model, cases: Sequence[Case], position: str, layers: Sequence[int],
-               batch_size: int = 256) -> Float[torch.Tensor, "case layer d_model"]:
+def states_for(
+    model: Model, cases: Sequence[Case], position: str, layers: Sequence[int], batch_size: int = 256
+) -> Float[torch.Tensor, "case layer d_model"]:
     """Hidden states [case, layer, d_model] at ``position`` (float32, CPU)."""
     out = torch.empty(len(cases), len(layers), backend.d_model(model))
     for b in case_batches(model, cases, batch_size, (position,)):
@@ -81,8 +95,14 @@ def _fold_of(name: str, folds: int, seed: int) -> int:
     return zlib.crc32(f"{seed}|{name}".encode()) % folds
 
 
-def entity_folds(cases: Sequence[Case], entity: str, scored: set[str], folds: int = 5, seed: int = 0,
-                 hold_out_target: bool = False) -> list[tuple[int, np.ndarray, np.ndarray]]:
+def entity_folds(
+    cases: Sequence[Case],
+    entity: str,
+    scored: set[str],
+    folds: int = 5,
+    seed: int = 0,
+    hold_out_target: bool = False,
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(fold, scored indices, training indices) of the split by entity (module docstring)."""
     e1 = np.array([c.names["e1"][0] for c in cases])
     target = np.array([c.names[entity][0] for c in cases])
@@ -97,7 +117,9 @@ def entity_folds(cases: Sequence[Case], entity: str, scored: set[str], folds: in
     return out
 
 
-def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ridge(
+    x: torch.Tensor, y: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardisation and ridge weights mapping x [n, d] to y [n, k]: (mean, std, W [d+1, k])."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = torch.cat([(x - mean) / std, torch.ones(len(x), 1)], 1).double()
@@ -123,10 +145,14 @@ def cross_validated_probe(
     """
     layers = list(range(backend.n_layers(model))) if layers is None else list(layers)
     ids = {c.id for c in scored}
-    cases = [c for c in [*scored, *(c for c in pool if c.id not in ids)] if c.first_tokens.get(entity)]
+    cases = [
+        c for c in [*scored, *(c for c in pool if c.id not in ids)] if c.first_tokens.get(entity)
+    ]
     if len(cases) < 2 * config.folds:
-        raise InputError(f"too few cases with a known {entity} token to probe ({len(cases)}; need "
-                         f">= {2 * config.folds}): use more queries")
+        raise InputError(
+            f"too few cases with a known {entity} token to probe ({len(cases)}; need "
+            f">= {2 * config.folds}): use more queries"
+        )
     first = torch.tensor([c.first_tokens[entity][0] for c in cases])
     candidates = torch.unique(first)
     unembed = backend.unembedding_vectors(model)  # the regression targets
@@ -135,9 +161,13 @@ def cross_validated_probe(
     rng = np.random.default_rng(config.seed)
     rows: list[dict] = []
     grouping = GROUPINGS[config.hold_out_target]
-    for k, test, train in entity_folds(cases, entity, ids, config.folds, config.seed, config.hold_out_target):
+    for k, test, train in entity_folds(
+        cases, entity, ids, config.folds, config.seed, config.hold_out_target
+    ):
         if len(train) < 2:
-            raise InputError(f"fold {k} of the {entity} probe has no training cases left after the entity split")
+            raise InputError(
+                f"fold {k} of the {entity} probe has no training cases left after the entity split"
+            )
         shuffled = rng.permutation(train)
         for li, layer in enumerate(layers):
             for control, targets in ((False, y[train]), (True, y[shuffled])):
@@ -146,21 +176,37 @@ def cross_validated_probe(
                 pred = candidates[((z @ w) @ keys.T).argmax(-1)]
                 hit = pred == first[test]
                 if control:
-                    for row, h in zip(rows[-len(test):], hit.tolist()):
+                    for row, h in zip(rows[-len(test) :], hit.tolist()):
                         row["control_correct"] = bool(h)
                     continue
-                rows += [{"id": cases[i].id, "entity": entity, "position": position, "layer": layer, "fold": k,
-                          "candidates": len(candidates), "predicted": int(p), "target": int(first[i]),
-                          "correct": bool(h), "control_correct": False, "grouping": grouping}
-                         for i, p, h in zip(test, pred.tolist(), hit.tolist())]
+                rows += [
+                    {
+                        "id": cases[i].id,
+                        "entity": entity,
+                        "position": position,
+                        "layer": layer,
+                        "fold": k,
+                        "candidates": len(candidates),
+                        "predicted": int(p),
+                        "target": int(first[i]),
+                        "correct": bool(h),
+                        "control_correct": False,
+                        "grouping": grouping,
+                    }
+                    for i, p, h in zip(test, pred.tolist(), hit.tolist())
+                ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def probe_accuracy(probed: pd.DataFrame) -> pd.DataFrame:
     """Accuracy of the probe and of its control per entity x position x layer."""
     g = probed.groupby(["entity", "position", "layer"])
-    return g.agg(cases=("id", "size"), accuracy=("correct", "mean"), control=("control_correct", "mean"),
-                 candidates=("candidates", "max")).reset_index()
+    return g.agg(
+        cases=("id", "size"),
+        accuracy=("correct", "mean"),
+        control=("control_correct", "mean"),
+        candidates=("candidates", "max"),
+    ).reset_index()
 
 
 def probe_layers(probed: pd.DataFrame, margin: float = DEFAULT_MARGIN) -> pd.DataFrame:
@@ -178,8 +224,14 @@ def probe_layers(probed: pd.DataFrame, margin: float = DEFAULT_MARGIN) -> pd.Dat
         hit = hits[(hits.entity == entity) & (hits.position == position)]
         return first_layer(hit, hit.correct, name)
 
-    out = pd.concat([first("e2", "t1", "first_hop_layer"), first("e2", "t2", "e2_at_t2_layer"),
-                     first("e3", "t2", "second_hop_layer")], axis=1)
+    out = pd.concat(
+        [
+            first("e2", "t1", "first_hop_layer"),
+            first("e2", "t2", "e2_at_t2_layer"),
+            first("e3", "t2", "second_hop_layer"),
+        ],
+        axis=1,
+    )
     return out.reindex(probed["id"].unique()).rename_axis("id").reset_index()
 
 
@@ -189,24 +241,46 @@ def _run(context: Context, config: ProbeConfig) -> pd.DataFrame:
     analysed = {c.id for c in context.cases}
     others = context.queries[~context.queries["id"].isin(analysed)].iloc[: config.probe_train]
     pool, _ = prepare_cases(context.model, others) if len(others) else ([], None)
-    return pd.concat([cross_validated_probe(context.model, context.cases, pool, e, p, config=config)
-                      for e, p in PROBE_TARGETS], ignore_index=True)
+    return pd.concat(
+        [
+            cross_validated_probe(context.model, context.cases, pool, e, p, config=config)
+            for e, p in PROBE_TARGETS
+        ],
+        ignore_index=True,
+    )
 
 
 def _summary(context: Context, probed: pd.DataFrame, config: ProbeConfig) -> str:
-    table = probe_accuracy(probed).pivot_table(index="layer", columns=["entity", "position"],
-                                               values=["accuracy", "control"])
-    return (f"probe accuracy vs shuffled-target control, % of {probed.id.nunique()} cases "
-            f"({probed.grouping.iloc[0]}):\n" + (100 * table).round(0).astype(int).to_string())
+    table = probe_accuracy(probed).pivot_table(
+        index="layer", columns=["entity", "position"], values=["accuracy", "control"]
+    )
+    return (
+        f"probe accuracy vs shuffled-target control, % of {probed.id.nunique()} cases "
+        f"({probed.grouping.iloc[0]}):\n" + (100 * table).round(0).astype(int).to_string()
+    )
 
 
-register(Analysis(
-    name="probe", title="Linear probes", order=60, help="linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet",
-    config=ProbeConfig, columns=TABLE, run=_run, summary=_summary,
-    report=lambda section: section.html_table(probe_accuracy(section.table)),
-    stage_layers=lambda table, stages: probe_layers(table, stages.probe_margin).set_index("id"), decodes="probe",
-    note=lambda config: ("Linear probes (ridge regression onto the entity's unembedding vector, nearest candidate "
-                         f"wins), cross-validated by entity: {GROUPINGS[config.hold_out_target]}. Control: the same "
-                         "probe with shuffled targets. A layer counts for the stage table only where the probe beats "
-                         "its control by the stage table's margin."),
-))
+register(
+    Analysis(
+        name="probe",
+        title="Linear probes",
+        order=60,
+        help="linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet",
+        config=ProbeConfig,
+        columns=TABLE,
+        run=_run,
+        summary=_summary,
+        report=lambda section: section.html_table(probe_accuracy(section.table)),
+        stage_layers=lambda table, stages: probe_layers(table, stages.probe_margin).set_index("id"),
+        decodes="probe",
+        note=lambda config: (
+            "Linear probes (ridge regression onto the entity's unembedding vector, nearest "
+            "candidate "
+            f"wins), cross-validated by entity: {GROUPINGS[config.hold_out_target]}. Control: the "
+            "same "
+            "probe with shuffled targets. A layer counts for the stage table only where the probe "
+            "beats "
+            "its control by the stage table's margin."
+        ),
+    )
+)

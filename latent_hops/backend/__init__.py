@@ -18,7 +18,11 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from transformer_lens import HookedTransformer, HookedTransformerConfig, TransformerLensKeyValueCache
+from transformer_lens import (
+    HookedTransformer,
+    HookedTransformerConfig,
+    TransformerLensKeyValueCache,
+)
 
 from latent_hops.backend.architectures import (  # noqa: F401 -- UnsupportedArchitecture is re-exported
     DEFAULT_MAX_CONTEXT,
@@ -40,7 +44,11 @@ EMBEDDINGS = -1
 """Layer index of the embedding output (the residual stream entering block 0)."""
 
 SITE_KINDS = ("resid", "attn_out", "mlp_out", "attn_scores", "attn_pattern")
-PER_POSITION = ("resid", "attn_out", "mlp_out")  # sites with one vector per position (``read_sites``)
+PER_POSITION = (
+    "resid",
+    "attn_out",
+    "mlp_out",
+)  # sites with one vector per position (``read_sites``)
 
 
 @dataclass(frozen=True)
@@ -63,10 +71,17 @@ def hook_name(site: Site) -> str:
     """The TransformerLens hook point of a site. The hidden state of layer l is
     ``blocks.{l}.hook_resid_post``; layer -1 is ``blocks.0.hook_resid_pre``."""
     if site.kind == "resid":
-        return "blocks.0.hook_resid_pre" if site.layer == EMBEDDINGS else f"blocks.{site.layer}.hook_resid_post"
-    return {"attn_out": f"blocks.{site.layer}.hook_attn_out", "mlp_out": f"blocks.{site.layer}.hook_mlp_out",
-            "attn_scores": f"blocks.{site.layer}.attn.hook_attn_scores",
-            "attn_pattern": f"blocks.{site.layer}.attn.hook_pattern"}[site.kind]
+        return (
+            "blocks.0.hook_resid_pre"
+            if site.layer == EMBEDDINGS
+            else f"blocks.{site.layer}.hook_resid_post"
+        )
+    return {
+        "attn_out": f"blocks.{site.layer}.hook_attn_out",
+        "mlp_out": f"blocks.{site.layer}.hook_mlp_out",
+        "attn_scores": f"blocks.{site.layer}.attn.hook_attn_scores",
+        "attn_pattern": f"blocks.{site.layer}.attn.hook_pattern",
+    }[site.kind]
 
 
 def hidden_state_hook(layer: int) -> str:
@@ -112,8 +127,10 @@ def check_layers(model: Model, layers) -> list[int]:
     layers = [int(x) for x in layers]
     bad = [x for x in layers if not EMBEDDINGS <= x < n_layers(model)]
     if bad:
-        raise InputError(f"layers {bad} out of range: this model has layers -1 (embeddings) "
-                         f"to {n_layers(model) - 1}")
+        raise InputError(
+            f"layers {bad} out of range: this model has layers -1 (embeddings) "
+            f"to {n_layers(model) - 1}"
+        )
     return layers
 
 
@@ -128,7 +145,9 @@ def read_sites(
     """Clean activations of ``sites`` at ``positions`` only (never a full cache)."""
     odd = [site for site in sites if site.kind not in PER_POSITION]
     if odd:
-        raise InputError(f"read_sites reads per-position vectors ({PER_POSITION}), not {odd}; see read_attention")
+        raise InputError(
+            f"read_sites reads per-position vectors ({PER_POSITION}), not {odd}; see read_attention"
+        )
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
     pos = positions.to(tokens.device)
     found: dict[str, torch.Tensor] = {}
@@ -138,8 +157,12 @@ def read_sites(
         found[hook.name] = act[rows.to(act.device), pos.to(act.device)].to(tokens.device)
 
     names = [hook_name(site) for site in sites]
-    model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
-                         fwd_hooks=[(name, read) for name in dict.fromkeys(names)])
+    model.run_with_hooks(
+        tokens,
+        attention_mask=attention_mask,
+        return_type=None,
+        fwd_hooks=[(name, read) for name in dict.fromkeys(names)],
+    )
     return torch.stack([found[name] for name in names], dim=2)
 
 
@@ -162,8 +185,12 @@ def read_attention(
         found[hook.name] = pattern[r, :, q, k].float().to(tokens.device)
 
     names = [hook_name(Site("attn_pattern", layer)) for layer in check_layers(model, layers)]
-    model.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
-                         fwd_hooks=[(name, read) for name in names])
+    model.run_with_hooks(
+        tokens,
+        attention_mask=attention_mask,
+        return_type=None,
+        fwd_hooks=[(name, read) for name in names],
+    )
     return torch.stack([found[name] for name in names], dim=1)
 
 
@@ -172,9 +199,12 @@ def write_hook(layer: int, write: Callable[[torch.Tensor], torch.Tensor]) -> tup
     return hidden_state_hook(layer), lambda resid, hook: write(resid)
 
 
-def block_attention(layers: Sequence[int], mask: Bool[torch.Tensor, "batch query key"]) -> list[tuple[str, Callable]]:
+def block_attention(
+    layers: Sequence[int], mask: Bool[torch.Tensor, "batch query key"]
+) -> list[tuple[str, Callable]]:
     """An edit blocking attention where ``mask[b, q, k]``: pre-softmax scores set to -inf in
     every head of ``layers`` (attention knockout)."""
+
     def hook(scores: torch.Tensor, hook) -> torch.Tensor:
         q, k = scores.shape[-2:]
         return scores.masked_fill(mask[:, None, :q, :k], float("-inf"))
@@ -186,19 +216,35 @@ def bytes_per_patched_row(model: Model, seq_len: int, new_tokens: int) -> int:
     """Memory of one row of the fast engine: its KV cache, live activations and logits."""
     cfg = model.cfg
     kv_width = (cfg.n_key_value_heads or cfg.n_heads) * cfg.d_head
-    per_row = (2 * cfg.n_layers * (seq_len + new_tokens) * kv_width  # KV cache
-               + 4 * seq_len * (2 * cfg.d_model + (cfg.d_mlp or 0) + cfg.n_heads * seq_len)  # live activations
-               + 4 * cfg.d_vocab)  # last-position logits and their log-softmax (256k for Gemma)
+    per_row = (
+        2 * cfg.n_layers * (seq_len + new_tokens) * kv_width  # KV cache
+        + 4
+        * seq_len
+        * (2 * cfg.d_model + (cfg.d_mlp or 0) + cfg.n_heads * seq_len)  # live activations
+        + 4 * cfg.d_vocab
+    )  # last-position logits and their log-softmax (256k for Gemma)
     return per_row * torch.finfo(cfg.dtype).bits // 8
 
 
-def tl_config_from_hf(hf_config: Any, dtype: torch.dtype, device: str,
-                      max_context: int | None = DEFAULT_MAX_CONTEXT, **overrides: Any) -> HookedTransformerConfig:
+def tl_config_from_hf(
+    hf_config: Any,
+    dtype: torch.dtype,
+    device: str,
+    max_context: int | None = DEFAULT_MAX_CONTEXT,
+    **overrides: Any,
+) -> HookedTransformerConfig:
     """TransformerLens config for a Hugging Face config, read from the config itself (see
     ``architectures``); ``n_ctx`` is capped at ``max_context`` (None: the model's own)."""
-    fields = dict(init_weights=False, model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0])
-    return HookedTransformerConfig(**tl_config_fields(hf_config, max_context), dtype=dtype, device=device,
-                                   **{**fields, **overrides})
+    fields = dict(
+        init_weights=False,
+        model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0],
+    )
+    return HookedTransformerConfig(
+        **tl_config_fields(hf_config, max_context),
+        dtype=dtype,
+        device=device,
+        **{**fields, **overrides},
+    )
 
 
 def tokenizer_of(model: HookedTransformer) -> Any:
@@ -214,8 +260,14 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: str,
-                   max_context: int | None = DEFAULT_MAX_CONTEXT, n_devices: int = 1) -> HookedTransformer:
+def hooked_from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: str,
+    max_context: int | None = DEFAULT_MAX_CONTEXT,
+    n_devices: int = 1,
+) -> HookedTransformer:
     """Convert a loaded HF causal LM with TransformerLens' own weight converters.
 
     No weight processing (no LayerNorm folding or centering): hidden states are the HF
@@ -233,8 +285,12 @@ def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: st
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
-        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=False, refactor_factored_attn_matrices=False,
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
     )
     if n_devices > 1:  # blocks split evenly over cuda:0..n_devices-1 (TL's own placement)
         model.move_model_modules_to_device()
@@ -242,12 +298,15 @@ def hooked_from_hf(hf_model: Any, tokenizer: Any, dtype: torch.dtype, device: st
     return model.to(device, print_details=False).eval()
 
 
-def hooked_from_pretrained(name: str, dtype: torch.dtype, device: str, n_devices: int = 1) -> HookedTransformer:
+def hooked_from_pretrained(
+    name: str, dtype: torch.dtype, device: str, n_devices: int = 1
+) -> HookedTransformer:
     """A TransformerLens model by its official name, downloaded from the Hugging Face hub."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
-        return HookedTransformer.from_pretrained_no_processing(name, dtype=dtype, device=device,
-                                                               n_devices=n_devices).eval()
+        return HookedTransformer.from_pretrained_no_processing(
+            name, dtype=dtype, device=device, n_devices=n_devices
+        ).eval()
 
 
 def official_model_names() -> list[str]:
@@ -257,10 +316,14 @@ def official_model_names() -> list[str]:
     return sorted(make_model_alias_map())
 
 
-def random_model(hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0) -> HookedTransformer:
+def random_model(
+    hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0
+) -> HookedTransformer:
     """A randomly initialised model of an HF config's shape, built directly on ``device``
     (e.g. a 7B-shaped Llama in bf16 on a GPU, to time the engine without downloading weights)."""
-    cfg = tl_config_from_hf(hf_config, dtype, device, seed=seed, init_weights=True, model_name="random")
+    cfg = tl_config_from_hf(
+        hf_config, dtype, device, seed=seed, init_weights=True, model_name="random"
+    )
     cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
     with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
@@ -292,8 +355,9 @@ def free_memory_mb(device: str | torch.device) -> float | None:
 
 
 @torch.no_grad()
-def project_to_vocab(model: HookedTransformer,
-                     acts: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... vocab"]:
+def project_to_vocab(
+    model: HookedTransformer, acts: Float[torch.Tensor, "... d_model"]
+) -> Float[torch.Tensor, "... vocab"]:
     """Log-probabilities of ``acts`` read through the final norm and the unembedding (the
     logit lens). The unembedding runs in float32 whatever the model's dtype, so ranks and
     log-probs of a bf16/fp16 model are not rounded to 8/11 bits over a large vocabulary;
@@ -307,7 +371,9 @@ def _unembed(model: HookedTransformer, resid: torch.Tensor, fp32: bool = False) 
     """Final norm, unembedding (in float32 if ``fp32``) and final soft-cap: what the forward
     pass does after the last block, for the residual vectors given."""
     normed = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    logits = normed.float() @ model.W_U.float() + model.b_U.float() if fp32 else model.unembed(normed)
+    logits = (
+        normed.float() @ model.W_U.float() + model.b_U.float() if fp32 else model.unembed(normed)
+    )
     cap = model.cfg.output_logits_soft_cap
     return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
 
@@ -319,7 +385,8 @@ HookList = list[tuple[str, Callable]]
 
 @dataclass
 class GreedyOutput:
-    """Greedy continuation of a batch: new token ids (``pad_id`` after EOS) and first-step logits."""
+    """Greedy continuation of a batch: new token ids (``pad_id`` after EOS) and first-step
+    logits."""
 
     tokens: Int[torch.Tensor, "batch new"]
     first_logits: Float[torch.Tensor, "batch vocab"]
@@ -345,7 +412,9 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
-def last_logits(model: HookedTransformer, input: torch.Tensor, **kwargs: Any) -> Float[torch.Tensor, "batch vocab"]:
+def last_logits(
+    model: HookedTransformer, input: torch.Tensor, **kwargs: Any
+) -> Float[torch.Tensor, "batch vocab"]:
     """The model's logits at the last position only (``model(input, **kwargs)[:, -1]``).
 
     TransformerLens unembeds every position; for a 256k vocabulary (Gemma) the prompt pass
@@ -361,8 +430,13 @@ def _pad_id(model: HookedTransformer) -> int:
     return tokenizer_of(model).eos_token_id if pad is None else pad
 
 
-def _greedy_loop(model: HookedTransformer, logits: torch.Tensor, step: Callable, max_new_tokens: int,
-                 choose: Callable = _argmax) -> GreedyOutput:
+def _greedy_loop(
+    model: HookedTransformer,
+    logits: torch.Tensor,
+    step: Callable,
+    max_new_tokens: int,
+    choose: Callable = _argmax,
+) -> GreedyOutput:
     """Decoding from the prompt pass's last logits (greedy unless ``choose`` samples);
     ``step(next_ids)`` gives the next logits."""
     if max_new_tokens < 1:
@@ -432,28 +506,48 @@ def new_kv_cache(model: HookedTransformer, batch: int) -> TransformerLensKeyValu
 
 
 @torch.no_grad()
-def embed(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
-          attention_mask: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos d_model"]:
+def embed(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+) -> Float[torch.Tensor, "batch pos d_model"]:
     """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
     return model(tokens, attention_mask=attention_mask, stop_at_layer=0)
 
 
 @torch.no_grad()
-def run_block(model: HookedTransformer, resid: torch.Tensor, layer: int, attention_mask: torch.Tensor,
-              cache: TransformerLensKeyValueCache) -> Float[torch.Tensor, "batch pos d_model"]:
+def run_block(
+    model: HookedTransformer,
+    resid: torch.Tensor,
+    layer: int,
+    attention_mask: torch.Tensor,
+    cache: TransformerLensKeyValueCache,
+) -> Float[torch.Tensor, "batch pos d_model"]:
     """Block ``layer`` on a prompt's residual stream, appending its keys/values to ``cache``."""
-    return model(resid, start_at_layer=layer, stop_at_layer=layer + 1, attention_mask=attention_mask,
-                 past_kv_cache=cache)
+    return model(
+        resid,
+        start_at_layer=layer,
+        stop_at_layer=layer + 1,
+        attention_mask=attention_mask,
+        past_kv_cache=cache,
+    )
 
 
-def select_cache(cache: TransformerLensKeyValueCache, rows: torch.Tensor, n_layers: int,
-                 attention_mask: torch.Tensor) -> TransformerLensKeyValueCache:
+def select_cache(
+    cache: TransformerLensKeyValueCache,
+    rows: torch.Tensor,
+    n_layers: int,
+    attention_mask: torch.Tensor,
+) -> TransformerLensKeyValueCache:
     """A cache for ``rows`` of a prompt batch holding the first ``n_layers`` layers' keys and
     values (shared with a clean run), the later layers empty, ready to resume from there."""
     entries = []
     for i, entry in enumerate(cache.entries):
-        keys, values = (entry.past_keys, entry.past_values) if i < n_layers else (
-            entry.past_keys[:, :0], entry.past_values[:, :0])
+        keys, values = (
+            (entry.past_keys, entry.past_values)
+            if i < n_layers
+            else (entry.past_keys[:, :0], entry.past_values[:, :0])
+        )
         index = rows.to(keys.device)  # layers may live on different GPUs (n_devices > 1)
         entries.append(type(entry)(past_keys=keys[index], past_values=values[index]))
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=attention_mask)
@@ -476,15 +570,21 @@ def greedy_from_layer(
 
     ``keep(first_logits) -> bool[batch]`` screens rows after the prompt pass: only kept rows
     are decoded (the others get padding only), the rest of the batch costs nothing more."""
-    logits = last_logits(model, resid, start_at_layer=start_layer, attention_mask=attention_mask, past_kv_cache=cache)
+    logits = last_logits(
+        model, resid, start_at_layer=start_layer, attention_mask=attention_mask, past_kv_cache=cache
+    )
     cache.previous_attention_mask = attention_mask  # start_at_layer skips TL's own bookkeeping
     choose = sampler or _argmax
     if keep is None:
         return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, choose)
     rows = keep(logits).nonzero()[:, 0]
-    padding = torch.full((logits.shape[0], max_new_tokens), _pad_id(model), dtype=torch.long, device=logits.device)
+    padding = torch.full(
+        (logits.shape[0], max_new_tokens), _pad_id(model), dtype=torch.long, device=logits.device
+    )
     out = GreedyOutput(padding, logits.float())
     if len(rows):
         sub = select_cache(cache, rows, len(cache.entries), attention_mask[rows])
-        out.tokens[rows] = _greedy_loop(model, logits[rows], _cached_step(model, sub), max_new_tokens, choose).tokens
+        out.tokens[rows] = _greedy_loop(
+            model, logits[rows], _cached_step(model, sub), max_new_tokens, choose
+        ).tokens
     return out

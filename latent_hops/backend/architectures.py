@@ -66,12 +66,15 @@ def _rope_fields(hf: Any, arch: str, allowed: tuple[str, ...] = ("default",)) ->
     if kind not in allowed:
         raise UnsupportedArchitecture(
             f"{arch}: RoPE type {kind!r} is not supported by TransformerLens 3.9 here "
-            f"(supported: {', '.join(allowed)})")
+            f"(supported: {', '.join(allowed)})"
+        )
     fields: dict[str, Any] = {"rotary_base": float(rope["rope_theta"])}
     if kind == "llama3":
         fields.update(
             use_NTK_by_parts_rope=True,
-            NTK_original_ctx_len=rope.get("original_max_position_embeddings", hf.max_position_embeddings),
+            NTK_original_ctx_len=rope.get(
+                "original_max_position_embeddings", hf.max_position_embeddings
+            ),
             NTK_by_parts_low_freq_factor=rope.get("low_freq_factor", 1.0),
             NTK_by_parts_high_freq_factor=rope.get("high_freq_factor", 4.0),
             NTK_by_parts_factor=rope.get("factor", 1.0),
@@ -82,7 +85,9 @@ def _rope_fields(hf: Any, arch: str, allowed: tuple[str, ...] = ("default",)) ->
 def _refuse_biases(hf: Any, arch: str) -> None:
     for flag in ("attention_bias", "mlp_bias"):
         if _get(hf, flag, False):
-            raise UnsupportedArchitecture(f"{arch}: {flag}=True is not supported (TL's converter drops the biases)")
+            raise UnsupportedArchitecture(
+                f"{arch}: {flag}=True is not supported (TL's converter drops the biases)"
+            )
 
 
 def _head_dim(hf: Any) -> int:
@@ -105,20 +110,34 @@ def _sliding(hf: Any, arch: str) -> dict[str, Any]:
         raise UnsupportedArchitecture(f"{arch}: layer types {sorted(unknown)} are not supported")
     if "sliding_attention" not in types or not window:
         return {}
-    return dict(use_local_attn=True, window_size=int(window),
-                attn_types=["local" if t == "sliding_attention" else "global" for t in types])
+    return dict(
+        use_local_attn=True,
+        window_size=int(window),
+        attn_types=["local" if t == "sliding_attention" else "global" for t in types],
+    )
 
 
 def _llama_like(hf: Any, arch: str, rope: tuple[str, ...] = ("default",)) -> dict[str, Any]:
     """Pre-norm RMSNorm, rotary, gated MLP: Llama and its descendants."""
     d_head = _head_dim(hf)
     return dict(
-        d_model=hf.hidden_size, d_head=d_head, n_heads=hf.num_attention_heads,
-        d_mlp=hf.intermediate_size, n_layers=hf.num_hidden_layers, n_ctx=hf.max_position_embeddings,
-        eps=_get(hf, "rms_norm_eps", 1e-6), d_vocab=hf.vocab_size,
-        act_fn=_get(hf, "hidden_activation", None) or _get(hf, "hidden_act"), n_key_value_heads=_kv_heads(hf),
-        normalization_type="RMS", positional_embedding_type="rotary", rotary_adjacent_pairs=False,
-        rotary_dim=d_head, final_rms=True, gated_mlp=True, **_rope_fields(hf, arch, rope),
+        d_model=hf.hidden_size,
+        d_head=d_head,
+        n_heads=hf.num_attention_heads,
+        d_mlp=hf.intermediate_size,
+        n_layers=hf.num_hidden_layers,
+        n_ctx=hf.max_position_embeddings,
+        eps=_get(hf, "rms_norm_eps", 1e-6),
+        d_vocab=hf.vocab_size,
+        act_fn=_get(hf, "hidden_activation", None) or _get(hf, "hidden_act"),
+        n_key_value_heads=_kv_heads(hf),
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=d_head,
+        final_rms=True,
+        gated_mlp=True,
+        **_rope_fields(hf, arch, rope),
     )
 
 
@@ -147,7 +166,9 @@ def _qwen3(hf: Any) -> dict[str, Any]:
 
 def _phi3(hf: Any) -> dict[str, Any]:
     if _get(hf, "partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedArchitecture("Phi3ForCausalLM: partial_rotary_factor != 1 is not supported")
+        raise UnsupportedArchitecture(
+            "Phi3ForCausalLM: partial_rotary_factor != 1 is not supported"
+        )
     return {**_llama_like(hf, "Phi3ForCausalLM"), **_sliding(hf, "Phi3ForCausalLM")}
 
 
@@ -165,9 +186,12 @@ def _gemma(hf: Any, arch: str = "GemmaForCausalLM") -> dict[str, Any]:
 def _gemma2(hf: Any, arch: str = "Gemma2ForCausalLM") -> dict[str, Any]:
     """Gemma 2: Gemma + norms after attention and MLP, soft-capping, alternating sliding window."""
     fields = _gemma(hf, arch)
-    fields.update(use_normalization_before_and_after=True, **_sliding(hf, arch),
-                  attn_scores_soft_cap=_get(hf, "attn_logit_softcapping", -1.0),
-                  output_logits_soft_cap=_get(hf, "final_logit_softcapping", -1.0))
+    fields.update(
+        use_normalization_before_and_after=True,
+        **_sliding(hf, arch),
+        attn_scores_soft_cap=_get(hf, "attn_logit_softcapping", -1.0),
+        output_logits_soft_cap=_get(hf, "final_logit_softcapping", -1.0),
+    )
     return fields
 
 
@@ -177,7 +201,9 @@ def _gemma3(hf: Any) -> dict[str, Any]:
     fields["use_qk_norm"] = True
     local = _rope(hf, "sliding_attention")
     if local["rope_type"] != "default":
-        raise UnsupportedArchitecture(f"Gemma3ForCausalLM: local RoPE type {local['rope_type']!r} is not supported")
+        raise UnsupportedArchitecture(
+            f"Gemma3ForCausalLM: local RoPE type {local['rope_type']!r} is not supported"
+        )
     theta_local = _get(hf, "rope_local_base_freq", None) or local["rope_theta"]
     fields["rotary_base_local"] = float(theta_local)
     return fields
@@ -187,11 +213,21 @@ def _neox(hf: Any) -> dict[str, Any]:
     d_head = hf.hidden_size // hf.num_attention_heads
     pct = _get(hf, "rotary_pct", None) or _rope(hf).get("partial_rotary_factor", 1.0)
     return dict(
-        d_model=hf.hidden_size, d_head=d_head, n_heads=hf.num_attention_heads, d_mlp=hf.intermediate_size,
-        n_layers=hf.num_hidden_layers, n_ctx=hf.max_position_embeddings, eps=hf.layer_norm_eps,
-        d_vocab=hf.vocab_size, act_fn=hf.hidden_act, use_attn_scale=True,
-        parallel_attn_mlp=_get(hf, "use_parallel_residual", True), positional_embedding_type="rotary",
-        rotary_adjacent_pairs=False, rotary_dim=round(pct * d_head), normalization_type="LN",
+        d_model=hf.hidden_size,
+        d_head=d_head,
+        n_heads=hf.num_attention_heads,
+        d_mlp=hf.intermediate_size,
+        n_layers=hf.num_hidden_layers,
+        n_ctx=hf.max_position_embeddings,
+        eps=hf.layer_norm_eps,
+        d_vocab=hf.vocab_size,
+        act_fn=hf.hidden_act,
+        use_attn_scale=True,
+        parallel_attn_mlp=_get(hf, "use_parallel_residual", True),
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=round(pct * d_head),
+        normalization_type="LN",
         **_rope_fields(hf, "GPTNeoXForCausalLM"),
     )
 
@@ -200,7 +236,9 @@ def _olmo(hf: Any) -> dict[str, Any]:
     """OLMo 1: non-parametric LayerNorm (eps 1e-5, TL's converter sets unit weights), clip_qkv."""
     _refuse_biases(hf, "OlmoForCausalLM")
     fields = _llama_like(hf, "OlmoForCausalLM")
-    fields.update(normalization_type="LN", eps=1e-5, final_rms=False, clip_qkv=_get(hf, "clip_qkv", None))
+    fields.update(
+        normalization_type="LN", eps=1e-5, final_rms=False, clip_qkv=_get(hf, "clip_qkv", None)
+    )
     return fields
 
 
@@ -209,17 +247,27 @@ def _olmo2(hf: Any) -> dict[str, Any]:
     architecture name)."""
     _refuse_biases(hf, "Olmo2ForCausalLM")
     if _kv_heads(hf) is not None:
-        raise UnsupportedArchitecture("Olmo2ForCausalLM: grouped-query attention (num_key_value_heads != "
-                                      "num_attention_heads) is not supported by TL 3.9's OLMo-2 converter")
+        raise UnsupportedArchitecture(
+            "Olmo2ForCausalLM: grouped-query attention (num_key_value_heads != "
+            "num_attention_heads) is not supported by TL 3.9's OLMo-2 converter"
+        )
     return _llama_like(hf, "Olmo2ForCausalLM")
 
 
 def _gpt2(hf: Any) -> dict[str, Any]:
     return dict(
-        d_model=hf.n_embd, d_head=hf.n_embd // hf.n_head, n_heads=hf.n_head, d_mlp=hf.n_inner or 4 * hf.n_embd,
-        n_layers=hf.n_layer, n_ctx=hf.n_positions, eps=hf.layer_norm_epsilon, d_vocab=hf.vocab_size,
-        act_fn=hf.activation_function, use_attn_scale=hf.scale_attn_weights,
-        scale_attn_by_inverse_layer_idx=hf.scale_attn_by_inverse_layer_idx, normalization_type="LN",
+        d_model=hf.n_embd,
+        d_head=hf.n_embd // hf.n_head,
+        n_heads=hf.n_head,
+        d_mlp=hf.n_inner or 4 * hf.n_embd,
+        n_layers=hf.n_layer,
+        n_ctx=hf.n_positions,
+        eps=hf.layer_norm_epsilon,
+        d_vocab=hf.vocab_size,
+        act_fn=hf.activation_function,
+        use_attn_scale=hf.scale_attn_weights,
+        scale_attn_by_inverse_layer_idx=hf.scale_attn_by_inverse_layer_idx,
+        normalization_type="LN",
     )
 
 
@@ -242,11 +290,14 @@ FAMILIES: dict[str, Family] = {
 def family(arch: str) -> Family:
     if arch not in FAMILIES:
         raise UnsupportedArchitecture(
-            f"architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)}")
+            f"architecture {arch!r} is not supported; supported: {', '.join(FAMILIES)}"
+        )
     return FAMILIES[arch]
 
 
-def tl_config_fields(hf_config: Any, max_context: int | None = DEFAULT_MAX_CONTEXT) -> dict[str, Any]:
+def tl_config_fields(
+    hf_config: Any, max_context: int | None = DEFAULT_MAX_CONTEXT
+) -> dict[str, Any]:
     """HookedTransformerConfig fields for an HF config (without dtype/device)."""
     arch = (_get(hf_config, "architectures", None) or [""])[0]
     fields = family(arch).config(hf_config)

@@ -17,12 +17,49 @@ from dataclasses import dataclass, field
 import numpy as np
 
 RELATION_NAMES: tuple[str, ...] = (
-    "spouse", "performer", "author", "capital", "mother", "father", "employer",
-    "director", "founder", "composer", "creator", "owner", "manufacturer", "producer",
-    "mentor", "rival", "sibling", "teacher", "neighbour", "successor",
+    "spouse",
+    "performer",
+    "author",
+    "capital",
+    "mother",
+    "father",
+    "employer",
+    "director",
+    "founder",
+    "composer",
+    "creator",
+    "owner",
+    "manufacturer",
+    "producer",
+    "mentor",
+    "rival",
+    "sibling",
+    "teacher",
+    "neighbour",
+    "successor",
 )
 ENTITY_TYPES: tuple[str, ...] = ("person", "place", "work", "organization")
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "tr", "st", "kl")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "tr",
+    "st",
+    "kl",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "eo")
 _CODAS = ("", "", "n", "r", "s", "l", "m")
 
@@ -32,7 +69,9 @@ def relation_template(relation: str) -> str:
     return f"the {relation} of {{}}"
 
 
-def make_entity_names(n: int, rng: np.random.Generator, reserved: tuple[str, ...] = ()) -> list[str]:
+def make_entity_names(
+    n: int, rng: np.random.Generator, reserved: tuple[str, ...] = ()
+) -> list[str]:
     """``n`` pronounceable one-word names, none a case-insensitive substring of another.
 
     The paper scores a generation as correct when an alias is a substring of it, so no
@@ -73,7 +112,11 @@ class KnowledgeGraph:
 
     def triples(self) -> list[tuple[int, int, int]]:
         """All atomic facts as (subject, relation, object) index triples."""
-        return [(e, r, int(self.objects[e, r])) for e in range(self.n_entities) for r in range(self.n_relations)]
+        return [
+            (e, r, int(self.objects[e, r]))
+            for e in range(self.n_entities)
+            for r in range(self.n_relations)
+        ]
 
 
 def build_knowledge_graph(
@@ -103,7 +146,10 @@ class CompositionSplits:
 
 
 def split_compositions(
-    kg: KnowledgeGraph, train_per_fact: float = 15.0, n_test_id: int | None = None, n_test_ood: int = 3000,
+    kg: KnowledgeGraph,
+    train_per_fact: float = 15.0,
+    n_test_id: int | None = None,
+    n_test_ood: int = 3000,
     seed: int = 0,
 ) -> CompositionSplits:
     """Split all compositions with e1 != e2 != e3 != e1 into train / held-out sets.
@@ -113,7 +159,9 @@ def split_compositions(
     test compositions have an ID first hop and an OOD second hop.
     """
     n, r = kg.n_entities, kg.n_relations
-    e1, r1, r2 = (a.ravel() for a in np.meshgrid(np.arange(n), np.arange(r), np.arange(r), indexing="ij"))
+    e1, r1, r2 = (
+        a.ravel() for a in np.meshgrid(np.arange(n), np.arange(r), np.arange(r), indexing="ij")
+    )
     e2 = kg.objects[e1, r1]
     e3 = kg.objects[e2, r2]
     valid = e3 != e1
@@ -125,6 +173,8 @@ def split_compositions(
     n_train = int(train_per_fact * n * r)
     n_test_id = len(id_comps) - n_train if n_test_id is None else n_test_id
     if n_train + n_test_id > len(id_comps) or n_test_id < 1:
-        raise ValueError(f"only {len(id_comps)} ID compositions for {n_train} train + {n_test_id} test")
+        raise ValueError(
+            f"only {len(id_comps)} ID compositions for {n_train} train + {n_test_id} test"
+        )
     ood_comps = rng.permutation(comps[valid & first_id & ~second_id])[:n_test_ood]
     return CompositionSplits(id_comps[:n_train], id_comps[n_train : n_train + n_test_id], ood_comps)

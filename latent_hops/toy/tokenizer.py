@@ -15,7 +15,12 @@ from transformers import PreTrainedTokenizerFast
 
 from latent_hops.toy.knowledge_graph import KnowledgeGraph, relation_template
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
 PUNCTUATION = ("is", ":", ",", "x")  # "x" is the Patchscopes placeholder
 
 
@@ -29,7 +34,9 @@ def bos_post_processor(bos_id: int) -> processors.TemplateProcessing:
     """Prepend BOS to every encoding: the toy models were trained with it, so the shipped
     tokenizer adds it itself and plain transformers users get the model's own inputs."""
     bos = SPECIAL_TOKENS["bos_token"]
-    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)])
+    return processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)]
+    )
 
 
 def build_toy_tokenizer(kg: KnowledgeGraph) -> PreTrainedTokenizerFast:
