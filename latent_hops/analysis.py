@@ -168,3 +168,27 @@ def first_layer(
     """Per case (``id``), the smallest ``layer`` where ``holds``; every id of ``table``
     appears, missing (NaN) where it never holds. The stage reducer of every analysis."""
     return table[holds].groupby("id")[layer].min().rename(name).reindex(table["id"].unique())
+
+
+DECODED_STAGES = (
+    ("t1", "e2", "first_hop_layer"),
+    ("t2", "e2", "e2_at_t2_layer"),
+    ("t2", "e3", "second_hop_layer"),
+)
+"""(position, entity, column) of the layers a decoding method gives the stage table."""
+
+
+def decoded_layers(
+    table: pd.DataFrame,
+    decoded: Callable[[pd.DataFrame, str], pd.Series],
+    layer: str = "layer",
+) -> pd.DataFrame:
+    """Per case, the first ``layer`` at which each entity of ``DECODED_STAGES`` is decoded at
+    its position: ``decoded(rows_at_position, entity)`` says where. Every id of ``table``
+    appears; NaN where never."""
+    columns = []
+    for position, entity, name in DECODED_STAGES:
+        at = table[table.position == position]
+        columns.append(first_layer(at, decoded(at, entity), name, layer))
+    out = pd.concat(columns, axis=1)
+    return out.reindex(table["id"].unique()).rename_axis("id").reset_index()

@@ -124,42 +124,40 @@ def attention_knockout(
                 )
                 lp = out.first_logits.log_softmax(-1)
                 for qi, case in enumerate(batch):
+                    where = {
+                        "id": case.id,
+                        "preset": preset,
+                        "layer": layer,
+                        "window_start": window[0],
+                        "window_end": window[-1],
+                    }
                     if reasons[qi]:
                         rows.append(
-                            (
-                                case.id,
-                                preset,
-                                layer,
-                                window[0],
-                                window[-1],
-                                "",
-                                False,
-                                False,
-                                float("nan"),
-                                reasons[qi],
-                            )
+                            {
+                                **where,
+                                "generation": "",
+                                "correct": False,
+                                "changed": False,
+                                "e3_logprob_delta": float("nan"),
+                                "skip_reason": reasons[qi],
+                            }
                         )
                         continue
                     text = decode(model, out.tokens[qi].tolist())
-                    ok, was_ok = (
-                        is_correct(text, case.e3_names),
-                        is_correct(clean_text[qi], case.e3_names),
-                    )
+                    ok = is_correct(text, case.e3_names)
+                    was_ok = is_correct(clean_text[qi], case.e3_names)
                     _, new = best_rank(lp[qi], case.first_tokens["e3"])
                     _, old = best_rank(clean_lp[qi], case.first_tokens["e3"])
+                    changed = text != clean_text[qi] and not (ok and was_ok)
                     rows.append(
-                        (
-                            case.id,
-                            preset,
-                            layer,
-                            window[0],
-                            window[-1],
-                            text,
-                            ok,
-                            text != clean_text[qi] and not (ok and was_ok),
-                            float(new - old),
-                            "",
-                        )
+                        {
+                            **where,
+                            "generation": text,
+                            "correct": ok,
+                            "changed": changed,
+                            "e3_logprob_delta": float(new - old),
+                            "skip_reason": "",
+                        }
                     )
             bar.update(len(batch))
     bar.close()

@@ -15,7 +15,15 @@ import pandas as pd
 import torch
 
 from latent_hops import backend
-from latent_hops.analysis import Analysis, Column, Context, first_layer, register, runtime
+from latent_hops.analysis import (
+    Analysis,
+    Column,
+    Context,
+    decoded_layers,
+    first_layer,
+    register,
+    runtime,
+)
 from latent_hops.backend import EMBEDDINGS, Model
 from latent_hops.cases import POSITIONS, Case, case_batches
 from latent_hops.patching import hidden_states_at
@@ -73,16 +81,12 @@ def logit_lens(
 def resolution_layers(lens: pd.DataFrame, second_hop_k: int = 0) -> pd.DataFrame:
     """Per case: first-hop layer (e2 rank 0 at t1), e2 decoded at t2 (rank 0), second-hop
     layer (e3 rank <= k at t2)."""
-    t1, t2 = lens[lens.position == "t1"], lens[lens.position == "t2"]
-    out = pd.concat(
-        [
-            first_layer(t1, t1.e2_rank == 0, "first_hop_layer"),
-            first_layer(t2, t2.e2_rank == 0, "e2_at_t2_layer"),
-            first_layer(t2, (t2.e3_rank >= 0) & (t2.e3_rank <= second_hop_k), "second_hop_layer"),
-        ],
-        axis=1,
-    )
-    return out.reindex(lens["id"].unique()).rename_axis("id").reset_index()
+
+    def decoded(rows: pd.DataFrame, entity: str) -> pd.Series:
+        rank = rows[f"{entity}_rank"]
+        return (rank >= 0) & (rank <= (second_hop_k if entity == "e3" else 0))
+
+    return decoded_layers(lens, decoded)
 
 
 def onset_layer(lens: pd.DataFrame, k: int = 10) -> pd.Series:

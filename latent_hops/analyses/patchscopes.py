@@ -29,7 +29,7 @@ from latent_hops.analysis import (
     Column,
     Context,
     ReportInput,
-    first_layer,
+    decoded_layers,
     option,
     register,
     runtime,
@@ -252,19 +252,7 @@ def patchscope_layers(scopes: pd.DataFrame) -> pd.DataFrame:
     """Per case: first-hop layer (e2 from t1), e2 decoded from t2, second-hop layer (e3 from t2);
     the minimum source layer over all target layers, target prompts and seeds."""
 
-    def first(position: str, entity: str, name: str) -> pd.Series:
-        at = scopes[scopes.position == position]
-        return first_layer(at, at.decoded == entity, name, layer="source_layer")
-
-    out = pd.concat(
-        [
-            first("t1", "e2", "first_hop_layer"),
-            first("t2", "e2", "e2_at_t2_layer"),
-            first("t2", "e3", "second_hop_layer"),
-        ],
-        axis=1,
-    )
-    return out.reindex(scopes["id"].unique()).rename_axis("id").reset_index()
+    return decoded_layers(scopes, lambda rows, entity: rows.decoded == entity, layer="source_layer")
 
 
 def _run(context: Context, config: PatchscopeConfig) -> pd.DataFrame:

@@ -34,7 +34,15 @@ import torch
 from jaxtyping import Float
 
 from latent_hops import backend
-from latent_hops.analysis import Analysis, Column, Context, first_layer, option, register, runtime
+from latent_hops.analysis import (
+    Analysis,
+    Column,
+    Context,
+    decoded_layers,
+    option,
+    register,
+    runtime,
+)
 from latent_hops.backend import Model
 from latent_hops.cases import Case, case_batches, prepare_cases
 from latent_hops.errors import InputError
@@ -220,19 +228,13 @@ def probe_layers(probed: pd.DataFrame, margin: float = DEFAULT_MARGIN) -> pd.Dat
     reliable = acc[acc.accuracy >= acc.control + margin][["entity", "position", "layer"]]
     hits = probed[probed.correct].merge(reliable, on=["entity", "position", "layer"])
 
-    def first(entity: str, position: str, name: str) -> pd.Series:
-        hit = hits[(hits.entity == entity) & (hits.position == position)]
-        return first_layer(hit, hit.correct, name)
-
-    out = pd.concat(
-        [
-            first("e2", "t1", "first_hop_layer"),
-            first("e2", "t2", "e2_at_t2_layer"),
-            first("e3", "t2", "second_hop_layer"),
-        ],
-        axis=1,
+    return (
+        decoded_layers(hits, lambda rows, entity: rows.entity == entity)
+        .set_index("id")
+        .reindex(probed["id"].unique())
+        .rename_axis("id")
+        .reset_index()
     )
-    return out.reindex(probed["id"].unique()).rename_axis("id").reset_index()
 
 
 def _run(context: Context, config: ProbeConfig) -> pd.DataFrame:
