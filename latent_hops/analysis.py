@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from latent_hops.cases import POSITIONS, Case
 from latent_hops.config import option, provenance_config, runtime  # noqa: F401 -- re-exported for analyses
 from latent_hops.errors import InputError
-from latent_hops.rundir import reusable_table, write_table
+from latent_hops.rundir import merge_parts, reusable_table, run_in_parts, write_table
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,24 @@ class Context:
         if self.run_dir is None:
             raise InputError(f"{name} is resumable and needs a run directory")
         return self.run_dir / name
+
+    def in_parts(
+        self, folder: Path, compute: Callable[[list[Case]], pd.DataFrame], made_by: dict, desc: str
+    ) -> pd.DataFrame:
+        """A resumable computation: the cases in chunks, one part each under ``folder``,
+        skipping finished ones (``rundir.run_in_parts``); then all parts of these cases."""
+        bar = tqdm(total=len(self.cases), desc=desc, unit="case", disable=not self.progress)
+
+        def chunk(part):
+            out = compute(part)
+            bar.update(len(part))
+            return out
+
+        run_in_parts(
+            folder, self.cases, self.chunk_cases, chunk, on_skip=bar.update, made_by=made_by
+        )
+        bar.close()
+        return merge_parts(folder, order=[c.id for c in self.cases])
 
     def table(self, name: str, fresh: bool = False) -> pd.DataFrame:
         """Analysis ``name``'s table for the analysed cases: reused from the run directory when

@@ -42,7 +42,7 @@ from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_
 from latent_hops.positions import GRID_HELP, parse_layers, tokenize_prompts
 from latent_hops.queries import PROMPT_SUFFIX
 from latent_hops.ranks import best_rank
-from latent_hops.rundir import done_ids, merge_parts, run_in_parts, write_table, write_text
+from latent_hops.rundir import done_ids, write_table, write_text
 
 KINDS = ("back", "forward", "random")
 Kind = Literal["back", "forward", "random"]
@@ -473,20 +473,12 @@ def non_oracle(labelled: pd.DataFrame, train_fraction: float = 0.5, seed: int = 
 def _run(context: Context, config: BackpatchConfig) -> pd.DataFrame:
     """The sweep, resumable: chunks of cases written as parts of RUN_DIR/backpatch/."""
     all_cells(context.model, config)  # a bad layer grid fails here, before any work
-    folder = context.folder("backpatch")
-    bar = tqdm(
-        total=len(context.cases), desc="backpatch", unit="case", disable=not context.progress
+    return context.in_parts(
+        context.folder("backpatch"),
+        lambda part: sweep(context.model, part, config),
+        context.made_by("backpatch", config),
+        "backpatch",
     )
-    run_in_parts(
-        folder,
-        context.cases,
-        context.chunk_cases,
-        lambda part: (sweep(context.model, part, config), bar.update(len(part)))[0],
-        on_skip=bar.update,
-        made_by=context.made_by("backpatch", config),
-    )
-    bar.close()
-    return merge_parts(folder, order=[c.id for c in context.cases])
 
 
 def summarize(

@@ -41,7 +41,6 @@ from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS
 from latent_hops.models import TOY_CHECKPOINTS
 from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at
 from latent_hops.positions import GRID_HELP, parse_layers, tokenize_prompts
-from latent_hops.rundir import merge_parts, run_in_parts
 
 PAPER_TARGET = (
     "Syria: Syria is a country in the Middle East, Leonardo DiCaprio: Leonardo DiCaprio is an "
@@ -261,23 +260,14 @@ def _run(context: Context, config: PatchscopeConfig) -> pd.DataFrame:
     frames = []
     for name, prompt in target_prompts(context.model, config.target):
         one = replace(config, target=prompt if name == "custom" else name)
-        folder = context.folder("patchscope") / name
-        bar = tqdm(
-            total=len(context.cases),
-            desc=f"patchscope ({name})",
-            unit="case",
-            disable=not context.progress,
+        frames.append(
+            context.in_parts(
+                context.folder("patchscope") / name,
+                lambda part: patchscope(context.model, part, one),
+                context.made_by("patchscope", one),
+                f"patchscope ({name})",
+            )
         )
-        run_in_parts(
-            folder,
-            context.cases,
-            context.chunk_cases,
-            lambda part: (patchscope(context.model, part, one), bar.update(len(part)))[0],
-            on_skip=bar.update,
-            made_by=context.made_by("patchscope", one),
-        )
-        bar.close()
-        frames.append(merge_parts(folder, order=[c.id for c in context.cases]))
     return pd.concat(frames, ignore_index=True)
 
 
