@@ -44,7 +44,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check latent_hops scripts tests
-	$(BIN)/ruff format --check latent_hops scripts tests
+	$(BIN)/ruff format --check latent_hops scripts
 	$(BIN)/mypy
 
 clean:

@@ -15,6 +15,7 @@ matches (``rundir.reusable_table``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -141,6 +142,7 @@ class Analysis:
     uses_positions: Callable[[Any], tuple[str, ...]] = lambda config: getattr(
         config, "positions", POSITIONS
     )
+    inputs: Callable[[], list[Analysis]] = lambda: []  # analyses its run uses (their options too)
     aliases: tuple[str, ...] = ()  # other CLI command names
     order: int = 50  # place in the CLI, the stage table and the report
 
@@ -165,12 +167,18 @@ def register(analysis: Analysis) -> Analysis:
     return analysis
 
 
-def analyses() -> list[Analysis]:
-    """Every registered analysis, in order (importing ``latent_hops.analyses`` registers them)."""
+@functools.cache
+def _import_analyses() -> None:
+    """Import every module of ``latent_hops/analyses/`` (each registers itself), once."""
     import latent_hops.analyses as package
 
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def analyses() -> list[Analysis]:
+    """Every registered analysis, in order."""
+    _import_analyses()
     return sorted(REGISTRY.values(), key=lambda a: (a.order, a.name))
 
 

@@ -28,7 +28,13 @@ import pandas as pd
 from latent_hops import backend
 from latent_hops.analysis import Analysis, Context, analyses, get
 from latent_hops.cases import prepare_cases
-from latent_hops.config import Option, config_from_dict, config_from_options, options
+from latent_hops.config import (
+    Option,
+    config_from_dict,
+    config_from_options,
+    options,
+    provenance_config,
+)
 from latent_hops.errors import InputError
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
 from latent_hops.models import TOY_CHECKPOINTS, TOY_SPEC, load_model
@@ -241,7 +247,7 @@ class Session:
         made_by = {
             **self.identity,
             "analysis": "evaluate",
-            "config": {"max_new_tokens": config.max_new_tokens, "suffix": config.suffix},
+            "config": provenance_config(config),
         }
         done = None if fresh else reusable_table(path, made_by, set(self.table["id"]))
         if done is not None:
@@ -321,13 +327,9 @@ def _version() -> str:
 
 
 def _with_inputs(names: list[str]) -> list[Analysis]:
-    """The analyses ``names`` and, for ``stages``, every stage analysis."""
-    from latent_hops.analyses.stages import stage_analyses
-
+    """The analyses ``names`` and those their runs use (``Analysis.inputs``)."""
     out = [get(n) for n in names]
-    if "stages" in names:
-        out += [a for a in stage_analyses() if a.name not in names]
-    return out
+    return out + [a for n in names for a in get(n).inputs() if a not in out]
 
 
 def run_analysis(session: Session, name: str) -> pd.DataFrame:

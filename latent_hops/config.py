@@ -74,6 +74,7 @@ def _simple(hint: Any) -> bool:
 class Option:
     """A CLI option made from a config field."""
 
+    field: str  # the config field it sets
     flag: str
     dest: str
     default: Any
@@ -97,7 +98,14 @@ def options(config_type: type) -> list[Option]:
             continue
         flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
         out.append(
-            Option(flag, flag[2:].replace("-", "_"), f.default, f.metadata["help"], hints[f.name])
+            Option(
+                f.name,
+                flag,
+                flag[2:].replace("-", "_"),
+                f.default,
+                f.metadata["help"],
+                hints[f.name],
+            )
         )
     return out
 
@@ -133,9 +141,7 @@ def config_from_options(config_type: type, values: dict[str, Any], **fixed: Any)
     (``batch_size``, ``progress``) that the config has."""
     names = {f.name for f in dataclasses.fields(config_type)}
     kwargs = {k: v for k, v in fixed.items() if k in names}
-    for opt, f in zip(
-        options(config_type), [f for f in dataclasses.fields(config_type) if "help" in f.metadata]
-    ):
+    for opt in options(config_type):
         if opt.dest in values:
-            kwargs[f.name] = opt.parse(values[opt.dest])
+            kwargs[opt.field] = opt.parse(values[opt.dest])
     return config_type(**kwargs)

@@ -26,16 +26,7 @@ from transformers import (
 
 from latent_hops import load_model
 
-NAMES = [
-    "Imagine",
-    "John Lennon",
-    "Yoko Ono",
-    "Paris",
-    "Saint-Étienne",
-    "Ouagadougou",
-    "Kavo",
-    "Lennon",
-]
+NAMES = ["Imagine", "John Lennon", "Yoko Ono", "Paris", "Saint-Étienne", "Ouagadougou", "Kavo", "Lennon"]
 CORPUS = [
     "the spouse of the performer of Imagine is Yoko Ono",
     "the performer of Imagine is John Lennon",
@@ -57,24 +48,12 @@ def bpe_tokenizer(style: str) -> PreTrainedTokenizerFast:
         tok.post_processor = processors.ByteLevel(trim_offsets=True)
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     else:
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-        )
-        tok.decoder = decoders.Sequence(
-            [
-                decoders.Replace("▁", " "),
-                decoders.ByteFallback(),
-                decoders.Fuse(),
-                decoders.Strip(" ", 1, 0),
-            ]
-        )
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
         alphabet = []
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=list(SPECIALS.values()),
-        initial_alphabet=alphabet,
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIALS.values()), initial_alphabet=alphabet,
+                                  show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **SPECIALS)
 
@@ -83,36 +62,16 @@ def save_tiny(kind: str, path: Path, style: str = "gpt2", **overrides) -> Path:
     """A random tiny Llama or GPT-2 checkpoint directory with a trained tokenizer."""
     tokenizer = bpe_tokenizer(style)
     torch.manual_seed(0)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     if kind == "llama":
-        cfg = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=overrides.pop("kv_heads", 4),
-            max_position_embeddings=128,
-            initializer_range=0.2,
-            **ids,
-            **overrides,
-        )
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=overrides.pop("kv_heads", 4),
+                          max_position_embeddings=128, initializer_range=0.2, **ids, **overrides)
         model = LlamaForCausalLM(cfg)
     else:
-        cfg = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_embd=64,
-            n_layer=3,
-            n_head=4,
-            n_positions=128,
-            initializer_range=0.2,
-            **ids,
-            **overrides,
-        )
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                         initializer_range=0.2, **ids, **overrides)
         model = GPT2LMHeadModel(cfg)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

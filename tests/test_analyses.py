@@ -35,19 +35,13 @@ def test_logit_lens_at_last_layer_is_the_model(request, name):
     tok = tokenize_prompts(model, [q.composition_prompt() for q in QUERIES])
     logits, cache = model.run_with_cache(tok.tokens, attention_mask=tok.attention_mask)
     last = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, -1]
-    torch.testing.assert_close(
-        project_to_vocab(model, last), logits[:, -1].log_softmax(-1), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(project_to_vocab(model, last), logits[:, -1].log_softmax(-1), atol=1e-5, rtol=0)
 
 
 def test_logit_lens_table(tiny_llama, llama_cases):
     lens = logit_lens(tiny_llama, llama_cases)
     assert len(lens) == len(llama_cases) * 2 * (tiny_llama.cfg.n_layers + 1)
-    top = (
-        lens[(lens.position == "t2") & (lens.layer == tiny_llama.cfg.n_layers - 1)]
-        .set_index("id")
-        .top_token
-    )
+    top = lens[(lens.position == "t2") & (lens.layer == tiny_llama.cfg.n_layers - 1)].set_index("id").top_token
     tok = tokenize_prompts(tiny_llama, [c.prompt for c in llama_cases])
     predicted = tiny_llama(tok.tokens, attention_mask=tok.attention_mask)[:, -1].argmax(-1).tolist()
     assert [top[c.id] for c in llama_cases] == predicted
@@ -55,19 +49,9 @@ def test_logit_lens_table(tiny_llama, llama_cases):
 
 
 def test_resolution_and_onset_layers_hand_made():
-    rows = [
-        ("a", "t1", 0, 3, 5),
-        ("a", "t1", 1, 0, 5),
-        ("a", "t2", 0, 2, 20),
-        ("a", "t2", 1, 0, 4),
-        ("a", "t2", 2, 1, 12),
-        ("a", "t2", 3, 0, 0),
-        ("b", "t1", 0, 1, 1),
-        ("b", "t2", 0, 1, 50),
-        ("b", "t2", 1, 1, 50),
-        ("b", "t2", 2, 1, 50),
-        ("b", "t2", 3, 1, 50),
-    ]
+    rows = [("a", "t1", 0, 3, 5), ("a", "t1", 1, 0, 5), ("a", "t2", 0, 2, 20), ("a", "t2", 1, 0, 4),
+            ("a", "t2", 2, 1, 12), ("a", "t2", 3, 0, 0), ("b", "t1", 0, 1, 1), ("b", "t2", 0, 1, 50),
+            ("b", "t2", 1, 1, 50), ("b", "t2", 2, 1, 50), ("b", "t2", 3, 1, 50)]
     lens = pd.DataFrame(rows, columns=["id", "position", "layer", "e2_rank", "e3_rank"])
     res = resolution_layers(lens).set_index("id")
     assert res.loc["a", "first_hop_layer"] == 1 and pd.isna(res.loc["b", "first_hop_layer"])
@@ -84,6 +68,7 @@ def test_sublayer_projection(tiny_llama, llama_cases):
     assert set(proj.sublayer) == {"attn", "mlp"}
     layers = projection_layers(proj)
     assert list(layers.id) == [c.id for c in llama_cases]
+
 
 
 def test_sublayer_projection_reads_the_named_sublayer(tiny_llama, llama_cases):
@@ -110,13 +95,8 @@ def test_knockout_with_no_edges_changes_nothing(tiny_llama):
     tok = tokenize_prompts(tiny_llama, [q.composition_prompt() for q in QUERIES])
     clean = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)
     none = torch.zeros((len(QUERIES),) + (tok.tokens.shape[1],) * 2, dtype=torch.bool)
-    knocked = greedy_generate(
-        tiny_llama,
-        tok.tokens,
-        tok.attention_mask,
-        10,
-        block_attention(range(tiny_llama.cfg.n_layers), none),
-    )
+    knocked = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10,
+                              block_attention(range(tiny_llama.cfg.n_layers), none))
     assert torch.equal(clean.tokens, knocked.tokens)
     torch.testing.assert_close(clean.first_logits, knocked.first_logits)
 
@@ -131,32 +111,17 @@ def test_knockout_blocks_exactly_the_edges(tiny_llama, llama_cases):
         _, cache = tiny_llama.run_with_cache(tok.tokens)
     pattern = cache["blocks.1.attn.hook_pattern"][0]  # [head, q, k]
     assert torch.all(pattern[:, queries[0], keys[0]] == 0)
-    assert torch.all(
-        cache["blocks.0.attn.hook_pattern"][0][:, queries[0], keys[0]] > 0
-    )  # outside the window
+    assert torch.all(cache["blocks.0.attn.hook_pattern"][0][:, queries[0], keys[0]] > 0)  # outside the window
     torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
 
 
 def test_knockout_table_and_skips(tiny_llama, llama_cases):
-    odd = Case(
-        "odd",
-        llama_cases[0].prompt,
-        llama_cases[0].positions,
-        llama_cases[0].names,
-        llama_cases[0].first_tokens,
-        r1_tokens=None,
-    )
-    ko = attention_knockout(
-        tiny_llama,
-        llama_cases + [odd],
-        KnockoutConfig(presets=("last_to_t1", "last_to_r1"), window=1),
-    )
+    odd = Case("odd", llama_cases[0].prompt, llama_cases[0].positions, llama_cases[0].names,
+               llama_cases[0].first_tokens, r1_tokens=None)
+    ko = attention_knockout(tiny_llama, llama_cases + [odd], KnockoutConfig(presets=("last_to_t1", "last_to_r1"), window=1))
     assert len(ko) == (len(llama_cases) + 1) * 2 * tiny_llama.cfg.n_layers
     assert (ko[(ko.id == "odd") & (ko.preset == "last_to_r1")].skip_reason != "").all()
-    assert (
-        ko.loc[ko.layer == 0, "window_end"].eq(1).all()
-        and ko.loc[ko.layer == 0, "window_start"].eq(0).all()
-    )
+    assert ko.loc[ko.layer == 0, "window_end"].eq(1).all() and ko.loc[ko.layer == 0, "window_start"].eq(0).all()
 
 
 def test_classify_patterns_and_priority():
@@ -171,49 +136,26 @@ def test_patchscope_onto_itself_reproduces_the_clean_generation(tiny_llama):
     target = TargetPrompt.from_text("the spouse of the performer of x is")
     tok = tokenize_prompts(tiny_llama, [target.text])
     slot = tok.char_span_position(0, target.placeholder)
-    case = Case(
-        "self",
-        target.text,
-        {"t1": slot, "t2": tok.tokens.shape[1] - 1},
-        {"e1": (), "e2": (), "e3": ()},
-        {"e2": [], "e3": []},
-    )
+    case = Case("self", target.text, {"t1": slot, "t2": tok.tokens.shape[1] - 1}, {"e1": (), "e2": (), "e3": ()},
+                {"e2": [], "e3": []})
     n = tiny_llama.cfg.n_layers
-    scopes = patchscope(
-        tiny_llama,
-        [case],
-        PatchscopeConfig(
-            target=target, positions=("t1",), layer_pairs=tuple((s, s) for s in range(n))
-        ),
-    )
+    scopes = patchscope(tiny_llama, [case], PatchscopeConfig(target=target, positions=("t1",),
+                                                             layer_pairs=tuple((s, s) for s in range(n))))
     out = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)
-    clean = tiny_llama.tokenizer.decode(
-        tok.tokens[0, slot:].tolist() + out.tokens[0].tolist(), skip_special_tokens=True
-    )
+    clean = tiny_llama.tokenizer.decode(tok.tokens[0, slot:].tolist() + out.tokens[0].tolist(),
+                                        skip_special_tokens=True)
     assert (scopes.generation == clean).all() and len(scopes) == n
 
 
 def test_patchscope_table_and_layers(tiny_llama, llama_cases):
-    scopes = patchscope(
-        tiny_llama, llama_cases, PatchscopeConfig(target=TargetPrompt.from_text("Paris: Paris, x"))
-    )
+    scopes = patchscope(tiny_llama, llama_cases, PatchscopeConfig(target=TargetPrompt.from_text("Paris: Paris, x")))
     n = tiny_llama.cfg.n_layers
     assert len(scopes) == len(llama_cases) * 2 * n * n
     assert set(scopes.decoded) <= {"e1", "e2", "e3", "other"}
-    sampled = patchscope(
-        tiny_llama,
-        llama_cases[:1],
-        PatchscopeConfig(
-            target=TargetPrompt.from_text("Paris: Paris, x"), seeds=(0, 1), layer_pairs=((0, 0),)
-        ),
-    )
+    sampled = patchscope(tiny_llama, llama_cases[:1], PatchscopeConfig(
+        target=TargetPrompt.from_text("Paris: Paris, x"), seeds=(0, 1), layer_pairs=((0, 0),)))
     assert sorted(sampled.seed) == [0, 0, 1, 1]
-    assert list(patchscope_layers(scopes).columns) == [
-        "id",
-        "first_hop_layer",
-        "e2_at_t2_layer",
-        "second_hop_layer",
-    ]
+    assert list(patchscope_layers(scopes).columns) == ["id", "first_hop_layer", "e2_at_t2_layer", "second_hop_layer"]
     with pytest.raises(ValueError, match="placeholder"):
         TargetPrompt.from_text("no placeholder here", placeholder="zzz")
 
@@ -226,9 +168,7 @@ def test_probe_split_never_trains_on_the_scored_entities(toy):
     scored = {c.id for c in cases[:100]}
     for strict in (False, True):
         splits = entity_folds(cases, "e2", scored, folds=5, hold_out_target=strict)
-        assert sorted(i for _, test, _ in splits for i in test) == list(
-            range(100)
-        )  # each scored case once
+        assert sorted(i for _, test, _ in splits for i in test) == list(range(100))  # each scored case once
         for _, test, train in splits:
             assert len(train) > 0
             for i in test:
@@ -246,9 +186,7 @@ def test_probe_reads_the_bridge_and_its_control_does_not(toy):
     probed = cross_validated_probe(toy, cases[:100], cases[100:], "e2", "t2", layers=[0, 3, last])
     assert len(probed) == 3 * 100 and set(probed.layer) == {0, 3, last}
     acc = probe_accuracy(probed).set_index("layer")
-    assert (
-        acc.loc[3, "accuracy"] > 0.3 > 0.1 > acc.loc[3, "control"]
-    )  # e2 is linearly at t2 by layer 3
+    assert acc.loc[3, "accuracy"] > 0.3 > 0.1 > acc.loc[3, "control"]  # e2 is linearly at t2 by layer 3
     layers = probe_layers(probed)
     assert list(layers.columns) == ["id", "first_hop_layer", "e2_at_t2_layer", "second_hop_layer"]
     # a layer whose probe does not beat the control by the margin gives no case a layer

@@ -17,41 +17,20 @@ from latent_hops.queries import queries_to_table
 def test_weights_equal_the_cached_pattern(request, name):
     model = request.getfixturevalue(name)
     cases, _ = prepare_cases(model, queries_to_table(QUERIES))
-    table = attention_to_t1(model, cases, batch_size=2).set_index(
-        ["id", "layer", "head"]
-    )  # batched, left-padded
+    table = attention_to_t1(model, cases, batch_size=2).set_index(["id", "layer", "head"])  # batched, left-padded
     for case in cases:
         tok = tokenize_prompts(model, [case.prompt])
         _, cache = model.run_with_cache(tok.tokens)
         for layer in range(model.cfg.n_layers):
-            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][
-                0, :, case.positions["t2"], case.positions["t1"]
-            ]
-            got = torch.tensor(
-                [table.loc[(case.id, layer, h), "weight"] for h in range(model.cfg.n_heads)],
-                dtype=torch.float32,
-            )
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, case.positions["t2"], case.positions["t1"]]
+            got = torch.tensor([table.loc[(case.id, layer, h), "weight"] for h in range(model.cfg.n_heads)],
+                               dtype=torch.float32)
             torch.testing.assert_close(got, pattern.float(), atol=1e-5, rtol=1e-4)
 
 
 def test_attention_end_to_end(tmp_path):
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "attention",
-                "--out",
-                str(out),
-                "--split",
-                "test_id",
-                "--max-cases",
-                "2",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(["attention", "--out", str(out), "--split", "test_id", "--max-cases", "2", "--device", "cpu"]) == 0
     table = pd.read_parquet(out / "attention.parquet")
     assert table.id.nunique() == 4 and table.weight.between(0, 1).all()
     assert main(["report", str(out)]) == 0

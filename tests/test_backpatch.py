@@ -46,13 +46,8 @@ def test_fast_engine_equals_naive_reference(request, name, toy_table):
     n_cells = len(all_cells(model, config))
     assert len(fast) == len(cases) * 2 * n_cells
     pd.testing.assert_frame_equal(naive.drop(columns="e3_logprob"), fast.drop(columns="e3_logprob"))
-    torch.testing.assert_close(
-        torch.tensor(naive.e3_logprob.values),
-        torch.tensor(fast.e3_logprob.values),
-        atol=1e-4,
-        rtol=0,
-        equal_nan=True,
-    )
+    torch.testing.assert_close(torch.tensor(naive.e3_logprob.values), torch.tensor(fast.e3_logprob.values),
+                               atol=1e-4, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "toy"])
@@ -82,12 +77,8 @@ def test_patched_kv_cache_equals_no_cache_loop(tiny_llama):
     for source, target in [(2, 0), (1, -1), (0, 2)]:
         values = cache[f"blocks.{source}.hook_resid_post"][:, -1]
         hooks = [patch_hook(target, pos, values)]
-        cached = greedy_generate(
-            tiny_llama, tok.tokens, tok.attention_mask, 10, hooks, use_kv_cache=True
-        )
-        loop = greedy_generate(
-            tiny_llama, tok.tokens, tok.attention_mask, 10, hooks, use_kv_cache=False
-        )
+        cached = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10, hooks, use_kv_cache=True)
+        loop = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10, hooks, use_kv_cache=False)
         assert torch.equal(cached.tokens, loop.tokens)
         # and the patch did something on a random model
         clean = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)
@@ -105,9 +96,7 @@ def test_bad_layers_positions_and_kinds(tiny_gpt2):
 
 
 def test_unresolvable_case_is_skipped_with_reason(tiny_gpt2):
-    bad = QUERIES[0].__class__(
-        **{**QUERIES[0].__dict__, "id": "bad", "source_prompt": "nothing here is"}
-    )
+    bad = QUERIES[0].__class__(**{**QUERIES[0].__dict__, "id": "bad", "source_prompt": "nothing here is"})
     cases, skipped = prepare_cases(tiny_gpt2, queries_to_table([QUERIES[1], bad]))
     assert [c.id for c in cases] == ["twice"]
     assert skipped.id.tolist() == ["bad"] and "does not occur" in skipped.reason[0]
@@ -116,41 +105,13 @@ def test_unresolvable_case_is_skipped_with_reason(tiny_gpt2):
 def _toy_results():
     rows = []
     # three incorrect cases (a, b, c), one correct (d); kind back cells (1->0), (2->0); forward (0->1)
-    success = {
-        ("a", 1, 0): True,
-        ("a", 2, 0): False,
-        ("b", 1, 0): False,
-        ("b", 2, 0): False,
-        ("c", 1, 0): True,
-        ("c", 2, 0): True,
-        ("d", 1, 0): True,
-        ("d", 2, 0): False,
-    }
+    success = {("a", 1, 0): True, ("a", 2, 0): False, ("b", 1, 0): False, ("b", 2, 0): False,
+               ("c", 1, 0): True, ("c", 2, 0): True, ("d", 1, 0): True, ("d", 2, 0): False}
     for (i, s, t), ok in success.items():
-        rows.append(
-            dict(
-                id=i,
-                position="t1",
-                source_layer=s,
-                target_layer=t,
-                kind="back",
-                success=ok,
-                subset="correct" if i == "d" else "incorrect",
-                split="test",
-            )
-        )
-        rows.append(
-            dict(
-                id=i,
-                position="t1",
-                source_layer=t,
-                target_layer=s,
-                kind="forward",
-                success=False,
-                subset="correct" if i == "d" else "incorrect",
-                split="test",
-            )
-        )
+        rows.append(dict(id=i, position="t1", source_layer=s, target_layer=t, kind="back", success=ok,
+                         subset="correct" if i == "d" else "incorrect", split="test"))
+        rows.append(dict(id=i, position="t1", source_layer=t, target_layer=s, kind="forward", success=False,
+                         subset="correct" if i == "d" else "incorrect", split="test"))
     return pd.DataFrame(rows)
 
 
@@ -164,12 +125,7 @@ def test_oracle_rates_hand_computed():
 
 
 def test_non_oracle_picks_on_train_and_reports_held_out():
-    result = (
-        non_oracle(_toy_results(), train_fraction=0.5, seed=0)
-        .query("split == 'test'")
-        .set_index("kind")
-        .loc["back"]
-    )
+    result = non_oracle(_toy_results(), train_fraction=0.5, seed=0).query("split == 'test'").set_index("kind").loc["back"]
     assert (result.source_layer, result.target_layer) in {(1, 0), (2, 0)}
     assert result.heldout_incorrect + result.train_cases == 3
     damage = {(1, 0): 0.0, (2, 0): 1.0}[(result.source_layer, result.target_layer)]
@@ -186,13 +142,9 @@ def test_first_token_screen_keeps_the_oracle_when_it_covers_every_success(toy):
     assert screened[keys].equals(full[keys]) and screened.screened.any() and not full.screened.any()
     kept = ~screened.screened
     assert (screened.loc[kept, "e3_rank"] <= k).all()
-    assert (
-        screened.generation[kept].tolist() == full.generation[kept].tolist()
-    )  # decoded as without the screen
+    assert screened.generation[kept].tolist() == full.generation[kept].tolist()  # decoded as without the screen
     assert screened.success.tolist() == full.success.tolist()  # no success was screened out
-    tighter = sweep(
-        toy, cases, BackpatchConfig(positions=("t2",), batch_rows=64, screen=max(k - 1, 0))
-    )
+    tighter = sweep(toy, cases, BackpatchConfig(positions=("t2",), batch_rows=64, screen=max(k - 1, 0)))
     assert tighter.screened.sum() >= screened.screened.sum()
     with pytest.raises(ValueError, match="fast engine"):
         sweep_naive(toy, cases[:1], BackpatchConfig(screen=3))
@@ -201,35 +153,14 @@ def test_first_token_screen_keeps_the_oracle_when_it_covers_every_success(toy):
 def test_success_samples_show_what_counted():
     from latent_hops.analyses.backpatch import success_samples
 
-    rows = [
-        ("a", "t2", 3, 1, "back", "the Yen", True, "incorrect"),
-        ("b", "t2", 3, 1, "back", "Yen!", True, "incorrect"),
-        ("c", "t2", 3, 1, "back", "yen yen", True, "incorrect"),
-        ("a", "t2", 2, 1, "back", "Yen", True, "incorrect"),
-        ("a", "t2", 2, 1, "back", "no", False, "incorrect"),
-        ("d", "t2", 3, 1, "back", "Yen", True, "correct"),
-    ]
-    table = pd.DataFrame(
-        rows,
-        columns=[
-            "id",
-            "position",
-            "source_layer",
-            "target_layer",
-            "kind",
-            "generation",
-            "success",
-            "subset",
-        ],
-    )
+    rows = [("a", "t2", 3, 1, "back", "the Yen", True, "incorrect"), ("b", "t2", 3, 1, "back", "Yen!", True, "incorrect"),
+            ("c", "t2", 3, 1, "back", "yen yen", True, "incorrect"), ("a", "t2", 2, 1, "back", "Yen", True, "incorrect"),
+            ("a", "t2", 2, 1, "back", "no", False, "incorrect"), ("d", "t2", 3, 1, "back", "Yen", True, "correct")]
+    table = pd.DataFrame(rows, columns=["id", "position", "source_layer", "target_layer", "kind", "generation",
+                                        "success", "subset"])
     sample = success_samples(table, cells=1, per_cell=2)
-    assert sample[["source_layer", "rescued"]].values.tolist() == [
-        [3, 3],
-        [3, 3],
-    ]  # the best cell, 2 examples
-    assert sample.generation.tolist() == ["the Yen", "Yen!"] and "d" not in set(
-        sample.id
-    )  # incorrect cases only
+    assert sample[["source_layer", "rescued"]].values.tolist() == [[3, 3], [3, 3]]  # the best cell, 2 examples
+    assert sample.generation.tolist() == ["the Yen", "Yen!"] and "d" not in set(sample.id)  # incorrect cases only
 
 
 def test_one_call_api_equals_the_steps_it_replaces(toy):
@@ -242,62 +173,24 @@ def test_one_call_api_equals_the_steps_it_replaces(toy):
     result = lh.run_backpatch(toy, table, config, max_cases=2)
     # the nine steps by hand: evaluate, keep analysable subsets, head per subset, cases, sweep, labels
     evaluation = evaluate(toy, table)
-    chosen = (
-        evaluation[evaluation.subset.isin(["incorrect", "correct"])]
-        .groupby("subset", sort=False)
-        .head(2)
-    )
+    chosen = evaluation[evaluation.subset.isin(["incorrect", "correct"])].groupby("subset", sort=False).head(2)
     assert 0 < len(chosen) <= 4
     cases, _ = prepare_cases(toy, table[table.id.isin(set(chosen.id))], config)
     expected = with_labels(sweep(toy, cases, config), evaluation)
     pd.testing.assert_frame_equal(result.table, expected)
     assert not set(result.table.id) & set(evaluation[evaluation.subset == "excluded"].id)
     # grid (3, 6) x (1, 4): back 3->1, 6->1, 6->4; forward 3->4 only; random like back
-    assert result.summary.groupby("kind").cells.max().to_dict() == {
-        "back": 3,
-        "forward": 1,
-        "random": 3,
-    }
+    assert result.summary.groupby("kind").cells.max().to_dict() == {"back": 3, "forward": 1, "random": 3}
     assert set(result.summary.split) == {"all"}
-    assert (
-        len(
-            result.heatmap(
-                "incorrect" if "incorrect" in set(chosen.subset) else "correct", "t1"
-            ).data
-        )
-        == 1
-    )
+    assert len(result.heatmap("incorrect" if "incorrect" in set(chosen.subset) else "correct", "t1").data) == 1
 
 
 def test_non_oracle_picks_the_best_cell_not_the_worst():
     """A cell that rescues every incorrect case beats one that rescues none (idxmax, not idxmin)."""
-    rows = [
-        dict(
-            id=f"q{i}",
-            position="t2",
-            source_layer=s,
-            target_layer=0,
-            kind="back",
-            success=s == 1,
-            subset="incorrect",
-            split="test",
-        )
-        for i in range(10)
-        for s in (1, 2)
-    ]
-    rows += [
-        dict(
-            id="ok",
-            position="t2",
-            source_layer=s,
-            target_layer=0,
-            kind="back",
-            success=s == 2,
-            subset="correct",
-            split="test",
-        )
-        for s in (1, 2)
-    ]
+    rows = [dict(id=f"q{i}", position="t2", source_layer=s, target_layer=0, kind="back", success=s == 1,
+                 subset="incorrect", split="test") for i in range(10) for s in (1, 2)]
+    rows += [dict(id="ok", position="t2", source_layer=s, target_layer=0, kind="back", success=s == 2,
+                  subset="correct", split="test") for s in (1, 2)]
     best = non_oracle(pd.DataFrame(rows)).query("split == 'test'").iloc[0]
     assert (best.source_layer, best.target_layer, best.train_rate, best.gain) == (1, 0, 1.0, 1.0)
     assert best.damage == 1.0  # the chosen cell breaks the one correct case

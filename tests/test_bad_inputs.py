@@ -16,17 +16,7 @@ from latent_hops.cli import main
 from latent_hops.models import toy_checkpoint_dir
 from latent_hops.queries import load_dataset, write_paper_csv
 
-COMMANDS = [
-    "evaluate",
-    "backpatch",
-    "logit-lens",
-    "project",
-    "knockout",
-    "patchscope",
-    "probe",
-    "stages",
-    "demo",
-]
+COMMANDS = ["evaluate", "backpatch", "logit-lens", "project", "knockout", "patchscope", "probe", "stages", "demo"]
 
 
 def toy_csv(path, edit=None, rows=6):
@@ -62,44 +52,20 @@ def _set(column, value, row=0):
     def edit(table):
         table[column] = table[column].astype(object)
         table.iat[row, table.columns.get_loc(column)] = value
-
     return edit
 
 
 DATASETS = {
-    "named placeholder": (
-        lambda p: toy_csv(p, _set("r1_template", "the {kind} of {}")),
-        "named or numbered fields",
-    ),
-    "two slots": (
-        lambda p: toy_csv(p, _set("r2_template", "the {} of {}")),
-        "exactly one '{}' slot",
-    ),
-    "lone brace": (
-        lambda p: toy_csv(p, _set("r2_template", "the { of {}")),
-        "not a valid template",
-    ),
-    "missing column": (
-        lambda p: toy_csv(p, lambda t: t.drop(columns=["e2_label"], inplace=True)),
-        "e2_label",
-    ),
-    "duplicate ids": (
-        lambda p: toy_csv(p, _set("id", load_dataset("toy").id.iloc[1])),
-        "duplicate query ids",
-    ),
-    "bad alias literal": (
-        lambda p: raw_csv(toy_csv(p), _set("e3_aliases", "['unclosed")),
-        "e3_aliases",
-    ),
+    "named placeholder": (lambda p: toy_csv(p, _set("r1_template", "the {kind} of {}")), "named or numbered fields"),
+    "two slots": (lambda p: toy_csv(p, _set("r2_template", "the {} of {}")), "exactly one '{}' slot"),
+    "lone brace": (lambda p: toy_csv(p, _set("r2_template", "the { of {}")), "not a valid template"),
+    "missing column": (lambda p: toy_csv(p, lambda t: t.drop(columns=["e2_label"], inplace=True)), "e2_label"),
+    "duplicate ids": (lambda p: toy_csv(p, _set("id", load_dataset("toy").id.iloc[1])), "duplicate query ids"),
+    "bad alias literal": (lambda p: raw_csv(toy_csv(p), _set("e3_aliases", "['unclosed")), "e3_aliases"),
     "empty": (lambda p: toy_csv(p, lambda t: t.drop(t.index, inplace=True)), "empty"),
-    "not UTF-8": (
-        lambda p: (p.write_bytes(b"id,e1_label\n1,\xff\xfe\n"), p)[1],
-        "cannot be parsed",
-    ),
-    "wrong delimiter": (
-        lambda p: (p.write_text(toy_csv(p).read_text().replace(",", ";")), p)[1],
-        "missing required columns",
-    ),
+    "not UTF-8": (lambda p: (p.write_bytes(b"id,e1_label\n1,\xff\xfe\n"), p)[1], "cannot be parsed"),
+    "wrong delimiter": (lambda p: (p.write_text(toy_csv(p).read_text().replace(",", ";")), p)[1],
+                        "missing required columns"),
     "no such file": (lambda p: p, "no such file"),
 }
 
@@ -108,27 +74,17 @@ DATASETS = {
 def test_bad_datasets(tmp_path, capsys, kind):
     make, message = DATASETS[kind]
     path = make(tmp_path / "data.csv")
-    fails(
-        capsys,
-        ["evaluate", "--dataset", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"],
-        message,
-    )
+    fails(capsys, ["evaluate", "--dataset", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"], message)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_entry_point_validates_its_dataset(tmp_path, capsys, command):
     path = DATASETS["named placeholder"][0](tmp_path / "data.csv")
-    fails(
-        capsys,
-        [command, "--dataset", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"],
-        "row id",
-    )
+    fails(capsys, [command, "--dataset", str(path), "--out", str(tmp_path / "run"), "--device", "cpu"], "row id")
 
 
 def test_labels_are_normalised_so_t1_is_right(tmp_path):
-    path = toy_csv(
-        tmp_path / "data.csv", _set("e1_label", "  " + load_dataset("toy").e1_label.iloc[0] + " ")
-    )
+    path = toy_csv(tmp_path / "data.csv", _set("e1_label", "  " + load_dataset("toy").e1_label.iloc[0] + " "))
     table = load_dataset(path)
     assert table.e1_label.iloc[0] == load_dataset("toy").e1_label.iloc[0]
 
@@ -141,28 +97,11 @@ def test_one_over_long_prompt_is_excluded_and_the_rest_saved(tmp_path, capsys):
     table = pd.read_parquet(out / "evaluation.parquet")
     assert len(table) == 6
     bad = table[table.id == load_dataset("toy").id.iloc[2]].iloc[0]
-    assert (
-        bad.subset == "excluded"
-        and "exceeds the model's context of 64 tokens" in bad.exclusion_reason
-    )
+    assert bad.subset == "excluded" and "exceeds the model's context of 64 tokens" in bad.exclusion_reason
     assert (table.drop(index=bad.name).first_hop_generation.str.len() > 0).all()
     # analyses skip it with the same reason instead of crashing
-    assert (
-        main(
-            [
-                "logit-lens",
-                "--dataset",
-                str(path),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-                "--subset",
-                "all",
-            ]
-        )
-        == 0
-    )
+    assert main(["logit-lens", "--dataset", str(path), "--out", str(out), "--device", "cpu",
+                 "--subset", "all"]) == 0
 
 
 # -------------------------------------------------------------------------- models
@@ -190,31 +129,15 @@ MODELS = {
     "unknown architecture": (_arch, "'MambaForCausalLM' is not supported"),
     "bad config JSON": (lambda p: (p / "config.json").write_text("{"), "not valid JSON"),
     "no config": (lambda p: (p / "config.json").unlink(), "no config.json"),
-    "broken tokenizer": (
-        lambda p: (p / "tokenizer.json").write_text("{"),
-        "could not load the tokenizer",
-    ),
+    "broken tokenizer": (lambda p: (p / "tokenizer.json").write_text("{"), "could not load the tokenizer"),
 }
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_bad_checkpoints(tmp_path, capsys, kind):
     edit, message = MODELS[kind]
-    fails(
-        capsys,
-        [
-            "evaluate",
-            "--model",
-            _checkpoint(tmp_path, edit),
-            "--out",
-            str(tmp_path / "run"),
-            "--limit",
-            "2",
-            "--device",
-            "cpu",
-        ],
-        message,
-    )
+    fails(capsys, ["evaluate", "--model", _checkpoint(tmp_path, edit), "--out", str(tmp_path / "run"), "--limit", "2",
+                   "--device", "cpu"], message)
 
 
 # -------------------------------------------------------------------------- flags, run directories, configs
@@ -238,24 +161,19 @@ def test_bad_flags(tmp_path, capsys, kind):
 
 
 def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(
-        cli, "load_model", lambda *a, **k: pytest.fail("model loaded before --out was checked")
-    )
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before --out was checked"))
     afile = tmp_path / "file"
     afile.write_text("x")
     fails(capsys, ["evaluate", "--out", str(afile)], "is a file, not a run directory")
     fails(capsys, ["evaluate", "--out", str(afile / "below")], "cannot write there")
 
 
-@pytest.mark.parametrize(
-    "toml, message",
-    [
-        ('max-cases = "three"', "key 'max-cases' expects int, got 'three'"),
-        ("include-embeddings = 3", "key 'include-embeddings' expects true or false"),
-        ("bogus = 1", "unknown keys ['bogus'] (no command takes them)"),
-        ("positions = [", "config"),
-    ],
-)
+@pytest.mark.parametrize("toml, message", [
+    ('max-cases = "three"', "key 'max-cases' expects int, got 'three'"),
+    ("include-embeddings = 3", "key 'include-embeddings' expects true or false"),
+    ("bogus = 1", "unknown keys ['bogus'] (no command takes them)"),
+    ("positions = [", "config"),
+])
 def test_bad_config_files(tmp_path, capsys, toml, message):
     config = tmp_path / "c.toml"
     config.write_text(f'out = "{tmp_path / "run"}"\n{toml}\n')
@@ -264,17 +182,11 @@ def test_bad_config_files(tmp_path, capsys, toml, message):
 
 def test_config_lists_are_comma_separated_flags(tmp_path):
     config = tmp_path / "c.toml"
-    config.write_text(
-        f'out = "{tmp_path / "run"}"\npositions = ["t1"]\nkinds = ["back"]\nmax-cases = 1\n'
-        'split = "test_id"\nsource-layers = [5, 7]\ntarget-layers = [0]\n'
-    )
+    config.write_text(f'out = "{tmp_path / "run"}"\npositions = ["t1"]\nkinds = ["back"]\nmax-cases = 1\n'
+                      'split = "test_id"\nsource-layers = [5, 7]\ntarget-layers = [0]\n')
     assert main(["backpatch", "--config", str(config), "--device", "cpu"]) == 0
     table = pd.read_parquet(tmp_path / "run" / "backpatch.parquet")
-    assert (
-        set(table.position) == {"t1"}
-        and set(table.kind) == {"back"}
-        and set(table.source_layer) == {5, 7}
-    )
+    assert set(table.position) == {"t1"} and set(table.kind) == {"back"} and set(table.source_layer) == {5, 7}
 
 
 def test_merge_and_report_on_a_missing_run(tmp_path, capsys):
@@ -287,9 +199,7 @@ def test_merge_and_report_on_a_missing_run(tmp_path, capsys):
 
 def test_internal_errors_show_the_traceback_and_ask_for_a_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "evaluate", lambda *a, **k: 1 / 0)
-    assert (
-        main(["evaluate", "--out", str(tmp_path / "run"), "--limit", "2", "--device", "cpu"]) == 1
-    )
+    assert main(["evaluate", "--out", str(tmp_path / "run"), "--limit", "2", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError" in err and "please report" in err
 

@@ -6,28 +6,9 @@ import pandas as pd
 
 from latent_hops.cli import main
 
-BACKPATCH_COLUMNS = {
-    "id",
-    "position",
-    "source_layer",
-    "target_layer",
-    "kind",
-    "generation",
-    "success",
-    "e3_rank",
-}
-STAGE_COLUMNS = [
-    "id",
-    "subset",
-    "split",
-    "method",
-    "first_hop_layer",
-    "info_propagation_layer",
-    "second_hop_onset_layer",
-    "second_hop_layer",
-    "prediction_extracted_layer",
-    "info_propagation_measures",
-]
+BACKPATCH_COLUMNS = {"id", "position", "source_layer", "target_layer", "kind", "generation", "success", "e3_rank"}
+STAGE_COLUMNS = ["id", "subset", "split", "method", "first_hop_layer", "info_propagation_layer",
+                 "second_hop_onset_layer", "second_hop_layer", "prediction_extracted_layer", "info_propagation_measures"]
 
 
 def test_backpatch_then_stages(tmp_path):
@@ -50,22 +31,7 @@ def test_backpatch_then_stages(tmp_path):
 
 
 def test_analysis_rejects_empty_subset(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "logit-lens",
-                "--out",
-                str(tmp_path),
-                "--limit",
-                "3",
-                "--subset",
-                "nonsense",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 2
-    )
+    assert main(["logit-lens", "--out", str(tmp_path), "--limit", "3", "--subset", "nonsense", "--device", "cpu"]) == 2
     assert "no queries in subsets" in capsys.readouterr().err
 
 
@@ -75,24 +41,13 @@ def test_layer_grids_and_skip(tmp_path, capsys):
     grid = ["--source-layers", "every:3", "--target-layers", "every:3", "--positions", "t2"]
     assert main(["backpatch", *common, *grid]) == 0
     table = pd.read_parquet(out / "backpatch.parquet")
-    assert set(table.source_layer) | set(table.target_layer) == {
-        0,
-        3,
-        6,
-        7,
-    }  # every 3rd layer + the last
+    assert set(table.source_layer) | set(table.target_layer) == {0, 3, 6, 7}  # every 3rd layer + the last
     assert len(table) == 4 * 3 * (4 * 3 // 2)  # 4 cases x 3 kinds x 6 cells of the grid
     oracle = pd.DataFrame(json.loads((out / "backpatch_summary.json").read_text())["oracle"])
     assert set(oracle.cells) == {6}  # the summary says over how many cells the oracle ran
-    assert (
-        json.loads((out / "backpatch" / "config.json").read_text())["config"]["source_layers"]
-        == "every:3"
-    )
+    assert json.loads((out / "backpatch" / "config.json").read_text())["config"]["source_layers"] == "every:3"
     # a coarser grid is another configuration: refused, not mixed into the same parts
-    assert (
-        main(["backpatch", *common, "--source-layers", "every:2", "--target-layers", "every:2"])
-        == 2
-    )
+    assert main(["backpatch", *common, "--source-layers", "every:2", "--target-layers", "every:2"]) == 2
     assert "config.source_layers: 'every:3' != 'every:2'" in capsys.readouterr().err
     assert main(["stages", *common, "--skip", "patchscope,knockout", "--probe-train", "200"]) == 0
     assert not (out / "patchscope.parquet").exists() and not (out / "knockout.parquet").exists()
@@ -122,15 +77,8 @@ def test_parse_layers():
 
 
 def test_count_flags_are_validated(tmp_path, capsys):
-    for flag, value in (
-        ("--max-cases", "-1"),
-        ("--batch-size", "0"),
-        ("--limit", "0"),
-        ("--chunk-cases", "0"),
-    ):
-        assert (
-            main(["backpatch", "--out", str(tmp_path / "run"), flag, value, "--device", "cpu"]) == 2
-        )
+    for flag, value in (("--max-cases", "-1"), ("--batch-size", "0"), ("--limit", "0"), ("--chunk-cases", "0")):
+        assert main(["backpatch", "--out", str(tmp_path / "run"), flag, value, "--device", "cpu"]) == 2
         assert f"{flag} must be >=" in capsys.readouterr().err
 
 
@@ -144,9 +92,7 @@ def test_a_failed_re_evaluation_keeps_the_old_table(tmp_path, monkeypatch):
     def fails(*args, **kwargs):
         raise RuntimeError("killed half-way")
 
-    monkeypatch.setattr(
-        cli, "evaluate", fails
-    )  # the new evaluation fails half-way (a crash: exit 1)
+    monkeypatch.setattr(cli, "evaluate", fails)  # the new evaluation fails half-way (a crash: exit 1)
     assert main(["evaluate", "--out", str(out), "--limit", "5", "--device", "cpu"]) == 1
     pd.testing.assert_frame_equal(pd.read_parquet(out / "evaluation.parquet"), before)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -167,18 +113,7 @@ def test_bfloat16_end_to_end(tmp_path):
     """--dtype bfloat16 through evaluation, back-patching and the logit lens on CPU; the
     manifest records the dtype."""
     out = tmp_path / "bf16"
-    common = [
-        "--out",
-        str(out),
-        "--split",
-        "test_id",
-        "--max-cases",
-        "2",
-        "--device",
-        "cpu",
-        "--limit",
-        "60",
-    ]
+    common = ["--out", str(out), "--split", "test_id", "--max-cases", "2", "--device", "cpu", "--limit", "60"]
     grid = ["--source-layers", "every:3", "--target-layers", "every:3"]
     assert main(["backpatch", *common, *grid, "--dtype", "bfloat16"]) == 0
     assert main(["logit-lens", *common, "--dtype", "bfloat16"]) == 0
@@ -189,30 +124,16 @@ def test_bfloat16_end_to_end(tmp_path):
 
 
 def test_device_flags_are_validated(tmp_path, capsys):
-    for flags, message in [
-        (["--device", "tpu"], "unknown device 'tpu'"),
-        (["--device", "cpu", "--n-devices", "2"], "n_devices=2 needs"),
-    ]:
+    for flags, message in [(["--device", "tpu"], "unknown device 'tpu'"),
+                           (["--device", "cpu", "--n-devices", "2"], "n_devices=2 needs")]:
         assert main(["evaluate", "--out", str(tmp_path / "run"), "--limit", "3", *flags]) == 2
         assert message in capsys.readouterr().err
 
 
 def test_a_narrower_request_summarises_exactly_its_cases(tmp_path, capsys):
     out = tmp_path / "run"
-    common = [
-        "--out",
-        str(out),
-        "--split",
-        "test_id",
-        "--device",
-        "cpu",
-        "--positions",
-        "t2",
-        "--source-layers",
-        "every:3",
-        "--target-layers",
-        "every:3",
-    ]
+    common = ["--out", str(out), "--split", "test_id", "--device", "cpu", "--positions", "t2",
+              "--source-layers", "every:3", "--target-layers", "every:3"]
     assert main(["backpatch", *common, "--max-cases", "3"]) == 0
     assert main(["backpatch", *common, "--max-cases", "1"]) == 0
     assert "summarising the 2 requested cases" in capsys.readouterr().out

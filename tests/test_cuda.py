@@ -19,10 +19,8 @@ from latent_hops.analyses.backpatch import (
 from latent_hops.models import ModelLoadError
 from latent_hops.ranks import project_to_vocab
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +46,7 @@ def test_cuda_fp32_equals_cpu(table):
         model = load_model("toy", device=device)
         cases, _ = prepare_cases(model, table, config)
         results.append(sweep(model, cases, config))
-    pd.testing.assert_frame_equal(
-        results[0].drop(columns="e3_logprob"), results[1].drop(columns="e3_logprob")
-    )
+    pd.testing.assert_frame_equal(results[0].drop(columns="e3_logprob"), results[1].drop(columns="e3_logprob"))
 
 
 def test_bf16_unembedding_runs_in_fp32():

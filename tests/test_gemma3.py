@@ -43,25 +43,16 @@ def test_equals_hugging_face_and_its_tokenizer(gemma):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = gg.converted_checkpoint(gg.packaged_gguf("gemma3-270m"))
-    hf, tokenizer = (
-        AutoModelForCausalLM.from_pretrained(folder).eval(),
-        AutoTokenizer.from_pretrained(folder),
-    )
+    hf, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     assert gemma.cfg.n_layers == 18 and gemma.cfg.n_key_value_heads == 1 and gemma.cfg.use_qk_norm
     queries = iter_queries(load_dataset("world").iloc[:40])
     prompts = [q.composition_prompt() for q in queries]
     batch = tokenize_prompts(gemma, prompts)
     for row, prompt in enumerate(prompts):  # BOS exactly as Gemma's own tokenizer adds it
-        assert (
-            batch.tokens[row][batch.attention_mask[row].bool()].tolist()
-            == tokenizer(prompt)["input_ids"]
-        )
+        assert batch.tokens[row][batch.attention_mask[row].bool()].tolist() == tokenizer(prompt)["input_ids"]
     with torch.no_grad():
-        ref = hf(
-            batch.tokens[:8],
-            attention_mask=batch.attention_mask[:8],
-            position_ids=(batch.attention_mask[:8].cumsum(1) - 1).clamp(min=0),
-        ).logits
+        ref = hf(batch.tokens[:8], attention_mask=batch.attention_mask[:8],
+                 position_ids=(batch.attention_mask[:8].cumsum(1) - 1).clamp(min=0)).logits
         ours = gemma(batch.tokens[:8], attention_mask=batch.attention_mask[:8])
     assert (ref - ours)[batch.attention_mask[:8].bool()].abs().max() <= 1e-4
 

@@ -10,26 +10,14 @@ from latent_hops.generation import generate, is_correct
 from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import iter_queries, load_dataset
 
-MIXED = [
-    "Paris is",
-    "the spouse of the performer of Imagine is",
-    "the mayor of Saint-Étienne is",
-    "John Lennon",
-    "the author of the book of Kavo is Lennon and",
-]
+MIXED = ["Paris is", "the spouse of the performer of Imagine is", "the mayor of Saint-Étienne is",
+         "John Lennon", "the author of the book of Kavo is Lennon and"]
 
 
 def toy_prompts(n=12):
     qs = iter_queries(load_dataset("toy").iloc[:n])
-    return [
-        p
-        for q in qs
-        for p in (
-            q.prompts()["first_hop"],
-            q.prompts()["composition"],
-            q.prompts()["relation_shortcut"],
-        )
-    ]
+    return [p for q in qs for p in (q.prompts()["first_hop"], q.prompts()["composition"],
+                                     q.prompts()["relation_shortcut"])]
 
 
 @pytest.mark.parametrize("name", ["toy", "tiny_llama", "tiny_gpt2"])
@@ -58,13 +46,8 @@ def test_equals_hugging_face_greedy(request, name):
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     for prompt in MIXED:
         tokens = tokenize_prompts(model, [prompt]).tokens
-        ref = hf.generate(
-            tokens,
-            attention_mask=torch.ones_like(tokens),
-            max_new_tokens=10,
-            do_sample=False,
-            pad_token_id=model.tokenizer.pad_token_id,
-        )[0, tokens.shape[1] :].tolist()
+        ref = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=10, do_sample=False,
+                          pad_token_id=model.tokenizer.pad_token_id)[0, tokens.shape[1]:].tolist()
         ours = greedy_generate(model, tokens, torch.ones_like(tokens), 10).tokens[0].tolist()
         eos = model.tokenizer.eos_token_id
         cut = lambda ids: ids[: ids.index(eos) + 1] if eos in ids else ids  # noqa: E731

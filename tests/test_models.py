@@ -57,17 +57,11 @@ def test_dtype_by_name(tiny_gpt2_dir):
     assert model.W_E.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize(
-    "spec, message",
-    [
-        ("./no/such/dir", "no such directory"),
-        ("/definitely/missing/model", "no such directory"),
-        (
-            "not-a-model-name",
-            "neither a shipped model .*smollm2-135m.*nor a TransformerLens model name",
-        ),
-    ],
-)
+@pytest.mark.parametrize("spec, message", [
+    ("./no/such/dir", "no such directory"),
+    ("/definitely/missing/model", "no such directory"),
+    ("not-a-model-name", "neither a shipped model .*smollm2-135m.*nor a TransformerLens model name"),
+])
 def test_bad_specs(spec, message):
     with pytest.raises(ModelLoadError, match=message):
         load_model(spec, device="cpu")

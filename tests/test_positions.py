@@ -8,30 +8,12 @@ from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import TwoHopQuery, e1_span_in_composition
 
 QUERIES = [
-    TwoHopQuery(
-        id="lennon",
-        e1_label="John Lennon",
-        e2_label="Yoko Ono",
-        e3_label="Paris",
-        r1_template="the spouse of {}",
-        r2_template="the capital of {}",
-    ),
-    TwoHopQuery(
-        id="twice",
-        e1_label="Paris",
-        e2_label="France",
-        e3_label="Paris",
-        r1_template="the country of {}",
-        r2_template="the Paris office of {}",
-    ),
-    TwoHopQuery(
-        id="accent",
-        e1_label="Saint-Étienne",
-        e2_label="France",
-        e3_label="Ouagadougou",
-        r1_template="the mayor of {}",
-        r2_template="the birthplace of {}",
-    ),
+    TwoHopQuery(id="lennon", e1_label="John Lennon", e2_label="Yoko Ono", e3_label="Paris",
+                r1_template="the spouse of {}", r2_template="the capital of {}"),
+    TwoHopQuery(id="twice", e1_label="Paris", e2_label="France", e3_label="Paris",
+                r1_template="the country of {}", r2_template="the Paris office of {}"),
+    TwoHopQuery(id="accent", e1_label="Saint-Étienne", e2_label="France", e3_label="Ouagadougou",
+                r1_template="the mayor of {}", r2_template="the birthplace of {}"),
 ]
 
 
@@ -39,9 +21,7 @@ def reference_t1(model, prompt: str, end: int, bos: bool) -> int:
     """Independent reference: the first token prefix whose decoded text covers e1's end."""
     ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for k in range(len(ids)):
-        if len(model.tokenizer.decode(ids[: k + 1]).lstrip()) >= end - (
-            len(prompt) - len(prompt.lstrip())
-        ):
+        if len(model.tokenizer.decode(ids[: k + 1]).lstrip()) >= end - (len(prompt) - len(prompt.lstrip())):
             return k + int(bos)
     raise AssertionError("entity end never reached")
 
@@ -53,19 +33,14 @@ def test_t1_matches_decoding_reference(request, name, bos):
     for q in QUERIES:
         prompt, span = q.composition_prompt(), e1_span_in_composition(q)
         tok = tokenize_prompts(model, [prompt], prepend_bos=bos)
-        assert tok.char_span_position(0, span) == reference_t1(model, prompt, span[1], bos), (
-            name,
-            q.id,
-        )
+        assert tok.char_span_position(0, span) == reference_t1(model, prompt, span[1], bos), (name, q.id)
         assert tok.last_position() == [tok.tokens.shape[1] - 1]
 
 
 def test_name_occurring_twice_maps_to_its_own_mention(tiny_gpt2):
     q = QUERIES[1]
     prompt, (start, end) = q.composition_prompt(), e1_span_in_composition(q)
-    assert prompt == "the Paris office of the country of Paris is" and start == prompt.rindex(
-        "Paris"
-    )
+    assert prompt == "the Paris office of the country of Paris is" and start == prompt.rindex("Paris")
     tok = tokenize_prompts(tiny_gpt2, [prompt])
     t1 = tok.char_span_position(0, (start, end))
     assert tiny_gpt2.tokenizer.decode(tok.tokens[0, : t1 + 1]).endswith("of Paris")
@@ -86,21 +61,12 @@ def test_left_padding_keeps_positions(tiny_llama):
 
 def test_right_padding_positions(tiny_gpt2):
     prompts = [q.composition_prompt() for q in QUERIES]
-    left, right = (
-        tokenize_prompts(tiny_gpt2, prompts),
-        tokenize_prompts(tiny_gpt2, prompts, padding_side="right"),
-    )
+    left, right = tokenize_prompts(tiny_gpt2, prompts), tokenize_prompts(tiny_gpt2, prompts, padding_side="right")
     for i, q in enumerate(QUERIES):
         span = e1_span_in_composition(q)
-        assert (
-            right.tokens[i, right.char_span_position(i, span)]
-            == left.tokens[i, left.char_span_position(i, span)]
-        )
+        assert right.tokens[i, right.char_span_position(i, span)] == left.tokens[i, left.char_span_position(i, span)]
         t2 = right.last_position()[i]
-        assert (
-            right.tokens[i, t2] == left.tokens[i, -1]
-            and right.attention_mask[i, t2 + 1 :].sum() == 0
-        )
+        assert right.tokens[i, t2] == left.tokens[i, -1] and right.attention_mask[i, t2 + 1 :].sum() == 0
 
 
 def test_tokenization_equals_transformer_lens(tiny_gpt2, tiny_llama, toy):
@@ -120,14 +86,7 @@ def test_toy_word_level_positions(toy):
 
 
 def test_unresolvable_position_is_recorded_not_raised(toy):
-    bad = TwoHopQuery(
-        id="x",
-        e1_label="Nowhere",
-        e2_label="b",
-        e3_label="c",
-        r1_template="the author of {}",
-        r2_template="the spouse of {}",
-        source_prompt="the spouse of the author of Kavo is",
-    )
+    bad = TwoHopQuery(id="x", e1_label="Nowhere", e2_label="b", e3_label="c", r1_template="the author of {}",
+                      r2_template="the spouse of {}", source_prompt="the spouse of the author of Kavo is")
     pos = resolve_positions(toy, [bad])
     assert pos["t1"].isna().all() and "does not occur" in pos.loc[0, "position_error"]

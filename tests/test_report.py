@@ -11,15 +11,8 @@ from latent_hops.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -34,27 +27,16 @@ def report(tmp_path_factory) -> Path:
 
 def test_report_is_self_contained(report):
     page = report.read_text()
-    assert not re.search(
-        r"<script[^>]*\bsrc=", page
-    )  # no external script: plotly.js is inline, works offline
+    assert not re.search(r"<script[^>]*\bsrc=", page)  # no external script: plotly.js is inline, works offline
     assert "plotly.js v" in page or "Plotly" in page
-    assert (
-        page.count('id="figure-') >= 8
-    )  # 4 heatmaps, 3 stage boxplots, curves, Patchscopes, knockout
-    for heading in (
-        "Dataset and hop accuracies",
-        "Back-patching",
-        "Stages of two-hop queries",
-        "Patchscopes",
-    ):
+    assert page.count('id="figure-') >= 8  # 4 heatmaps, 3 stage boxplots, curves, Patchscopes, knockout
+    for heading in ("Dataset and hop accuracies", "Back-patching", "Stages of two-hop queries", "Patchscopes"):
         assert heading in page
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (CHROMIUM and DRIVER) and os.environ.get("CI") != "true",
-    reason="needs Debian chromium + chromium-driver (.ci/run installs them)",
-)
+@pytest.mark.skipif(not (CHROMIUM and DRIVER) and os.environ.get("CI") != "true",
+                    reason="needs Debian chromium + chromium-driver (.ci/run installs them)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -69,13 +51,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     try:
         driver.get(report.as_uri())
         count = "return document.querySelectorAll('[id^=\"figure-\"]').length"
-        rendered = (
-            "return [...document.querySelectorAll('[id^=\"figure-\"]')]"
-            ".filter(d => d.querySelector('svg.main-svg, canvas')).length"
-        )
-        WebDriverWait(driver, 60).until(
-            lambda d: d.execute_script(rendered) == d.execute_script(count)
-        )
+        rendered = ("return [...document.querySelectorAll('[id^=\"figure-\"]')]"
+                    ".filter(d => d.querySelector('svg.main-svg, canvas')).length")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(rendered) == d.execute_script(count))
         assert driver.execute_script(count) >= 8
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == [], errors
@@ -91,23 +69,9 @@ def test_heatmap_scale_follows_its_panel_and_prints_values():
 
     from latent_hops import plots
 
-    cells = pd.DataFrame(
-        [
-            dict(
-                split="all",
-                subset="incorrect",
-                position="t1",
-                kind="back",
-                source_layer=s,
-                target_layer=t,
-                cases=100,
-                successes=s - t,
-                rate=(s - t) / 100,
-            )
-            for s in range(4)
-            for t in range(s)
-        ]
-    )
+    cells = pd.DataFrame([dict(split="all", subset="incorrect", position="t1", kind="back", source_layer=s,
+                               target_layer=t, cases=100, successes=s - t, rate=(s - t) / 100)
+                          for s in range(4) for t in range(s)])
     trace = plots.backpatch_heatmap(cells, "incorrect", "t1").data[0]
     assert trace.zmax == 3.0 and trace.zmin == 0  # a 0-3% panel uses its own range ...
     assert "0–3" in trace.colorbar.title.text  # ... and says so
@@ -119,56 +83,24 @@ def test_figures_carry_the_numbers_of_their_tables():
 
     from latent_hops import plots
 
-    cells = pd.DataFrame(
-        [
-            dict(
-                split="all",
-                subset="incorrect",
-                position="t1",
-                kind="back",
-                source_layer=s,
-                target_layer=t,
-                cases=10,
-                successes=s + t,
-                rate=(s + t) / 10,
-            )
-            for s in range(4)
-            for t in range(s)
-        ]
-    )
+    cells = pd.DataFrame([dict(split="all", subset="incorrect", position="t1", kind="back", source_layer=s,
+                               target_layer=t, cases=10, successes=s + t, rate=(s + t) / 10)
+                          for s in range(4) for t in range(s)])
     trace = plots.backpatch_heatmap(cells, "incorrect", "t1").data[0]
-    assert (
-        trace.z[3][1] == 40.0 and trace.z[2][0] == 20.0
-    )  # row = source layer, column = target layer
+    assert trace.z[3][1] == 40.0 and trace.z[2][0] == 20.0  # row = source layer, column = target layer
     assert pd.isna(trace.z[0][3])  # not a back-patch: grey
 
-    stages = pd.DataFrame(
-        {
-            "id": list("abc"),
-            "subset": ["correct", "correct", "incorrect"],
-            "split": "test",
-            "method": "probe",
-            "first_hop_layer": [1.0, 2.0, 5.0],
-            "info_propagation_layer": 3.0,
-            "second_hop_onset_layer": 4.0,
-            "second_hop_layer": [6.0, 7.0, 8.0],
-            "prediction_extracted_layer": 7.0,
-        }
-    )
+    stages = pd.DataFrame({"id": list("abc"), "subset": ["correct", "correct", "incorrect"], "split": "test",
+                           "method": "probe", "first_hop_layer": [1.0, 2.0, 5.0], "info_propagation_layer": 3.0,
+                           "second_hop_onset_layer": 4.0, "second_hop_layer": [6.0, 7.0, 8.0],
+                           "prediction_extracted_layer": 7.0})
     box = plots.stage_boxplot(stages, "probe")
     correct = box.data[0]
     first = [y for x, y in zip(correct.x, correct.y) if x == "first hop resolved"]
     assert sorted(first) == [1.0, 2.0] and "n=2" in correct.name
 
-    knockout = pd.DataFrame(
-        {
-            "id": list("abab"),
-            "preset": "last_to_t1",
-            "layer": [0, 0, 1, 1],
-            "changed": [True, False, True, True],
-            "skip_reason": "",
-        }
-    )
+    knockout = pd.DataFrame({"id": list("abab"), "preset": "last_to_t1", "layer": [0, 0, 1, 1],
+                             "changed": [True, False, True, True], "skip_reason": ""})
     evaluation = pd.DataFrame({"id": ["a", "b"], "subset": "incorrect"})
     curve = plots.knockout_curves(knockout, evaluation).data[0]
     assert list(curve.x) == [0, 1] and list(curve.y) == [50.0, 100.0]

@@ -14,19 +14,8 @@ import pytest
 
 from latent_hops.cli import main
 
-ARGS = [
-    "backpatch",
-    "--split",
-    "test_id",
-    "--max-cases",
-    "8",
-    "--chunk-cases",
-    "2",
-    "--device",
-    "cpu",
-    "--positions",
-    "t2",
-]
+ARGS = ["backpatch", "--split", "test_id", "--max-cases", "8", "--chunk-cases", "2", "--device", "cpu",
+        "--positions", "t2"]
 
 
 def _cmd(out: Path) -> list[str]:
@@ -34,9 +23,7 @@ def _cmd(out: Path) -> list[str]:
 
 
 def _parts(out: Path) -> int:
-    return (
-        len(list((out / "backpatch").glob("part-*.parquet"))) if (out / "backpatch").is_dir() else 0
-    )
+    return len(list((out / "backpatch").glob("part-*.parquet"))) if (out / "backpatch").is_dir() else 0
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +58,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, reference, kill_after_pa
 @pytest.mark.slow
 def test_shards_merge_to_the_full_sweep(tmp_path, reference):
     out = tmp_path / "run"
-    assert (
-        main([*ARGS, "--out", str(out), "--shard", "0/3"]) == 2
-    )  # shards need one evaluation first
+    assert main([*ARGS, "--out", str(out), "--shard", "0/3"]) == 2  # shards need one evaluation first
     assert main(["evaluate", "--out", str(out), "--split", "test_id", "--device", "cpu"]) == 0
     for i in range(3):
         assert main([*ARGS, "--out", str(out), "--shard", f"{i}/3"]) == 0
@@ -81,13 +66,9 @@ def test_shards_merge_to_the_full_sweep(tmp_path, reference):
     assert main(["merge", str(out)]) == 0
     merged = pd.read_parquet(out / "backpatch.parquet")
     # other batch compositions: generations identical, log-probs equal up to float noise
-    pd.testing.assert_frame_equal(
-        merged.drop(columns="e3_logprob"), reference.drop(columns="e3_logprob")
-    )
+    pd.testing.assert_frame_equal(merged.drop(columns="e3_logprob"), reference.drop(columns="e3_logprob"))
     pd.testing.assert_series_equal(merged.e3_logprob, reference.e3_logprob, atol=1e-4, rtol=0)
-    (
-        out / "manifest.json"
-    ).unlink()  # as after an interrupted run: the summary still says what made it
+    (out / "manifest.json").unlink()  # as after an interrupted run: the summary still says what made it
     assert main(["merge", str(out)]) == 0
     summary = json.loads((out / "backpatch_summary.json").read_text())
     assert summary["model"] == "toy" and summary["dataset"] == "toy"
@@ -96,10 +77,8 @@ def test_shards_merge_to_the_full_sweep(tmp_path, reference):
 def test_config_file_mirrors_flags(tmp_path, capsys):
     out = tmp_path / "run"
     config = tmp_path / "sweep.toml"
-    config.write_text(
-        f'out = "{out}"\nsplit = "test_id"\nlimit = 30\nmax-cases = 1\npositions = "t2"\n'
-        'kinds = "back"\ndevice = "cpu"\n'
-    )
+    config.write_text(f'out = "{out}"\nsplit = "test_id"\nlimit = 30\nmax-cases = 1\npositions = "t2"\n'
+                      'kinds = "back"\ndevice = "cpu"\n')
     assert main(["backpatch", "--config", str(config)]) == 0
     table = pd.read_parquet(out / "backpatch.parquet")
     assert set(table.kind) == {"back"} and set(table.position) == {"t2"} and table.id.nunique() <= 2
@@ -123,21 +102,8 @@ def test_bad_shard_spec(tmp_path, capsys):
 
 def test_parts_of_another_configuration_are_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    base = [
-        "backpatch",
-        "--out",
-        str(out),
-        "--split",
-        "test_id",
-        "--limit",
-        "40",
-        "--max-cases",
-        "1",
-        "--device",
-        "cpu",
-        "--kinds",
-        "back",
-    ]
+    base = ["backpatch", "--out", str(out), "--split", "test_id", "--limit", "40", "--max-cases", "1",
+            "--device", "cpu", "--kinds", "back"]
     assert main([*base, "--positions", "t2"]) == 0
     assert main([*base, "--positions", "t1"]) == 2
     assert "made differently (config.positions: ['t2'] != ['t1'])" in capsys.readouterr().err

@@ -43,19 +43,11 @@ def _pool(model):
 
 def test_bridge_resolves_before_the_answer_at_the_last_token(toy, id_eval):
     cases = _cases(toy, id_eval, "correct", 100)
-    lens = resolution_layers(logit_lens(toy, cases, include_embeddings=False)).median(
-        numeric_only=True
-    )
-    assert (
-        lens["second_hop_layer"] >= toy.cfg.n_layers - 3
-    )  # e3 top-1 at t2 only in the last layers
+    lens = resolution_layers(logit_lens(toy, cases, include_embeddings=False)).median(numeric_only=True)
+    assert lens["second_hop_layer"] >= toy.cfg.n_layers - 3  # e3 top-1 at t2 only in the last layers
     pool = _pool(toy)
-    probed = pd.concat(
-        [
-            cross_validated_probe(toy, cases, pool, e, p)
-            for e, p in (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))
-        ]
-    )
+    probed = pd.concat([cross_validated_probe(toy, cases, pool, e, p)
+                        for e, p in (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))])
     acc = probe_accuracy(probed).set_index(["entity", "position", "layer"])
     gain = acc.accuracy - acc.control  # over the shuffled-target control, split by entity
     assert gain["e2", "t2", 3] > 0.5 and gain["e3", "t2", 3] < gain["e2", "t2", 3]  # bridge early
@@ -83,9 +75,7 @@ def gpt2_eval(toy_gpt2):
 def test_gpt2_toy_resolves_the_bridge_at_t1_first(toy_gpt2, gpt2_eval):
     """The GPT-2-style toy (learned positions) shows the paper's t1 finding."""
     cases = _cases(toy_gpt2, gpt2_eval, "correct", 80)
-    lens = resolution_layers(logit_lens(toy_gpt2, cases, include_embeddings=False)).median(
-        numeric_only=True
-    )
+    lens = resolution_layers(logit_lens(toy_gpt2, cases, include_embeddings=False)).median(numeric_only=True)
     assert lens["first_hop_layer"] < lens["second_hop_layer"]  # e2 at t1 before e3 at t2
     probed = cross_validated_probe(toy_gpt2, cases, _pool(toy_gpt2), "e2", "t1")
     acc = probe_accuracy(probed)

@@ -259,6 +259,7 @@ register(
         run=_run,
         summary=_summary,
         report=_report,
+        inputs=stage_analyses,
         uses_positions=lambda config: ("t1", "t2"),
         note=lambda config: (
             "Per case, the layer of each stage: first hop resolved (e2 decoded at t1), information "
