@@ -9,11 +9,45 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from latent_hops.errors import InputError
 from latent_hops.rundir import write_text
 
 GREY = "#d9d9d9"
+
+
+def layer_name(layer: float) -> str:
+    """A layer's axis label: the embedding output (layer -1) is "emb"."""
+    return "emb" if layer == -1 else str(int(layer))
+
+
+def _layer_ticks(values) -> dict:
+    """Axis ticks at every whole layer the values span, the embedding output labelled "emb"."""
+    values = list(values)
+    if not values:
+        return {}
+    ticks = list(range(int(np.floor(min(values))), int(np.ceil(max(values))) + 1))
+    return {"tickvals": ticks, "ticktext": [layer_name(t) for t in ticks]}
+
+
+def _percent_heatmap(z: np.ndarray, x: list[str], y: list[str], text=None) -> go.Heatmap:
+    """A heatmap of percentages whose scale spans the panel's own range (a 0-7% panel is not
+    one colour), stated on the colour bar; grids up to 16 layers also print each cell's value."""
+    top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0, 1.0)
+    return go.Heatmap(
+        z=z,
+        x=x,
+        y=y,
+        text=text,
+        hoverinfo="text" if text is not None else None,
+        colorscale="Viridis",
+        zmin=0,
+        zmax=top,
+        colorbar={"title": f"% cases<br>(0–{top:.0f})"},
+        hoverongaps=False,
+        texttemplate="%{z:.0f}" if max(len(x), len(y)) <= 16 else None,
+    )
 
 
 def backpatch_heatmap(
@@ -44,25 +78,8 @@ def backpatch_heatmap(
             f"source {r.source_layer} → target {r.target_layer}<br>"
             f"{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)"
         )
-    names = [("emb" if layer == -1 else str(layer)) for layer in layers]
-    # the scale spans this panel's own range (a 0-7% panel is not one colour), stated on the
-    # colour bar; small grids also print each cell's value
-    top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0, 1.0)
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=names,
-            y=names,
-            text=text,
-            hoverinfo="text",
-            colorscale="Viridis",
-            zmin=0,
-            zmax=top,
-            colorbar={"title": f"% cases<br>(0–{top:.0f})"},
-            hoverongaps=False,
-            texttemplate="%{z:.0f}" if len(layers) <= 16 else None,
-        )
-    )
+    names = [layer_name(layer) for layer in layers]
+    fig = go.Figure(_percent_heatmap(z, names, names, text))
     title = f"Back-patching at {position}: {subset} cases ({split})"
     if oracle is not None:
         o = oracle[
@@ -109,68 +126,93 @@ STAGE_LABELS = {
     "prediction_extracted_layer": "prediction extracted",
 }
 SUBSET_COLORS = {"correct": "#1b9e77", "incorrect": "#d95f02"}
+METHOD_COLORS = ("#1f77b4", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
 def stage_boxplot(
     stages: pd.DataFrame, method: str = "patchscopes", split: str | None = None
 ) -> go.Figure:
-    """Boxplots of each stage's layer, correct vs incorrect cases (the paper's Figure)."""
+    """Boxplots of each stage's layer, correct vs incorrect cases (the paper's Figure).
+
+    Stages keep their order and their place even when no case reached them; each stage's
+    label gives n per subset (a box of 1 case is not a finding), and every case is a point.
+    """
     data = stages[stages.method == method]
     if split is not None:
         data = data[data.split == split]
+    subsets = ("correct", "incorrect")
+    counts = {
+        stage: " | ".join(str(int(data[data.subset == s][stage].notna().sum())) for s in subsets)
+        for stage in STAGE_LABELS
+    }
+    labels = {stage: f"{name}<br>n = {counts[stage]}" for stage, name in STAGE_LABELS.items()}
     fig = go.Figure()
-    for subset in ("correct", "incorrect"):
+    for subset in subsets:
         d = data[data.subset == subset]
         long = d.melt(value_vars=list(STAGE_LABELS), var_name="stage", value_name="layer").dropna()
         fig.add_trace(
             go.Box(
-                x=long.stage.map(STAGE_LABELS),
+                x=long.stage.map(labels),
                 y=long.layer,
                 name=f"{subset} (n={len(d)})",
                 marker_color=SUBSET_COLORS[subset],
                 boxmean=True,
+                boxpoints="all",
+                jitter=0.4,
+                pointpos=0,
             )
         )
     fig.update_layout(
         boxmode="group",
-        title=f"Stages of two-hop queries ({method}{', ' + split if split else ''})",
+        title=f"Stages of two-hop queries ({method}{', ' + split if split else ''})"
+        "<br><sup>n per stage: correct | incorrect cases that reached it</sup>",
         yaxis_title="layer",
         width=820,
         height=480,
     )
+    # the explicit range keeps stages that no case reached on the axis, in their place
+    fig.update_xaxes(
+        categoryorder="array", categoryarray=list(labels.values()), range=[-0.5, len(labels) - 0.5]
+    )
+    fig.update_yaxes(**_layer_ticks(data[list(STAGE_LABELS)].stack().dropna()))
     return fig
 
 
 def resolution_curves(stages: pd.DataFrame, method: str | None = None) -> go.Figure:
     """% of cases whose e2 is decoded from t1 (first hop) / e3 from t2 (second hop) by each
-    layer (cumulative over the minimum decoding layer)."""
+    layer (cumulative over the minimum decoding layer): one panel per hop, one colour per
+    method, solid for correct and dashed for incorrect cases."""
     data = stages if method is None else stages[stages.method == method]
-    fig = go.Figure()
+    data = data[data.subset.isin(["correct", "incorrect"])]
+    hops = (("first_hop_layer", "first hop: e2 from t1"), ("second_hop_layer", "second hop: e3 from t2"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[name for _, name in hops], shared_yaxes=True)
     layers = sorted(set(data.first_hop_layer.dropna()) | set(data.second_hop_layer.dropna()))
-    for (m, subset), d in data[data.subset.isin(["correct", "incorrect"])].groupby(
-        ["method", "subset"]
-    ):
-        for col, name, dash in (
-            ("first_hop_layer", "e2 from t1", "solid"),
-            ("second_hop_layer", "e3 from t2", "dash"),
-        ):
-            pct = [100 * (d[col] <= layer).mean() for layer in layers]
+    methods = sorted(data.method.unique())
+    for col, (column, _) in enumerate(hops, start=1):
+        for (m, subset), d in data.groupby(["method", "subset"]):
             fig.add_trace(
                 go.Scatter(
                     x=layers,
-                    y=pct,
+                    y=[100 * (d[column] <= layer).mean() for layer in layers],
                     mode="lines+markers",
-                    name=f"{m}: {name}, {subset}",
-                    line={"dash": dash, "color": SUBSET_COLORS[subset]},
-                )
+                    name=f"{m}, {subset} (n={len(d)})",
+                    legendgroup=f"{m}, {subset}",
+                    showlegend=col == 1,
+                    line={
+                        "dash": "solid" if subset == "correct" else "dash",
+                        "color": METHOD_COLORS[methods.index(m) % len(METHOD_COLORS)],
+                    },
+                ),
+                row=1,
+                col=col,
             )
     fig.update_layout(
         title="Cases resolved by layer (minimum decoding layer)",
-        xaxis_title="layer",
         yaxis_title="% of cases",
-        width=820,
+        width=980,
         height=480,
     )
+    fig.update_xaxes(title="layer", **_layer_ticks(layers))
     return fig
 
 
@@ -188,14 +230,10 @@ def patchscope_heatmap(
     )
     grid = hit.unstack("target_layer") * 100
     fig = go.Figure(
-        go.Heatmap(
-            z=grid.values,
-            x=[str(c) for c in grid.columns],
-            y=[str(i) for i in grid.index],
-            colorscale="Viridis",
-            zmin=0,
-            zmax=100,
-            colorbar={"title": "% cases"},
+        _percent_heatmap(
+            grid.values,
+            [layer_name(c) for c in grid.columns],
+            [layer_name(i) for i in grid.index],
         )
     )
     fig.update_layout(

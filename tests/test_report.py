@@ -40,6 +40,7 @@ def test_report_is_self_contained(report):
 def test_report_renders_in_headless_chromium(report, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
@@ -60,8 +61,46 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         artifacts = ROOT / "test-artifacts"
         artifacts.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(artifacts / "report.png"))
+        sections = driver.find_elements(By.TAG_NAME, "section")
+        titles = [s.find_element(By.TAG_NAME, "h2").text for s in sections]
+        assert titles[0] == "Dataset and hop accuracies" and "Patchscopes" in titles
+        for i, (section, title) in enumerate(zip(sections, titles)):  # one picture per section, as read
+            driver.execute_script("arguments[0].scrollIntoView()", section)
+            slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+            assert section.screenshot(str(artifacts / f"report-{i:02d}-{slug}.png"))
+        scopes = sections[titles.index("Patchscopes")]
+        # the toy's Patchscopes reads nothing: a reader sees the warning above its 0% heatmaps
+        assert "reads nothing on this model" in scopes.text
     finally:
         driver.quit()
+
+
+def _section(page: str, title: str) -> str:
+    return page.split(f"<h2>{title}</h2>", 1)[1].split("<section>", 1)[0]
+
+
+def test_patchscopes_that_read_nothing_are_flagged_where_drawn(report, tmp_path):
+    import pandas as pd
+
+    from latent_hops.analyses.patchscopes import reads_nothing
+    from latent_hops.report import build_report
+    from latent_hops.rundir import made_by_of, write_table
+
+    run = report.parent
+    scopes = pd.read_parquet(run / "patchscope.parquet")
+    assert reads_nothing(scopes)  # on the toy every patched generation is one string per target layer
+    section = _section(report.read_text(), "Patchscopes")
+    assert section.index("Warning: Patchscopes reads nothing") < section.index('id="figure-')
+
+    # the same table with one generation that depends on the source layer: no warning
+    other = tmp_path / "run"
+    other.mkdir()
+    for name in ("evaluation.parquet", "patchscope.parquet"):
+        (other / name).write_bytes((run / name).read_bytes())
+    scopes.loc[0, "generation"] += " (changed)"
+    write_table(scopes, other / "patchscope.parquet", made_by_of(run / "patchscope.parquet"))
+    assert not reads_nothing(scopes)
+    assert "reads nothing" not in _section(build_report(other).read_text(), "Patchscopes")
 
 
 def test_heatmap_scale_follows_its_panel_and_prints_values():
@@ -96,7 +135,7 @@ def test_figures_carry_the_numbers_of_their_tables():
                            "prediction_extracted_layer": 7.0})
     box = plots.stage_boxplot(stages, "probe")
     correct = box.data[0]
-    first = [y for x, y in zip(correct.x, correct.y) if x == "first hop resolved"]
+    first = [y for x, y in zip(correct.x, correct.y) if x.startswith("first hop resolved")]
     assert sorted(first) == [1.0, 2.0] and "n=2" in correct.name
 
     knockout = pd.DataFrame({"id": list("abab"), "preset": "last_to_t1", "layer": [0, 0, 1, 1],
@@ -104,3 +143,51 @@ def test_figures_carry_the_numbers_of_their_tables():
     evaluation = pd.DataFrame({"id": ["a", "b"], "subset": "incorrect"})
     curve = plots.knockout_curves(knockout, evaluation).data[0]
     assert list(curve.x) == [0, 1] and list(curve.y) == [50.0, 100.0]
+
+
+def test_stage_boxplot_keeps_every_stage_in_order_with_its_n():
+    import pandas as pd
+
+    from latent_hops import plots
+
+    stages = pd.DataFrame({"id": list("abc"), "subset": ["correct", "correct", "incorrect"], "split": "test",
+                           "method": "logit_lens", "first_hop_layer": [float("nan")] * 3,  # never reached
+                           "info_propagation_layer": [-1.0, 0.0, 0.0], "second_hop_onset_layer": [4.0, None, 5.0],
+                           "second_hop_layer": [6.0, 7.0, 8.0], "prediction_extracted_layer": 7.0})
+    fig = plots.stage_boxplot(stages, "logit_lens")
+    order = list(fig.layout.xaxis.categoryarray)
+    assert [label.split("<br>")[0] for label in order] == list(plots.STAGE_LABELS.values())  # fixed, none dropped
+    assert order[0].endswith("n = 0 | 0") and order[2].endswith("n = 1 | 1") and order[3].endswith("n = 2 | 1")
+    ticks = dict(zip(fig.layout.yaxis.tickvals, fig.layout.yaxis.ticktext))
+    assert ticks == {-1: "emb", 0: "0", 1: "1", 2: "2", 3: "3", 4: "4", 5: "5", 6: "6", 7: "7", 8: "8"}
+    assert list(fig.layout.xaxis.range) == [-0.5, 4.5]  # empty stages keep their place on the axis
+
+
+def test_resolution_curves_one_panel_per_hop_one_colour_per_method():
+    import pandas as pd
+
+    from latent_hops import plots
+
+    rows = [dict(id=f"{m}{i}", subset=s, split="test", method=m, first_hop_layer=float(i), second_hop_layer=float(i + 2))
+            for m in ("logit_lens", "probe", "patchscopes") for s in ("correct", "incorrect") for i in (-1, 1)]
+    fig = plots.resolution_curves(pd.DataFrame(rows))
+    assert len(fig.data) == 12
+    colours = {t.legendgroup.split(",")[0]: t.line.color for t in fig.data}
+    assert len(set(colours.values())) == 3  # methods are told apart by colour ...
+    assert {t.line.dash for t in fig.data if "incorrect" in t.name} == {"dash"}  # ... subsets by dash
+    assert {t.xaxis for t in fig.data} == {"x", "x2"}  # first hop | second hop
+    first = next(t for t in fig.data if t.name.startswith("logit_lens, correct") and t.xaxis == "x")
+    assert list(first.y) == [50.0, 100.0, 100.0]  # cumulative over layers -1, 1, 3
+    assert fig.layout.xaxis.ticktext[0] == "emb"
+
+
+def test_patchscope_heatmap_scale_follows_its_panel():
+    import pandas as pd
+
+    from latent_hops import plots
+
+    scopes = pd.DataFrame([dict(id=str(i), position="t1", source_layer=s, target_layer=t,
+                                decoded="e2" if (i == 0 and s == 1) else "")
+                           for i in range(20) for s in (-1, 1) for t in (0, 1)])
+    trace = plots.patchscope_heatmap(scopes, "t1", "e2").data[0]
+    assert trace.zmax == 5.0 and list(trace.y) == ["emb", "1"] and trace.texttemplate == "%{z:.0f}"
