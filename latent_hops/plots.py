@@ -184,8 +184,13 @@ def resolution_curves(stages: pd.DataFrame, method: str | None = None) -> go.Fig
     method, solid for correct and dashed for incorrect cases."""
     data = stages if method is None else stages[stages.method == method]
     data = data[data.subset.isin(["correct", "incorrect"])]
-    hops = (("first_hop_layer", "first hop: e2 from t1"), ("second_hop_layer", "second hop: e3 from t2"))
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[name for _, name in hops], shared_yaxes=True)
+    hops = (
+        ("first_hop_layer", "first hop: e2 from t1"),
+        ("second_hop_layer", "second hop: e3 from t2"),
+    )
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=[name for _, name in hops], shared_yaxes=True
+    )
     layers = sorted(set(data.first_hop_layer.dropna()) | set(data.second_hop_layer.dropna()))
     methods = sorted(data.method.unique())
     for col, (column, _) in enumerate(hops, start=1):

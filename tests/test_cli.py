@@ -141,3 +141,23 @@ def test_a_narrower_request_summarises_exactly_its_cases(tmp_path, capsys):
     assert json.loads((out / "backpatch_summary.json").read_text())["cases"] == 2
     assert main(["merge", str(out)]) == 0  # merge summarises every part
     assert json.loads((out / "backpatch_summary.json").read_text())["cases"] == 6
+
+
+def test_help_does_not_wait_for_transformer_lens():
+    """`--help` builds every command's options from the analyses' configs; TransformerLens (about
+    7 of its 10 s of imports here) is loaded only when a model is."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom latent_hops.cli import main\ntry:\n    main(['backpatch', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('transformer_lens', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--source-layers" in out and "(default: 50)" in out  # options with their defaults
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_probes_show_progress(tmp_path, capsys):
+    assert main(["probe", "--out", str(tmp_path), "--split", "test_id", "--max-cases", "3", "--probe-train", "60",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert all(f"probe {e} at {p}" in err for e, p in (("e2", "t1"), ("e2", "t2"), ("e3", "t2")))

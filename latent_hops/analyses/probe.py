@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from tqdm.auto import tqdm
 
 from latent_hops import backend
 from latent_hops.analysis import (
@@ -85,6 +86,7 @@ class ProbeConfig:
         2000, "queries beside the analysed cases that join the probes' training folds"
     )
     batch_size: int = runtime(256)
+    progress: bool = runtime(False)
 
 
 @torch.no_grad()
@@ -169,6 +171,12 @@ def cross_validated_probe(
     rng = np.random.default_rng(config.seed)
     rows: list[dict] = []
     grouping = GROUPINGS[config.hold_out_target]
+    bar = tqdm(
+        total=config.folds * len(layers),
+        desc=f"probe {entity} at {position}",
+        unit="fit",
+        disable=not config.progress,
+    )
     for k, test, train in entity_folds(
         cases, entity, ids, config.folds, config.seed, config.hold_out_target
     ):
@@ -178,6 +186,7 @@ def cross_validated_probe(
             )
         shuffled = rng.permutation(train)
         for li, layer in enumerate(layers):
+            bar.update()
             for control, targets in ((False, y[train]), (True, y[shuffled])):
                 mean, std, w = _ridge(x[train, li], targets, config.ridge)
                 z = torch.cat([(x[test, li] - mean) / std, torch.ones(len(test), 1)], 1)
@@ -203,6 +212,7 @@ def cross_validated_probe(
                     }
                     for i, p, h in zip(test, pred.tolist(), hit.tolist())
                 ]
+    bar.close()
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

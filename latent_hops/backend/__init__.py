@@ -14,15 +14,10 @@ import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
-from transformer_lens import (
-    HookedTransformer,
-    HookedTransformerConfig,
-    TransformerLensKeyValueCache,
-)
 
 from latent_hops.backend.architectures import (  # noqa: F401 -- UnsupportedArchitecture is re-exported
     DEFAULT_MAX_CONTEXT,
@@ -35,7 +30,18 @@ from latent_hops.errors import InputError
 
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
-Model = HookedTransformer
+# TransformerLens is imported where a model is built or run, not at import time: the CLI's
+# parser (`latent-hops --help`) needs the analyses' configs, not TransformerLens
+if TYPE_CHECKING:
+    from transformer_lens import (
+        HookedTransformer,
+        HookedTransformerConfig,
+        TransformerLensKeyValueCache,
+    )
+
+    Model = HookedTransformer
+else:
+    Model = Any
 """What the analyses hold: the model as this backend represents it."""
 
 # ---------------------------------------------------------------------------- sites
@@ -239,6 +245,8 @@ def tl_config_from_hf(
         init_weights=False,
         model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0],
     )
+    from transformer_lens import HookedTransformerConfig
+
     return HookedTransformerConfig(
         **tl_config_fields(hf_config, max_context),
         dtype=dtype,
@@ -283,6 +291,8 @@ def hooked_from_hf(
         # TL 3.9 warns at construction that HookedTransformer is deprecated in favour of
         # TL 4's TransformerBridge; we pin TL 3 on purpose (see this module's docstring).
         warnings.simplefilter("ignore", DeprecationWarning)
+        from transformer_lens import HookedTransformer
+
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
         state_dict,
@@ -304,6 +314,8 @@ def hooked_from_pretrained(
     """A TransformerLens model by its official name, downloaded from the Hugging Face hub."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
+        from transformer_lens import HookedTransformer
+
         return HookedTransformer.from_pretrained_no_processing(
             name, dtype=dtype, device=device, n_devices=n_devices
         ).eval()
@@ -327,6 +339,8 @@ def random_model(
     cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
     with warnings.catch_warnings(), torch.device(device):
         warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
+        from transformer_lens import HookedTransformer
+
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     return model.eval()
 
@@ -502,6 +516,8 @@ def greedy_generate(
 
 
 def new_kv_cache(model: HookedTransformer, batch: int) -> TransformerLensKeyValueCache:
+    from transformer_lens import TransformerLensKeyValueCache
+
     return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
 
 
@@ -550,6 +566,8 @@ def select_cache(
         )
         index = rows.to(keys.device)  # layers may live on different GPUs (n_devices > 1)
         entries.append(type(entry)(past_keys=keys[index], past_values=values[index]))
+    from transformer_lens import TransformerLensKeyValueCache
+
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=attention_mask)
 
 

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from transformer_lens.pretrained import weight_conversions as wc
-
 from latent_hops.errors import InputError
 
 # TL allocates an n_ctx x n_ctx causal mask per layer; long-context models (Llama-3.1:
@@ -35,7 +33,12 @@ class Family:
     """How one HF architecture becomes a TL model: config translation and weight converter."""
 
     config: Callable[[Any], dict[str, Any]]
-    convert: Callable[[Any, Any], dict]
+    converter: str  # the name of TL's weight converter (imported when a model is loaded)
+
+    def convert(self, hf_model: Any, cfg: Any) -> dict:
+        from transformer_lens.pretrained import weight_conversions
+
+        return getattr(weight_conversions, self.converter)(hf_model, cfg)
 
 
 def _get(hf: Any, name: str, default: Any = None) -> Any:
@@ -272,18 +275,18 @@ def _gpt2(hf: Any) -> dict[str, Any]:
 
 
 FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family(_llama, wc.convert_llama_weights),
-    "MistralForCausalLM": Family(_mistral, wc.convert_mistral_weights),
-    "Qwen2ForCausalLM": Family(_qwen2, wc.convert_qwen2_weights),
-    "Qwen3ForCausalLM": Family(_qwen3, wc.convert_qwen3_weights),
-    "GemmaForCausalLM": Family(_gemma, wc.convert_gemma_weights),
-    "Gemma2ForCausalLM": Family(_gemma2, wc.convert_gemma_weights),
-    "Gemma3ForCausalLM": Family(_gemma3, wc.convert_gemma_weights),
-    "GPTNeoXForCausalLM": Family(_neox, wc.convert_neox_weights),
-    "OlmoForCausalLM": Family(_olmo, wc.convert_olmo_weights),
-    "Olmo2ForCausalLM": Family(_olmo2, wc.convert_olmo2_weights),
-    "Phi3ForCausalLM": Family(_phi3, wc.convert_phi3_weights),
-    "GPT2LMHeadModel": Family(_gpt2, wc.convert_gpt2_weights),
+    "LlamaForCausalLM": Family(_llama, "convert_llama_weights"),
+    "MistralForCausalLM": Family(_mistral, "convert_mistral_weights"),
+    "Qwen2ForCausalLM": Family(_qwen2, "convert_qwen2_weights"),
+    "Qwen3ForCausalLM": Family(_qwen3, "convert_qwen3_weights"),
+    "GemmaForCausalLM": Family(_gemma, "convert_gemma_weights"),
+    "Gemma2ForCausalLM": Family(_gemma2, "convert_gemma_weights"),
+    "Gemma3ForCausalLM": Family(_gemma3, "convert_gemma_weights"),
+    "GPTNeoXForCausalLM": Family(_neox, "convert_neox_weights"),
+    "OlmoForCausalLM": Family(_olmo, "convert_olmo_weights"),
+    "Olmo2ForCausalLM": Family(_olmo2, "convert_olmo2_weights"),
+    "Phi3ForCausalLM": Family(_phi3, "convert_phi3_weights"),
+    "GPT2LMHeadModel": Family(_gpt2, "convert_gpt2_weights"),
 }
 
 
