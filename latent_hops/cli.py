@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from latent_hops import backend
 from latent_hops.analysis import Analysis, Context, analyses, get
@@ -37,6 +38,13 @@ from latent_hops.config import (
 )
 from latent_hops.errors import InputError
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
+from latent_hops.executors import (
+    EXECUTORS,
+    ExecutorConfig,
+    run_all,
+    shard_commands,
+    worker_command,
+)
 from latent_hops.models import TOY_CHECKPOINTS, TOY_SPEC, load_model
 from latent_hops.queries import SHIPPED_DATASETS, DatasetError, load_dataset, shipped_dataset_path
 from latent_hops.report import build_report
@@ -47,6 +55,7 @@ from latent_hops.rundir import (
     merge_parts,
     parse_shard,
     record_run,
+    remove_stale_temp,
     reusable_table,
     write_table,
 )
@@ -130,6 +139,39 @@ def _resumable(parser: argparse.ArgumentParser) -> None:
         default=50,
         help="cases per resumable part (default: %(default)s)",
     )
+
+
+def _executor(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "running shards on several workers (then merged; see README, 'Sweeps on clusters')"
+    )
+    group.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local processes, a Ray cluster (RAY_ADDRESS, or a local one), or a SLURM job "
+        "array via submitit (options: the --config file's [slurm] table) (default: local)",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="shards, run at once; 1 with --executor local = this process (default: 1)",
+    )
+    group.add_argument("--gpus-per-worker", type=float, default=0.0, help="(default: 0)")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="(default: 1)")
+    group.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="times a lost worker's shard is started again (default: 3)",
+    )
+    group.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="slurm: submit the array and exit; `latent-hops merge RUN_DIR` when it is done",
+    )
+    group.add_argument("--evaluation-only", action="store_true", help=argparse.SUPPRESS)
 
 
 def _add_options(parser: argparse.ArgumentParser, config_types: list[type]) -> None:
@@ -359,12 +401,59 @@ def run_analysis(session: Session, name: str) -> pd.DataFrame:
     return table
 
 
+def cmd_analysis(args, name: str) -> pd.DataFrame | None:
+    """One analysis command: in this process, or its shards on an executor (``--workers``)."""
+    if getattr(args, "evaluation_only", False):  # the first task of a distributed run
+        Session(args).evaluation()
+        return None
+    if getattr(args, "executor", "local") != "local" or getattr(args, "workers", 1) > 1:
+        return run_distributed(args, name)
+    return run_analysis(Session(args), name)
+
+
+def run_distributed(args, name: str) -> pd.DataFrame | None:
+    """Analysis ``name`` as ``--workers`` shards on ``--executor``: first the evaluation (one
+    task; reused when the run directory has it), then the shards, then ``merge``."""
+    if args.shard is not None:
+        raise InputError("--shard with --executor/--workers: the executor makes the shards")
+    if not get(name).shardable:
+        raise InputError(f"`{name}` cannot be sharded; run it without --executor/--workers")
+    if args.out is None:
+        raise InputError("--out RUN_DIR is required (as a flag or in the --config file)")
+    check_run_dir(args.out)
+    config = ExecutorConfig(
+        args.executor,
+        args.workers,
+        args.gpus_per_worker,
+        args.cpus_per_worker,
+        args.max_retries,
+        not args.no_wait,
+        getattr(args, "slurm", {}),
+    )
+    start = time.time()
+    evaluation = [[*worker_command(args.argv, config), "--evaluation-only"]]
+    stages = [evaluation, shard_commands(args.argv, config)]
+    bar = tqdm(total=config.workers, desc=f"{name} shards ({config.executor})", unit="shard")
+    results = run_all(stages, config, args.out, bar.update)
+    bar.close()
+    if results is None:
+        print(f"submitted; when the jobs are done: latent-hops merge {args.out}")
+        return None
+    remove_stale_temp(args.out / name, everyone=True)  # every writer has finished
+    print(
+        f"{config.workers} shards on {config.executor} in {time.time() - start:.1f}s "
+        f"(each: {', '.join(str(r['seconds']) + 's' for r in results)})"
+    )
+    return cmd_merge(argparse.Namespace(run_dir=args.out), [name])[0]
+
+
 def cmd_evaluate(args) -> pd.DataFrame:
     return Session(args).evaluation(fresh=True)  # a failed run leaves the old table in place
 
 
-def cmd_merge(args) -> list[pd.DataFrame]:
-    """Merge the parts that every --shard process wrote, then summarise (no model needed)."""
+def cmd_merge(args, names: list[str] | None = None) -> list[pd.DataFrame]:
+    """Merge the parts that every --shard process wrote (of the analyses ``names``, default:
+    every shardable one with parts), then summarise (no model needed)."""
     run = args.run_dir
     if not (run / "evaluation.parquet").is_file():
         raise InputError(
@@ -372,7 +461,8 @@ def cmd_merge(args) -> list[pd.DataFrame]:
         )
     evaluation = pd.read_parquet(run / "evaluation.parquet")
     merged = []
-    for analysis in [a for a in analyses() if a.shardable and (run / a.name).is_dir()]:
+    chosen = [a for a in analyses() if a.shardable and (names is None or a.name in names)]
+    for analysis in [a for a in chosen if (run / a.name).is_dir()]:
         parts = run / analysis.name / "config.json"
         made_by = json.loads(parts.read_text()) if parts.is_file() else {}
         config = config_from_dict(analysis.config, made_by.get("config", {}))
@@ -434,9 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
         inputs = _with_inputs([analysis.name])
         if any(a.resumable for a in inputs):
             _resumable(p)
+        if analysis.shardable:
+            _executor(p)
         _add_options(p, [EvaluationConfig, *(a.config for a in inputs)])
         p.set_defaults(
-            func=lambda a, name=analysis.name: run_analysis(Session(a), name), command=analysis.name
+            func=lambda a, name=analysis.name: cmd_analysis(a, name), command=analysis.name
         )
     p = sub.add_parser(
         "demo", help="the whole pipeline (evaluate, backpatch, stages, report) on the toy model"
@@ -452,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_report)
     p = sub.add_parser(
-        "merge", help="merge the back-patching parts of all --shard processes in RUN_DIR"
+        "merge", help="merge the parts of all --shard processes (or workers) in RUN_DIR"
     )
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=cmd_merge)
@@ -481,6 +573,7 @@ def _config_value(path: Path, action: argparse.Action, value):
 def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config`` TOML file supplies defaults (flags given still win)."""
     args = parser.parse_args(argv)
+    args.argv, args.slurm = list(sys.argv[1:] if argv is None else argv), {}
     path = getattr(args, "config", None)
     if path is None:
         return args
@@ -501,6 +594,9 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
             if o.startswith("--")
         }
 
+    slurm = values.pop("slurm", {})  # submitit's options (--executor slurm), a TOML table
+    if not isinstance(slurm, dict):
+        raise InputError(f"config {path}: [slurm] must be a table of submitit options")
     dests, anywhere = flags(sub), {k for p in commands.values() for k in flags(p)}
     unknown = sorted(k for k in values if k.replace("-", "_") not in anywhere)
     if unknown:
@@ -513,7 +609,9 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
         if action.dest in values:
             values[action.dest] = _config_value(path, action, values[action.dest])
     sub.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.argv, args.slurm = list(sys.argv[1:] if argv is None else argv), slurm
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, generate, is_correct
 from latent_hops.positions import context_problems, tokenize_prompts
 from latent_hops.queries import PROMPT_KINDS, PROMPT_SUFFIX, e1_span_in_composition, iter_queries
+from latent_hops.rundir import Column, check_columns
 
 TARGET_ENTITY = {
     "first_hop": "e2",
@@ -31,6 +32,32 @@ TARGET_ENTITY = {
     "relation_shortcut": "e3",
 }
 SUBSETS = ("correct", "incorrect", "excluded")
+
+COLUMNS = (
+    Column("id", "query id"),
+    Column("split", "the dataset's split (toy: train, test_id, test_ood)"),
+    *(
+        column
+        for kind in PROMPT_KINDS
+        for column in (
+            Column(
+                f"{kind}_generation", f"greedy generation for the {kind.replace('_', ' ')} prompt"
+            ),
+            Column(
+                f"{kind}_correct",
+                f"an alias of {TARGET_ENTITY[kind]} is in that generation (case-insensitive)",
+            ),
+        )
+    ),
+    Column(
+        "t1", "token index of e1's last token in the composition prompt (unpadded; null if none)"
+    ),
+    Column("t2", "token index of the composition prompt's last token (unpadded)"),
+    Column("position_error", "why t1/t2 could not be resolved ('' when resolved)"),
+    Column("subset", "correct / incorrect (by the composition answer) / excluded"),
+    Column("exclusion_reason", "why an excluded query is excluded ('' otherwise)"),
+)
+"""evaluation.parquet: one row per query."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,7 @@ def evaluate(
     long_rows = [bool(reason) for reason in too_long]
     out.loc[long_rows, "subset"] = "excluded"
     out.loc[long_rows, "exclusion_reason"] = [r for r in too_long if r]
+    check_columns(out, COLUMNS, "evaluate")
     return out
 
 

@@ -94,7 +94,7 @@ def backpatch_heatmap(
         xaxis_title="target layer t",
         yaxis_title="source layer s",
         plot_bgcolor=GREY,
-        width=560,
+        width=620,
         height=520,
     )
     fig.update_xaxes(type="category", showgrid=False)

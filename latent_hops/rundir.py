@@ -9,13 +9,16 @@ part exists, so nothing is recomputed, lost or duplicated. ``merge_parts`` reads
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +27,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latent_hops.errors import InputError
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a result table and what it holds (docs/columns.md lists them all)."""
+
+    name: str
+    doc: str
+
+
+def check_columns(frame: pd.DataFrame, columns: Sequence[Column], what: str) -> None:
+    """The declared columns, in order; else a bug in the code that made ``frame`` (not the
+    user's input)."""
+    want, got = [c.name for c in columns], list(frame.columns)
+    if got != want:
+        raise RuntimeError(f"{what} produced columns {got}, declared {want}")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -60,11 +79,43 @@ MADE_BY_KEY = b"latent_hops.made_by"
 """Parquet schema-metadata key of a table's provenance (``made_by``)."""
 
 
+HOST = socket.gethostname()
+
+
+def _tmp(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: named by host and process,
+    so that concurrent shards (one run directory on shared storage) never share one."""
+    return path.parent / f".tmp-{path.name}-{HOST}-{os.getpid()}"
+
+
+def remove_stale_temp(folder: Path, everyone: bool = False) -> None:
+    """Remove what killed processes left half-written in ``folder``: temporary files of this
+    host whose process is gone (a live shard's are kept), or all of them (``everyone``: when
+    no writer can be running any more, e.g. after every shard finished)."""
+    for tmp in folder.glob(".tmp-*") if folder.is_dir() else []:
+        pid = tmp.name.rpartition("-")[2]
+        mine = pid.isdigit() and tmp.name.endswith(f"-{HOST}-{pid}")
+        if everyone or (mine and not _alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process starts afresh: nothing of its own is being written
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_table(frame: pd.DataFrame, path: Path, made_by: dict | None = None) -> Path:
     """Write a Parquet table atomically (a killed process never leaves half a file), with
     ``made_by`` -- what made it: model, dataset, analysis config, versions -- in its schema."""
     path = Path(path)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp = _tmp(path)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     if made_by is not None:
         meta = dict(table.schema.metadata or {})
@@ -78,7 +129,7 @@ def write_table(frame: pd.DataFrame, path: Path, made_by: dict | None = None) ->
 def write_text(path: Path, text: str) -> Path:
     """Write a text file (JSON summary, HTML page) atomically, like ``write_table``."""
     path = Path(path)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    tmp = _tmp(path)
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
@@ -139,9 +190,7 @@ def check_config(folder: Path, made_by: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"
     if not path.is_file():
-        tmp = folder / f".tmp-config-{os.getpid()}"
-        tmp.write_text(json.dumps(made_by, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(made_by, sort_keys=True, default=str))
         return
     differ = differences(json.loads(path.read_text()), made_by)
     if differ:
@@ -164,8 +213,7 @@ def run_in_parts(
     if chunk < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")
     check_config(folder, made_by or {})
-    for stale in folder.glob(".tmp-*") if folder.is_dir() else []:
-        stale.unlink(missing_ok=True)  # a part a killed process did not finish
+    remove_stale_temp(folder)  # parts a killed process did not finish
     done = done_ids(folder)
     todo = [c for c in cases if c.id not in done]
     if on_skip is not None:
@@ -222,22 +270,22 @@ def record_run(
     from latent_hops import __version__
 
     path = run_dir / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
     stamp = lambda t: datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")  # noqa: E731
-    manifest["runs"].append(
-        {
-            "command": command,
-            "package_version": __version__,
-            "versions": library_versions(),
-            "config": config,
-            "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
-            "started": stamp(started),
-            "finished": stamp(time.time()),
-        }
-    )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    os.replace(tmp, path)
+    entry = {
+        "command": command,
+        "package_version": __version__,
+        "versions": library_versions(),
+        "config": config,
+        "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
+        "started": stamp(started),
+        "finished": stamp(time.time()),
+    }
+    # shards running at once append to one manifest: read, append and write under a lock
+    with open(run_dir / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        manifest["runs"].append(entry)
+        write_text(path, json.dumps(manifest, indent=1, default=str))
     return path
 
 

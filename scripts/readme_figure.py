@@ -27,6 +27,30 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def save_png(fig, png: Path, chromium: str = "chromium") -> Path:
+    """A static PNG of a plotly figure, drawn by headless Chromium at the figure's own size
+    (no kaleido needed)."""
+    width, height = fig.layout.width or 700, fig.layout.height or 500
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "figure.html"
+        page.write_text(fig.to_html(include_plotlyjs=True, config={"displayModeBar": False}))
+        png.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={width + 40},{height + 20}",
+                f"--screenshot={png.resolve()}",
+                page.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,23 +73,7 @@ def main() -> None:
         args.split,
         oracle=bp.oracle_rates(labelled),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / "figure.html"
-        page.write_text(fig.to_html(include_plotlyjs=True, config={"displayModeBar": False}))
-        args.png.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                args.chromium,
-                *CHROMIUM_FLAGS,
-                f"--user-data-dir={tmp}/profile",
-                "--window-size=600,540",
-                f"--screenshot={args.png.resolve()}",
-                page.as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+    save_png(fig, args.png, args.chromium)
     print(f"wrote {args.png}")
 
 

@@ -167,3 +167,17 @@ def test_report_notes_come_from_the_configs_that_made_the_tables(tmp_path):
     assert "6 new tokens" in page and "[l − 1, l + 1]" in page and "6 greedy tokens" in page
     assert "10 new tokens" not in page and "l − 3" not in page
     assert "model toy, dataset toy" in page
+
+
+def test_the_column_dictionary_is_current():
+    """docs/columns.md is generated from the declared columns (which check every table written)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "column_docs.py"
+    spec = importlib.util.spec_from_file_location("column_docs", path)
+    module = sys.modules["column_docs"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.OUT.read_text() == module.render(), "python scripts/column_docs.py"
+    assert "## evaluation.parquet" in module.render() and "## backpatch.parquet" in module.render()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -255,20 +255,15 @@ def patchscope_layers(scopes: pd.DataFrame) -> pd.DataFrame:
 
 
 def _run(context: Context, config: PatchscopeConfig) -> pd.DataFrame:
-    """Resumable, one folder of parts per target prompt (RUN_DIR/patchscope/<target>/)."""
+    """Resumable and shardable: parts of RUN_DIR/patchscope/, each with every target prompt's
+    rows for its chunk of cases."""
     _pairs(context.model, config)  # a bad layer grid fails here, before any work
-    frames = []
-    for name, prompt in target_prompts(context.model, config.target):
-        one = replace(config, target=prompt if name == "custom" else name)
-        frames.append(
-            context.in_parts(
-                context.folder("patchscope") / name,
-                lambda part: patchscope(context.model, part, one),
-                context.made_by("patchscope", one),
-                f"patchscope ({name})",
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
+    return context.in_parts(
+        context.folder("patchscope"),
+        lambda part: patchscope(context.model, part, config),
+        context.made_by("patchscope", config),
+        f"patchscope ({config.target})",
+    )
 
 
 READS_NOTHING = (
@@ -307,6 +302,7 @@ register(
         columns=TABLE,
         run=_run,
         resumable=True,
+        shardable=True,
         summary=_summary,
         report=_report,
         stage_layers=lambda table, stages: patchscope_layers(table).set_index("id"),

@@ -1,0 +1,30 @@
+"""The README's numbers on the toy models are what their named commands print today.
+
+Each ``<!-- numbers: NAME -->`` block of the README is rendered by scripts/readme_numbers.py from
+a fresh run of the commands it names; a change that moves a number fails here until the README
+is regenerated (``python scripts/readme_numbers.py --write``)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "scripts" / "readme_numbers.py")
+readme_numbers = sys.modules["readme_numbers"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(readme_numbers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", readme_numbers.BLOCKS, ids=[b.name for b in readme_numbers.BLOCKS])
+def test_readme_numbers_come_from_their_commands(block, tmp_path):
+    rendered = readme_numbers.run_block(block, tmp_path / block.name)
+    assert readme_numbers.readme_block((ROOT / "README.md").read_text(), block.name) == rendered
+
+
+def test_every_block_is_in_the_readme_and_names_its_command():
+    readme = (ROOT / "README.md").read_text()
+    for block in readme_numbers.BLOCKS:
+        text = readme_numbers.readme_block(readme, block.name)
+        assert block.shown_as in text and "%" in text  # the command is named, numbers follow
