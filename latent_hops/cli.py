@@ -40,6 +40,7 @@ from latent_hops.errors import InputError
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
 from latent_hops.executors import (
     EXECUTORS,
+    INPUT_ERROR,
     ExecutorConfig,
     run_all,
     shard_commands,
@@ -239,9 +240,8 @@ class Session:
         shardable = [a.name for a in analyses() if a.shardable]
         if self.shard[1] > 1 and args.command not in shardable:
             raise InputError(
-                f"--shard splits the {', '.join(shardable)} sweep only, not `{args.command}`: run "
-                "it "
-                "once, unsharded"
+                f"--shard splits only the sweeps {', '.join(shardable)}, not `{args.command}`: "
+                "run it once, unsharded"
             )
         self.table = self._queries()
         self.model = load_model(
@@ -434,8 +434,16 @@ def run_distributed(args, name: str) -> pd.DataFrame | None:
     evaluation = [[*worker_command(args.argv, config), "--evaluation-only"]]
     stages = [evaluation, shard_commands(args.argv, config)]
     bar = tqdm(total=config.workers, desc=f"{name} shards ({config.executor})", unit="shard")
-    results = run_all(stages, config, args.out, bar.update)
-    bar.close()
+    try:
+        results = run_all(stages, config, args.out, bar.update)
+    except Exception as err:  # a worker's input error is the user's to fix: one line, exit 2
+        text = str(err)
+        if INPUT_ERROR in text:
+            start = max(text.find("`latent-hops"), 0)
+            raise InputError(f"a worker failed: {text[start:].splitlines()[0]}") from None
+        raise
+    finally:
+        bar.close()
     if results is None:
         print(f"submitted; when the jobs are done: latent-hops merge {args.out}")
         return None

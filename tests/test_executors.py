@@ -88,11 +88,12 @@ def ray_cluster(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_ray_tasks_equal_one_process(tmp_path, single, ray_cluster):
+def test_ray_tasks_equal_one_process(tmp_path, single, ray_cluster, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out means the same in every worker
     start = time.time()
-    assert main([*SWEEP, "--out", str(tmp_path), "--executor", "ray", "--workers", "4"]) == 0
+    assert main([*SWEEP, "--out", "run", "--executor", "ray", "--workers", "4"]) == 0
     print(f"ray: 4 shards in {time.time() - start:.1f}s")
-    _same_as_single(tmp_path, single)
+    _same_as_single(tmp_path / "run", single)
 
 
 @pytest.mark.slow
@@ -143,3 +144,12 @@ def test_patchscopes_shard_too(tmp_path):
     one, two = (pd.read_parquet(tmp_path / r / "patchscope.parquet") for r in ("one", "two"))
     assert set(one.target) == {"toy", "repeat"} and one.id.nunique() == 6
     pd.testing.assert_frame_equal(one, two)
+
+
+@pytest.mark.slow
+def test_a_worker_input_error_is_reported_as_one(tmp_path, capsys):
+    """A shard that fails on its input is not retried, and the driver says why in one line."""
+    code = main([*SWEEP, "--out", str(tmp_path), "--workers", "2", "--source-layers", "0,99"])
+    err = capsys.readouterr().err
+    assert code == 2 and "a worker failed" in err and "out of range" in err
+    assert not (tmp_path / "backpatch.parquet").exists()

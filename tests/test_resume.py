@@ -90,9 +90,9 @@ def test_config_file_mirrors_flags(tmp_path, capsys):
     assert "unknown keys ['colour']" in capsys.readouterr().err
 
 
-def test_shards_are_for_the_backpatching_sweep_only(tmp_path, capsys):
+def test_shards_are_for_the_shardable_sweeps_only(tmp_path, capsys):
     assert main(["logit-lens", "--out", str(tmp_path), "--shard", "0/2", "--device", "cpu"]) == 2
-    assert "splits the backpatch sweep only" in capsys.readouterr().err
+    assert "splits only the sweeps backpatch, patchscope, not `logit-lens`" in capsys.readouterr().err
 
 
 def test_bad_shard_spec(tmp_path, capsys):

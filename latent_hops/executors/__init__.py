@@ -16,6 +16,8 @@ when the run directory already has it).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -54,7 +56,25 @@ class ExecutorConfig:
 
 
 class ShardFailed(RuntimeError):
-    """A shard's command exited with an error (an input error is not retried)."""
+    """A worker's command exited with an error; the message ends with what it printed last
+    (its own error line). Exit 2 is an input error: not retried, reported as one."""
+
+
+INPUT_ERROR = "exited with 2"
+
+
+class _Tee(io.TextIOBase):
+    """Writes through to a stream and keeps the last characters (a worker's error lines)."""
+
+    def __init__(self, stream, keep: int = 2000):
+        self.stream, self.keep, self.tail = stream, keep, ""
+
+    def write(self, text: str) -> int:
+        self.tail = (self.tail + text)[-self.keep :]
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def worker_command(argv: Sequence[str], config: ExecutorConfig) -> list[str]:
@@ -78,15 +98,22 @@ def shard_commands(argv: Sequence[str], config: ExecutorConfig) -> list[list[str
     return [[*worker_command(argv, config), "--shard", f"{i}/{n}"] for i in range(n)]
 
 
-def run_command(argv: list[str]) -> dict:
-    """Run one ``latent-hops`` command in this process (a worker); raise when it fails so
-    the executor reports (and, for lost workers, retries) it. Returns only small facts."""
+def run_command(argv: list[str], cwd: str | None = None) -> dict:
+    """Run one ``latent-hops`` command in this process (a worker), from the driver's working
+    directory ``cwd`` (relative --out/--config/--dataset paths mean the same on every worker
+    of a shared file system); raise when it fails so the executor reports (and, for lost
+    workers, retries) it. Returns only small facts."""
     from latent_hops.cli import main
 
+    if cwd is not None:
+        os.chdir(cwd)
     start = time.time()
-    code = main(list(argv))
+    tee = _Tee(sys.stderr)
+    with contextlib.redirect_stderr(tee):
+        code = main(list(argv))
     if code != 0:
-        raise ShardFailed(f"`latent-hops {' '.join(argv)}` exited with {code}")
+        last = [line for line in tee.tail.splitlines() if line.strip()][-3:]
+        raise ShardFailed(f"`latent-hops {' '.join(argv)}` exited with {code}: " + " | ".join(last))
     return {
         "shard": argv[argv.index("--shard") + 1] if "--shard" in argv else "",
         "seconds": round(time.time() - start, 1),
@@ -108,6 +135,8 @@ def _local(commands: list[list[str]], config: ExecutorConfig, progress) -> list[
             done = subprocess.run(
                 [sys.executable, "-m", "latent_hops.cli", *argv],
                 stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
                 env=env,
             )
             if done.returncode == 0:
@@ -119,7 +148,10 @@ def _local(commands: list[list[str]], config: ExecutorConfig, progress) -> list[
                 }
             if done.returncode == 2:
                 break
-        raise ShardFailed(f"`latent-hops {' '.join(argv)}` failed (exit {done.returncode})")
+        last = [line for line in done.stderr.splitlines() if line.strip()][-3:]
+        raise ShardFailed(
+            f"`latent-hops {' '.join(argv)}` exited with {done.returncode}: " + " | ".join(last)
+        )
 
     with ThreadPoolExecutor(config.workers) as pool:
         return list(pool.map(one, commands))

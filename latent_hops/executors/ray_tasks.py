@@ -37,7 +37,7 @@ def run_ray(stages: Sequence[list[list[str]]], config: ExecutorConfig, progress)
         )(run_command)
         results: list[dict] = []
         for i, commands in enumerate(stages):
-            refs = [task.remote(argv) for argv in commands]
+            refs = [task.remote(argv, os.getcwd()) for argv in commands]
             pending = list(refs)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

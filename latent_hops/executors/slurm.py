@@ -7,6 +7,7 @@ processes (what the tests use), ``"debug"`` in the driver process."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +22,8 @@ except ImportError:  # the module is imported only for --executor slurm
 class ShardJob(submitit.helpers.Checkpointable if submitit else object):  # type: ignore[misc]
     """One shard; on preemption submitit calls ``checkpoint`` and requeues the same call."""
 
-    def __call__(self, argv: list[str]) -> dict:
-        return run_command(argv)
+    def __call__(self, argv: list[str], cwd: str) -> dict:
+        return run_command(argv, cwd)
 
 
 def run_slurm(
@@ -44,7 +45,7 @@ def run_slurm(
     results: list[dict] = []
     for i, commands in enumerate(stages):
         last = i == len(stages) - 1
-        jobs = executor.map_array(ShardJob(), commands)
+        jobs = executor.map_array(ShardJob(), commands, [os.getcwd()] * len(commands))
         print(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs)}")
         if last and not config.wait:
             return None
