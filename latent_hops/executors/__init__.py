@@ -63,6 +63,15 @@ class ShardFailed(RuntimeError):
 INPUT_ERROR = "exited with 2"
 
 
+def _failed(argv: Sequence[str], code: int, stderr: str) -> ShardFailed:
+    last = [line for line in stderr.splitlines() if line.strip()][-3:]
+    return ShardFailed(f"`latent-hops {' '.join(argv)}` exited with {code}: " + " | ".join(last))
+
+
+def _shard(argv: Sequence[str]) -> str:
+    return argv[list(argv).index("--shard") + 1] if "--shard" in argv else ""
+
+
 class _Tee(io.TextIOBase):
     """Writes through to a stream and keeps the last characters (a worker's error lines)."""
 
@@ -112,10 +121,9 @@ def run_command(argv: list[str], cwd: str | None = None) -> dict:
     with contextlib.redirect_stderr(tee):
         code = main(list(argv))
     if code != 0:
-        last = [line for line in tee.tail.splitlines() if line.strip()][-3:]
-        raise ShardFailed(f"`latent-hops {' '.join(argv)}` exited with {code}: " + " | ".join(last))
+        raise _failed(argv, code, tee.tail)
     return {
-        "shard": argv[argv.index("--shard") + 1] if "--shard" in argv else "",
+        "shard": _shard(argv),
         "seconds": round(time.time() - start, 1),
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -142,16 +150,13 @@ def _local(commands: list[list[str]], config: ExecutorConfig, progress) -> list[
             if done.returncode == 0:
                 progress()
                 return {
-                    "shard": argv[argv.index("--shard") + 1] if "--shard" in argv else "",
+                    "shard": _shard(argv),
                     "seconds": round(time.time() - start, 1),
                     "attempts": attempt + 1,
                 }
             if done.returncode == 2:
                 break
-        last = [line for line in done.stderr.splitlines() if line.strip()][-3:]
-        raise ShardFailed(
-            f"`latent-hops {' '.join(argv)}` exited with {done.returncode}: " + " | ".join(last)
-        )
+        raise _failed(argv, done.returncode, done.stderr)
 
     with ThreadPoolExecutor(config.workers) as pool:
         return list(pool.map(one, commands))
