@@ -117,22 +117,24 @@ def render_demo(run: Path) -> str:
     )
 
 
-def _probe_by_subset(run: Path) -> pd.DataFrame:
-    """Probe accuracy per subset x entity x position x layer, and its control's."""
-    probed = pd.read_parquet(run / "probe.parquet").merge(
+def _probed(run: Path) -> pd.DataFrame:
+    """The probe table with each case's subset."""
+    return pd.read_parquet(run / "probe.parquet").merge(
         pd.read_parquet(run / "evaluation.parquet")[["id", "subset"]], on="id"
     )
+
+
+def _probe_by_subset(probed: pd.DataFrame) -> pd.DataFrame:
+    """Probe accuracy per subset x entity x position x layer, and its control's."""
     return probed.groupby(["subset", "entity", "position", "layer"])[
         ["correct", "control_correct"]
     ].mean()
 
 
 def render_probe(run: Path) -> str:
-    acc = _probe_by_subset(run)
-    n = pd.read_parquet(run / "probe.parquet").merge(
-        pd.read_parquet(run / "evaluation.parquet")[["id", "subset"]], on="id"
-    )
-    counts = n.drop_duplicates("id").subset.value_counts()
+    probed = _probed(run)
+    acc = _probe_by_subset(probed)
+    counts = probed.drop_duplicates("id").subset.value_counts()
     last = int(acc.index.get_level_values("layer").max())
     e2_t2 = acc.xs(("e2", "t2"), level=("entity", "position"))["correct"]
     peak = int(e2_t2.xs("correct").idxmax())
@@ -170,7 +172,7 @@ def render_gpt2(run: Path) -> str:
     lens = resolution_layers(pd.read_parquet(run / "logit_lens.parquet"))
     lens["subset"] = lens.id.map(subset)
     by_2 = (lens.first_hop_layer <= 2).groupby(lens.subset).mean()
-    acc = _probe_by_subset(run).xs(("e2", "t1"), level=("entity", "position"))["correct"]
+    acc = _probe_by_subset(_probed(run)).xs(("e2", "t1"), level=("entity", "position"))["correct"]
     oracle = bp.oracle_rates(_labelled(run)[0])
     t1 = oracle.query("split == 'all' and subset == 'incorrect' and position == 't1'")
     t1 = t1.set_index("kind")
