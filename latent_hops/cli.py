@@ -101,6 +101,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", *backend.BACKENDS),
+        help="TransformerLens model class: hooked (HookedTransformer, TL 3.x), bridge "
+        "(TransformerBridge, TL 4); auto picks hooked on TL 3.x, bridge on TL 4 (default auto)",
+    )
+    parser.add_argument(
         "--n-devices",
         type=int,
         default=1,
@@ -250,6 +257,7 @@ class Session:
             dtype=args.dtype,
             max_context=args.max_context,
             n_devices=args.n_devices,
+            backend=args.backend,
         )
         dataset = (
             shipped_dataset_path(args.dataset)
@@ -259,6 +267,7 @@ class Session:
         self.identity = {
             "model": args.model,
             "weights_sha256": backend.weights_fingerprint(self.model),
+            "backend": backend.backend_of(self.model),
             "dataset": args.dataset,
             "dataset_sha256": file_hash(dataset),
             "latent_hops": _version(),

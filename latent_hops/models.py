@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from latent_hops import backend, gguf
+from latent_hops import backend as backend_module  # `backend` is also load_model's argument
 from latent_hops.errors import InputError
 
 TOY_SPEC = "toy"
@@ -101,8 +102,9 @@ def load_local_checkpoint(
     device: str,
     max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
     n_devices: int = 1,
+    backend_name: str = "hooked",
 ) -> backend.Model:
-    """A Hugging Face checkpoint directory, converted to TransformerLens."""
+    """A Hugging Face checkpoint directory, as a model of ``backend_name``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -113,10 +115,11 @@ def load_local_checkpoint(
         arch = (json.loads(config_file.read_text()).get("architectures") or ["<none>"])[0]
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
-    if arch not in backend.SUPPORTED_ARCHITECTURES:
+    supported = backend.supported_architectures(backend_name)
+    if arch not in supported:
         raise ModelLoadError(
-            f"{path}: architecture {arch!r} is not supported; supported: "
-            f"{', '.join(backend.SUPPORTED_ARCHITECTURES)}"
+            f"{path}: architecture {arch!r} is not supported by the {backend_name} backend; "
+            f"supported: {', '.join(supported)}"
         )
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor bar is noise for small local checkpoints
@@ -138,9 +141,17 @@ def load_local_checkpoint(
         if bars:
             hf_logging.enable_progress_bar()
     try:
-        return backend.hooked_from_hf(hf_model, tokenizer, dtype, device, max_context, n_devices)
+        return backend.from_hf(
+            backend_name, hf_model, tokenizer, dtype, device, max_context, n_devices
+        )
     except backend.UnsupportedArchitecture as err:
         raise ModelLoadError(f"{path}: {err}") from None
+    except (ValueError, NotImplementedError) as err:  # the bridge has no adapter for it
+        if backend_name != "bridge":
+            raise
+        raise ModelLoadError(
+            f"{path}: the bridge backend cannot wrap it ({_first_line(err)})"
+        ) from None
 
 
 def load_model(
@@ -149,9 +160,10 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
     n_devices: int = 1,
-) -> backend.Model:
-    """Load a model ready for analysis (the backend's model: a TransformerLens
-    ``HookedTransformer``).
+    backend: str = "auto",
+) -> backend_module.Model:
+    """Load a model ready for analysis: a TransformerLens ``HookedTransformer`` (backend
+    ``"hooked"``, TL 3.x) or ``TransformerBridge`` (``"bridge"``, TL 4; also in TL 3.9).
 
     Args:
         spec: ``"toy"``, ``"toy-gpt2"``, ``"smollm2-135m"``, a ``.gguf`` file, a local HF
@@ -162,9 +174,17 @@ def load_model(
         max_context: cap on the context length TransformerLens allocates for (its causal
             mask is n_ctx x n_ctx per layer); None keeps the model's own.
         n_devices: split the blocks over ``cuda:0 .. cuda:n_devices-1`` (TransformerLens'
-            ``n_devices``) for models too big for one GPU.
+            ``n_devices``) for models too big for one GPU (hooked backend only).
+        backend: ``"auto"`` (hooked on TransformerLens 3.x, bridge on 4.x), ``"hooked"`` or
+            ``"bridge"``. Both give the same results (tests check it); see the README.
     """
-    model = _load(str(spec), _resolve_dtype(dtype), _resolve_device(device), max_context, n_devices)
+    try:
+        name = backend_module.resolve_backend(backend)
+    except InputError as err:
+        raise ModelLoadError(str(err)) from None
+    model = _load(
+        str(spec), _resolve_dtype(dtype), _resolve_device(device), max_context, n_devices, name
+    )
     model.__dict__["latent_hops_spec"] = str(
         spec
     )  # what made it, for provenance (backend.model_spec)
@@ -172,7 +192,12 @@ def load_model(
 
 
 def _load(
-    spec: str, dtype_: torch.dtype, device_: str, max_context: int | None, n_devices: int
+    spec: str,
+    dtype_: torch.dtype,
+    device_: str,
+    max_context: int | None,
+    n_devices: int,
+    backend_name: str,
 ) -> backend.Model:
     if (
         n_devices < 1
@@ -186,23 +211,28 @@ def _load(
     spec = str(spec)
     if spec in TOY_CHECKPOINTS:
         return load_local_checkpoint(
-            toy_checkpoint_dir(spec), dtype_, device_, max_context, n_devices
+            toy_checkpoint_dir(spec), dtype_, device_, max_context, n_devices, backend_name
         )
     path = Path(spec).expanduser()
     if spec in gguf.PACKAGED_MODELS or path.suffix == ".gguf":
         try:
             gguf_file = gguf.packaged_gguf(spec) if spec in gguf.PACKAGED_MODELS else path
             return load_local_checkpoint(
-                gguf.converted_checkpoint(gguf_file), dtype_, device_, max_context, n_devices
+                gguf.converted_checkpoint(gguf_file),
+                dtype_,
+                device_,
+                max_context,
+                n_devices,
+                backend_name,
             )
         except gguf.GGUFError as err:
             raise ModelLoadError(str(err)) from None
     if path.is_dir():
-        return load_local_checkpoint(path, dtype_, device_, max_context, n_devices)
+        return load_local_checkpoint(path, dtype_, device_, max_context, n_devices, backend_name)
     if path.exists() or _looks_like_path(spec):
         raise ModelLoadError(f"{spec!r} is not a checkpoint directory (no such directory)")
-    names = backend.official_model_names()
-    if spec.lower() not in {n.lower() for n in names}:
+    names = backend.known_model_names(backend_name)
+    if names is not None and spec.lower() not in {n.lower() for n in names}:
         raise ModelLoadError(
             f"{spec!r} is neither a shipped model "
             f"({', '.join([*TOY_CHECKPOINTS, *gguf.PACKAGED_MODELS])}), "
@@ -210,7 +240,7 @@ def _load(
             f"(e.g. 'gpt2', 'meta-llama/Llama-2-7b-hf'; {len(names)} names are known)"
         )
     try:
-        return backend.hooked_from_pretrained(spec, dtype_, device_, n_devices)
+        return backend.from_pretrained(backend_name, spec, dtype_, device_, n_devices)
     except OSError as err:  # transformers raises OSError when the hub cannot be reached
         raise ModelLoadError(
             f"could not download {spec!r} from the Hugging Face hub ({err.__class__.__name__}); "

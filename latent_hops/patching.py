@@ -82,9 +82,10 @@ def generate_with_patches(
 ) -> None:
     """Greedy generation for many single-position patches of one prompt batch, fast.
 
-    The batch's clean forward is walked block by block with a KV cache; at each layer l the
-    rows patching l are written into the clean residual (``write_positions``) and resumed
-    from block l + 1, so layers <= l are never recomputed (their keys/values are shared).
+    The batch's clean forward is walked block by block; at each layer l the rows patching l
+    are written into the clean residual (``write_positions``) and resumed from block l + 1.
+    On the hooked backend layers <= l are never recomputed (their keys/values are shared);
+    the bridge reruns them (``backend.bridge``).
     ``values(chunk)`` gives the patch vectors, ``on_output(chunk, out)`` takes the results;
     decoding is greedy unless a ``sampler`` is given. ``keep(chunk, first_logits)`` screens
     rows after the prompt pass (``backend.greedy_from_layer``).
@@ -94,11 +95,9 @@ def generate_with_patches(
     by_layer: dict[int, list[PatchRow]] = {layer: [] for layer in layers}
     for r in rows:
         by_layer[r.layer].append(r)
-    cache = backend.new_kv_cache(model, tokens.shape[0])
-    resid = backend.embed(model, tokens, attention_mask)
+    state = backend.start_prompt(model, tokens, attention_mask, max(layers))
     for layer in range(EMBEDDINGS, max(layers) + 1):
-        if layer >= 0:
-            resid = backend.run_block(model, resid, layer, attention_mask, cache)
+        resid = backend.advance(model, state, layer)
         todo = by_layer.get(layer, [])
         for start in range(0, len(todo), max_rows):
             chunk = todo[start : start + max_rows]
@@ -106,11 +105,11 @@ def generate_with_patches(
             cols = torch.tensor([r.position for r in chunk], device=resid.device)
             patched = write_positions(resid[base].clone(), cols, values(chunk))
             mask = attention_mask[base]
-            sub_cache = backend.select_cache(cache, base, layer + 1, mask)
+            prefix = backend.select_prefix(model, state, base, layer + 1, mask)
             screen = None if keep is None else (lambda logits, chunk=chunk: keep(chunk, logits))
             on_output(
                 chunk,
                 backend.greedy_from_layer(
-                    model, patched, layer + 1, mask, sub_cache, max_new_tokens, sampler, screen
+                    model, patched, layer + 1, mask, prefix, max_new_tokens, sampler, screen
                 ),
             )

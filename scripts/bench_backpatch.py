@@ -8,6 +8,12 @@
     python scripts/bench_backpatch.py --random llama-7b --dtype bfloat16 --device cuda \
         --layers every:4
 
+``--backend hooked,bridge`` times the fast engine on each TransformerLens backend, side by
+side on the same cells (alternating, best of ``--repeats``), checks that their generations are
+identical and prints the bridge / hooked time ratio; the naive reference runs on the first.
+
+    python scripts/bench_backpatch.py --backend hooked,bridge --threads 1
+
 ``--random SHAPE`` times a randomly initialised model of a published shape (built on the
 device, no download; the toy dataset and tokenizer supply the prompts): generations are
 meaningless, cells/s and memory are not.
@@ -65,14 +71,14 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, device: str | None, dtype: str | None):
+def random_model(shape: str, device: str | None, dtype: str | None, backend_name: str):
     hf_config = LlamaConfig(**SHAPES[shape], architectures=["LlamaForCausalLM"])
     tokenizer = AutoTokenizer.from_pretrained(toy_checkpoint_dir("toy"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_ = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         dtype or "float32", torch.float32
     )
-    return backend.random_model(hf_config, tokenizer, dtype_, device)
+    return backend.random_model(hf_config, tokenizer, dtype_, device, backend=backend_name)
 
 
 def peak_rss_mb() -> float:
@@ -89,6 +95,31 @@ def timed(fn, model, cases, config):
         torch.cuda.synchronize()
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return result, time.perf_counter() - start, gpu
+
+
+def compare_backends(models: dict, table, config: BackpatchConfig, repeats: int) -> None:
+    """The fast engine on each backend, alternating, best of ``repeats``; generations must
+    be identical across backends."""
+    cases = {name: prepare_cases(m, table, config)[0] for name, m in models.items()}
+    for name, m in models.items():
+        sweep(m, cases[name][:1], config)  # warm-up
+    best: dict[str, float] = {}
+    results = {}
+    for _ in range(repeats):
+        for name, m in models.items():
+            results[name], seconds, _ = timed(sweep, m, cases[name], config)
+            best[name] = min(best.get(name, float("inf")), seconds)
+    first, *others = models
+    n = len(results[first])
+    for name in others:
+        same = int((results[name].generation.values == results[first].generation.values).sum())
+        print(
+            f"backend {name}: {best[name]:.2f}s vs {first}: {best[first]:.2f}s (best of "
+            f"{repeats}) -> ratio {best[name] / best[first]:.2f}x; identical generations "
+            f"{same}/{n}"
+        )
+        if same < n:
+            raise SystemExit(f"{name} and {first} generations differ in {n - same} of {n} rows")
 
 
 def main() -> None:
@@ -116,6 +147,17 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument(
+        "--backend",
+        default="auto",
+        help="auto, hooked, bridge, or a list (hooked,bridge) to time side by side",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="timings per backend (best)")
+    parser.add_argument(
+        "--no-naive",
+        action="store_true",
+        help="time the fast engine only (best of --repeats), e.g. to compare environments",
+    )
+    parser.add_argument(
         "--memory-budget-mb",
         type=float,
         default=None,
@@ -124,11 +166,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    names = [backend.resolve_backend(b) for b in args.backend.split(",")]
+    models = {}
+    for name in names:
+        if args.random:
+            models[name] = random_model(args.random, args.device, args.dtype, name)
+        else:
+            models[name] = load_model(
+                args.model, device=args.device, dtype=args.dtype, backend=name
+            )
     if args.random:
-        model = random_model(args.random, args.device, args.dtype)
         args.model, args.dataset = f"random {args.random}", "toy"
-    else:
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = models[names[0]]
     table = load_dataset(args.dataset)
     split = args.split or ("test_id" if args.dataset == "toy" else None)
     if split:
@@ -146,11 +195,20 @@ def main() -> None:
     sweep(model, cases[:1], config)  # warm-up
     fast, t_fast, gpu_fast = timed(sweep, model, cases, config)
     rss_fast = peak_rss_mb()
+    if args.no_naive:
+        for _ in range(args.repeats - 1):
+            t_fast = min(t_fast, timed(sweep, model, cases, config)[1])
+        print(
+            f"{backend.backend_of(model)} backend, {len(fast)} patched generations: fast engine "
+            f"{t_fast:.2f}s (best of {args.repeats}), {len(fast) / t_fast:.1f} cells/s"
+        )
+        return
     naive, t_naive, gpu_naive = timed(sweep_naive, model, cases, config)
     same_rows = int((fast.generation.values == naive.generation.values).sum())
     n = len(fast)
     print(
-        f"model {args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
+        f"model {args.model} ({backend.backend_of(model)} backend): "
+        f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
         f"{model.cfg.device}, "
         f"{model.cfg.dtype}, torch threads {torch.get_num_threads()}"
     )
@@ -172,6 +230,8 @@ def main() -> None:
         f"{peak_rss_mb():.0f} MB "
         f"(after the fast engine: {rss_fast:.0f} MB)"
     )
+    if len(names) > 1:
+        compare_backends(models, table.iloc[: args.cases], config, args.repeats)
     if same_rows < n:
         # fp32 must match exactly; bf16/fp16 kernels round differently at different batch sizes, and
         # a random model's near-flat logits turn that into different greedy tokens

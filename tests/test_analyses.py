@@ -96,7 +96,7 @@ def test_knockout_with_no_edges_changes_nothing(tiny_llama):
     clean = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10)
     none = torch.zeros((len(QUERIES),) + (tok.tokens.shape[1],) * 2, dtype=torch.bool)
     knocked = greedy_generate(tiny_llama, tok.tokens, tok.attention_mask, 10,
-                              block_attention(range(tiny_llama.cfg.n_layers), none))
+                              block_attention(tiny_llama, range(tiny_llama.cfg.n_layers), none))
     assert torch.equal(clean.tokens, knocked.tokens)
     torch.testing.assert_close(clean.first_logits, knocked.first_logits)
 
@@ -107,7 +107,7 @@ def test_knockout_blocks_exactly_the_edges(tiny_llama, llama_cases):
     queries, keys = edges(case, "last_to_t1")
     mask = torch.zeros((1,) + (tok.tokens.shape[1],) * 2, dtype=torch.bool)
     mask[0, queries, keys] = True
-    with tiny_llama.hooks(fwd_hooks=block_attention([1], mask)):
+    with tiny_llama.hooks(fwd_hooks=block_attention(tiny_llama, [1], mask)):
         _, cache = tiny_llama.run_with_cache(tok.tokens)
     pattern = cache["blocks.1.attn.hook_pattern"][0]  # [head, q, k]
     assert torch.all(pattern[:, queries[0], keys[0]] == 0)

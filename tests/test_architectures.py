@@ -14,7 +14,7 @@ from conftest import bpe_tokenizer
 from test_positions import QUERIES
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from latent_hops import load_model
+from latent_hops import backend, load_model
 from latent_hops.analyses.backpatch import (
     BackpatchConfig,
     all_cells,
@@ -77,15 +77,24 @@ def save_family(model_type: str, path, **overrides):
     return path
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+HOOKED = backend.hooked_available()
+BACKENDS = ["hooked", "bridge"] if HOOKED else ["bridge"]
+
+
+@pytest.fixture(scope="module", params=[(f, b) for f in FAMILIES for b in BACKENDS], ids="-".join)
 def family(request, tmp_path_factory):
-    path = save_family(request.param, tmp_path_factory.mktemp(request.param))
+    """Every family on every backend available (the bridge wraps the HF model in place, so
+    the HF reference is its own instance)."""
+    name, backend_name = request.param
+    path = save_family(name, tmp_path_factory.mktemp(name))
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
-    return request.param, hf, load_model(path, device="cpu")
+    return name, hf, load_model(path, device="cpu", backend=backend_name)
 
 
 def test_config_is_read_from_config_json(family):
     name, hf, model = family
+    if backend.backend_of(model) == "bridge":
+        pytest.skip("the hooked backend's own config (the bridge reads HF's)")
     assert model.cfg.original_architecture == FAMILIES[name][0]
     for field, value in FAMILIES[name][2].items():
         assert getattr(model.cfg, field) == value, field
@@ -134,12 +143,14 @@ def test_fast_backpatch_engine_equals_naive(family):
     ("llama", dict(attention_bias=True), "attention_bias"),
     ("llama", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "RoPE type 'yarn'"),
 ])
+@pytest.mark.skipif(not HOOKED, reason="the hooked backend needs TransformerLens 3.x")
 def test_what_transformer_lens_cannot_express_is_refused(tmp_path, model_type, options, message):
     path = save_family(model_type, tmp_path / model_type, **options)
     with pytest.raises(ModelLoadError, match=message):
-        load_model(path, device="cpu")
+        load_model(path, device="cpu", backend="hooked")
 
 
+@pytest.mark.skipif(not HOOKED, reason="the hooked backend's n_ctx (the bridge leaves context to HF)")
 def test_long_contexts_are_capped_and_can_be_raised(tmp_path):
     path = save_family("llama", tmp_path / "long", max_position_embeddings=131072)
     assert load_model(path, device="cpu").cfg.n_ctx == 4096

@@ -120,7 +120,7 @@ def attention_knockout(
                     tok.tokens,
                     tok.attention_mask,
                     config.max_new_tokens,
-                    backend.block_attention(window, mask),
+                    backend.block_attention(model, window, mask),
                 )
                 lp = out.first_logits.log_softmax(-1)
                 for qi, case in enumerate(batch):

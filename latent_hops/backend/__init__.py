@@ -1,17 +1,15 @@
-"""Everything that depends on the TransformerLens version lives here, and only here.
+"""Everything that depends on TransformerLens lives here, and only here.
 
-latent_hops targets TransformerLens 3.x (``HookedTransformer``). TL 4 replaced it with
-``TransformerBridge`` (and, measured with transformers 5.24, its KV-cached generation was
-silently wrong and ``start_at_layer`` saved no compute), so a TL 4 backend must re-implement
-the functions of this module, and nothing else: the analyses talk to the model only through
-the TransformerLens surface (``cfg``, ``to_tokens``, ``run_with_hooks``, ``run_with_cache``,
-``hooks()``, ``blocks``, ``ln_final``, ``unembed``) and the functions below.
+Two backends implement the same functions (``hooked``: TL 3.x ``HookedTransformer``;
+``bridge``: TL 4's ``TransformerBridge``, also in TL 3.9), chosen by ``load_model(backend=)``.
+The analyses talk to the model only through the functions of this module; what is common
+(sites and hook names, reading and editing them) is written here once, what differs is
+dispatched on the model's type to ``hooked`` or ``bridge``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,12 +17,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float, Int
 
+from latent_hops.backend import bridge, hooked
 from latent_hops.backend.architectures import (  # noqa: F401 -- UnsupportedArchitecture is re-exported
     DEFAULT_MAX_CONTEXT,
     FAMILIES,
     UnsupportedArchitecture,
     family,
     tl_config_fields,
+)
+from latent_hops.backend.decoding import (  # noqa: F401 -- re-exported
+    GreedyOutput,
+    Sampler,
+    tokenizer_adds_bos,
+    tokenizer_of,
 )
 from latent_hops.errors import InputError
 
@@ -33,16 +38,12 @@ SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 # TransformerLens is imported where a model is built or run, not at import time: the CLI's
 # parser (`latent-hops --help`) needs the analyses' configs, not TransformerLens
 if TYPE_CHECKING:
-    from transformer_lens import (
-        HookedTransformer,
-        HookedTransformerConfig,
-        TransformerLensKeyValueCache,
-    )
+    from transformer_lens import HookedTransformer
 
-    Model = HookedTransformer
+    Model = HookedTransformer  # or a TransformerBridge: the same surface, as far as we use it
 else:
     Model = Any
-"""What the analyses hold: the model as this backend represents it."""
+"""What the analyses hold: the model as its backend represents it."""
 
 # ---------------------------------------------------------------------------- sites
 
@@ -118,6 +119,18 @@ def context_length(model: Model) -> int:
     return model.cfg.n_ctx
 
 
+def architecture(model: Model) -> str:
+    """The Hugging Face architecture the model was built from (``"LlamaForCausalLM"``)."""
+    if bridge.is_bridge(model):
+        return bridge.architecture(model)
+    return model.cfg.original_architecture or ""
+
+
+def supported_architectures(backend: str) -> tuple[str, ...]:
+    """Hugging Face architectures ``backend`` can load."""
+    return bridge.supported_architectures() if backend == "bridge" else SUPPORTED_ARCHITECTURES
+
+
 def model_spec(model: Model) -> str:
     """The spec ``load_model`` was given (``"toy"``, a path, a name), or the model's name."""
     return getattr(model, "latent_hops_spec", None) or model.cfg.model_name
@@ -158,16 +171,20 @@ def read_sites(
     pos = positions.to(tokens.device)
     found: dict[str, torch.Tensor] = {}
 
-    def read(act: torch.Tensor, hook) -> None:
+    def reader(name: str) -> Callable:
+        # keyed by the name asked for (the bridge's hook.name is its own, not the alias);
         # gathered on the tokens' device: blocks may live on other GPUs (n_devices > 1)
-        found[hook.name] = act[rows.to(act.device), pos.to(act.device)].to(tokens.device)
+        def read(act: torch.Tensor, hook) -> None:
+            found[name] = act[rows.to(act.device), pos.to(act.device)].to(tokens.device)
+
+        return read
 
     names = [hook_name(site) for site in sites]
     model.run_with_hooks(
         tokens,
         attention_mask=attention_mask,
         return_type=None,
-        fwd_hooks=[(name, read) for name in dict.fromkeys(names)],
+        fwd_hooks=[(name, reader(name)) for name in dict.fromkeys(names)],
     )
     return torch.stack([found[name] for name in names], dim=2)
 
@@ -186,16 +203,19 @@ def read_attention(
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     found: dict[str, torch.Tensor] = {}
 
-    def read(pattern: torch.Tensor, hook) -> None:  # [batch, head, query, key]
-        r, q, k = (t.to(pattern.device) for t in (rows, queries, keys))
-        found[hook.name] = pattern[r, :, q, k].float().to(tokens.device)
+    def reader(name: str) -> Callable:  # keyed by the name asked for (see read_sites)
+        def read(pattern: torch.Tensor, hook) -> None:  # [batch, head, query, key]
+            r, q, k = (t.to(pattern.device) for t in (rows, queries, keys))
+            found[name] = pattern[r, :, q, k].float().to(tokens.device)
+
+        return read
 
     names = [hook_name(Site("attn_pattern", layer)) for layer in check_layers(model, layers)]
     model.run_with_hooks(
         tokens,
         attention_mask=attention_mask,
         return_type=None,
-        fwd_hooks=[(name, read) for name in names],
+        fwd_hooks=[(name, reader(name)) for name in names],
     )
     return torch.stack([found[name] for name in names], dim=1)
 
@@ -206,14 +226,20 @@ def write_hook(layer: int, write: Callable[[torch.Tensor], torch.Tensor]) -> tup
 
 
 def block_attention(
-    layers: Sequence[int], mask: Bool[torch.Tensor, "batch query key"]
+    model: Model, layers: Sequence[int], mask: Bool[torch.Tensor, "batch query key"]
 ) -> list[tuple[str, Callable]]:
     """An edit blocking attention where ``mask[b, q, k]``: pre-softmax scores set to -inf in
-    every head of ``layers`` (attention knockout)."""
+    every head of ``layers`` (attention knockout). Refused (InputError) on a model whose
+    attention scores cannot be edited (some architectures on the bridge backend)."""
+    if bridge.is_bridge(model):
+        bridge.check_attention_edits(model)
 
     def hook(scores: torch.Tensor, hook) -> torch.Tensor:
+        # prompt positions only: a decoding loop without a KV cache reruns longer sequences
         q, k = scores.shape[-2:]
-        return scores.masked_fill(mask[:, None, :q, :k], float("-inf"))
+        edges = mask[:, :q, :k].to(scores.device)
+        edges = torch.nn.functional.pad(edges, (0, k - edges.shape[-1], 0, q - edges.shape[-2]))
+        return scores.masked_fill(edges[:, None], float("-inf"))
 
     return [(hook_name(Site("attn_scores", layer)), hook) for layer in layers]
 
@@ -232,117 +258,167 @@ def bytes_per_patched_row(model: Model, seq_len: int, new_tokens: int) -> int:
     return per_row * torch.finfo(cfg.dtype).bits // 8
 
 
-def tl_config_from_hf(
-    hf_config: Any,
-    dtype: torch.dtype,
-    device: str,
-    max_context: int | None = DEFAULT_MAX_CONTEXT,
-    **overrides: Any,
-) -> HookedTransformerConfig:
-    """TransformerLens config for a Hugging Face config, read from the config itself (see
-    ``architectures``); ``n_ctx`` is capped at ``max_context`` (None: the model's own)."""
-    fields = dict(
-        init_weights=False,
-        model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0],
-    )
-    from transformer_lens import HookedTransformerConfig
+# ---------------------------------------------------------------------------- backends
 
-    return HookedTransformerConfig(
-        **tl_config_fields(hf_config, max_context),
-        dtype=dtype,
-        device=device,
-        **{**fields, **overrides},
-    )
+BACKENDS = ("hooked", "bridge")
 
 
-def tokenizer_of(model: HookedTransformer) -> Any:
-    """The model's Hugging Face tokenizer (every model ``load_model`` returns has one)."""
-    if model.tokenizer is None:
-        raise InputError("this model has no tokenizer; latent_hops needs the model's own tokenizer")
-    return model.tokenizer
+def backend_of(model: Model) -> str:
+    """``"bridge"`` for a TransformerBridge, else ``"hooked"``."""
+    return "bridge" if bridge.is_bridge(model) else "hooked"
 
 
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether the Hugging Face tokenizer itself starts its encodings with the BOS token."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+def _impl(model: Model) -> Any:
+    return bridge if bridge.is_bridge(model) else hooked
 
 
-def hooked_from_hf(
+def transformer_lens_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer_lens")
+
+
+def hooked_available() -> bool:
+    """Whether this TransformerLens has ``HookedTransformer`` (3.x; TL 4 removed it)."""
+    return int(transformer_lens_version().split(".")[0]) < 4
+
+
+def resolve_backend(name: str) -> str:
+    """``"auto"`` -> ``"hooked"`` on TransformerLens 3.x, ``"bridge"`` on 4.x; a name is
+    checked against what the installed TransformerLens offers."""
+    if name not in ("auto", *BACKENDS):
+        raise InputError(f"unknown backend {name!r}; use auto, {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "hooked" if hooked_available() else "bridge"
+    if name == "hooked" and not hooked_available():
+        raise InputError(
+            f"the hooked backend needs TransformerLens 3.x (HookedTransformer); this is "
+            f"TransformerLens {transformer_lens_version()}: use backend='bridge' (or 'auto')"
+        )
+    return name
+
+
+def from_hf(
+    backend: str,
     hf_model: Any,
     tokenizer: Any,
     dtype: torch.dtype,
     device: str,
     max_context: int | None = DEFAULT_MAX_CONTEXT,
     n_devices: int = 1,
-) -> HookedTransformer:
-    """Convert a loaded HF causal LM with TransformerLens' own weight converters.
-
-    No weight processing (no LayerNorm folding or centering): hidden states are the HF
-    model's own, as in the paper's code, and logits match the HF model. BOS follows the
-    tokenizer's own convention (TL prepends one by default, which for SmolLM2 drops
-    first-hop accuracy from 45% to 4%): tokens equal what the HF tokenizer gives.
-    """
-    cfg = tl_config_from_hf(hf_model.config, dtype, device, max_context)
-    cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
-    cfg.n_devices = n_devices
-    state_dict = family(cfg.original_architecture or "").convert(hf_model, cfg)
-    with warnings.catch_warnings():
-        # TL 3.9 warns at construction that HookedTransformer is deprecated in favour of
-        # TL 4's TransformerBridge; we pin TL 3 on purpose (see this module's docstring).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from transformer_lens import HookedTransformer
-
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
-    if n_devices > 1:  # blocks split evenly over cuda:0..n_devices-1 (TL's own placement)
-        model.move_model_modules_to_device()
-        return model.eval()
-    return model.to(device, print_details=False).eval()
+) -> Model:
+    """A loaded HF causal LM as a model of ``backend`` (``"hooked"`` or ``"bridge"``)."""
+    if backend == "bridge":
+        return bridge.bridge_from_hf(hf_model, tokenizer, dtype, device, n_devices)
+    return hooked.hooked_from_hf(hf_model, tokenizer, dtype, device, max_context, n_devices)
 
 
-def hooked_from_pretrained(
-    name: str, dtype: torch.dtype, device: str, n_devices: int = 1
-) -> HookedTransformer:
-    """A TransformerLens model by its official name, downloaded from the Hugging Face hub."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
-        from transformer_lens import HookedTransformer
-
-        return HookedTransformer.from_pretrained_no_processing(
-            name, dtype=dtype, device=device, n_devices=n_devices
-        ).eval()
+def from_pretrained(backend: str, name: str, dtype: torch.dtype, device: str, n_devices: int = 1):
+    """A model by name, downloaded: a TransformerLens name (hooked) or a hub name (bridge)."""
+    if backend == "bridge":
+        return bridge.bridge_from_pretrained(name, dtype, device, n_devices)
+    return hooked.hooked_from_pretrained(name, dtype, device, n_devices)
 
 
-def official_model_names() -> list[str]:
-    """Names (and aliases) that ``HookedTransformer.from_pretrained`` accepts."""
-    from transformer_lens.loading_from_pretrained import make_model_alias_map
-
-    return sorted(make_model_alias_map())
+def known_model_names(backend: str) -> list[str] | None:
+    """Names ``from_pretrained`` accepts (None: any hub name, as on the bridge)."""
+    return None if backend == "bridge" else hooked.official_model_names()
 
 
 def random_model(
-    hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0
-) -> HookedTransformer:
+    hf_config: Any,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+    backend: str = "hooked",
+) -> Model:
     """A randomly initialised model of an HF config's shape, built directly on ``device``
     (e.g. a 7B-shaped Llama in bf16 on a GPU, to time the engine without downloading weights)."""
-    cfg = tl_config_from_hf(
-        hf_config, dtype, device, seed=seed, init_weights=True, model_name="random"
-    )
-    cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
-    with warnings.catch_warnings(), torch.device(device):
-        warnings.simplefilter("ignore", DeprecationWarning)  # see hooked_from_hf
-        from transformer_lens import HookedTransformer
+    impl = bridge if backend == "bridge" else hooked
+    return impl.random_model(hf_config, tokenizer, dtype, device, seed)
 
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    return model.eval()
+
+def project_to_vocab(
+    model: Model, acts: Float[torch.Tensor, "... d_model"]
+) -> Float[torch.Tensor, "... vocab"]:
+    """Log-probabilities of ``acts`` read through the final norm and the unembedding (the
+    logit lens), in float32 whatever the model's dtype, with the final soft-cap (Gemma 2)."""
+    return _impl(model).project_to_vocab(model, acts)
+
+
+def last_logits(
+    model: Model, input: torch.Tensor, **kwargs: Any
+) -> Float[torch.Tensor, "batch vocab"]:
+    """The model's logits at the last position only (``model(input, **kwargs)[:, -1]``),
+    without unembedding every position (a 256k vocabulary would fill gigabytes)."""
+    return _impl(model).last_logits(model, input, **kwargs)
+
+
+def greedy_generate(
+    model: Model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    max_new_tokens: int = 10,
+    prompt_hooks: Sequence[tuple[str, Callable]] = (),
+    use_kv_cache: bool = True,
+) -> GreedyOutput:
+    """Greedy decoding of left-padded prompts, stopping each row at EOS.
+
+    ``prompt_hooks`` are active on the prompt pass only: with the KV cache they run once
+    on the prompt; without it (the exact reference loop) they run on every full forward,
+    and must touch prompt positions only, which left padding keeps fixed.
+    """
+    return _impl(model).greedy_generate(
+        model, tokens, attention_mask, max_new_tokens, prompt_hooks, use_kv_cache
+    )
+
+
+# ---------------------------------------------------------------------------- resuming from a layer
+# The fast back-patching engine (``patching.generate_with_patches``) walks a clean prompt
+# pass layer by layer (``start_prompt``, ``advance``) and finishes patched rows from the
+# layer after the patch (``select_prefix``, ``greedy_from_layer``). The hooked backend
+# shares the lower layers' keys/values; the bridge reruns them (see ``bridge``).
+
+
+def start_prompt(
+    model: Model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    last_layer: int,
+) -> Any:
+    """A clean pass of ``tokens`` to walk with ``advance`` up to ``last_layer``."""
+    return _impl(model).start_prompt(model, tokens, attention_mask, last_layer)
+
+
+def advance(model: Model, state: Any, layer: int) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The clean hidden state of ``layer``; layers are visited in order -1, 0, 1, ..."""
+    return _impl(model).advance(model, state, layer)
+
+
+def select_prefix(
+    model: Model, state: Any, rows: torch.Tensor, n_layers: int, attention_mask: torch.Tensor
+) -> Any:
+    """What ``rows`` of the prompt batch need to resume after their first ``n_layers`` layers."""
+    return _impl(model).select_prefix(model, state, rows, n_layers, attention_mask)
+
+
+def greedy_from_layer(
+    model: Model,
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    start_layer: int,
+    attention_mask: Int[torch.Tensor, "batch pos"],
+    prefix: Any,
+    max_new_tokens: int = 10,
+    sampler: Sampler | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> GreedyOutput:
+    """Finish a prompt pass from block ``start_layer`` on (``resid`` enters it), then decode
+    (greedy unless ``sampler``). ``keep(first_logits) -> bool[batch]`` screens rows after
+    the prompt pass: only kept rows are decoded, the others get padding only."""
+    return _impl(model).greedy_from_layer(
+        model, resid, start_layer, attention_mask, prefix, max_new_tokens, sampler, keep
+    )
 
 
 @torch.no_grad()
@@ -366,243 +442,3 @@ def free_memory_mb(device: str | torch.device) -> float | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return free / 2**20
-
-
-@torch.no_grad()
-def project_to_vocab(
-    model: HookedTransformer, acts: Float[torch.Tensor, "... d_model"]
-) -> Float[torch.Tensor, "... vocab"]:
-    """Log-probabilities of ``acts`` read through the final norm and the unembedding (the
-    logit lens). The unembedding runs in float32 whatever the model's dtype, so ranks and
-    log-probs of a bf16/fp16 model are not rounded to 8/11 bits over a large vocabulary;
-    Gemma 2's final logit soft-capping is applied as in the forward pass."""
-    shape = acts.shape[:-1]
-    flat = acts.reshape(-1, 1, acts.shape[-1]).to(model.cfg.dtype)
-    return _unembed(model, flat, fp32=True)[:, 0].log_softmax(-1).reshape(*shape, -1)
-
-
-def _unembed(model: HookedTransformer, resid: torch.Tensor, fp32: bool = False) -> torch.Tensor:
-    """Final norm, unembedding (in float32 if ``fp32``) and final soft-cap: what the forward
-    pass does after the last block, for the residual vectors given."""
-    normed = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    logits = (
-        normed.float() @ model.W_U.float() + model.b_U.float() if fp32 else model.unembed(normed)
-    )
-    cap = model.cfg.output_logits_soft_cap
-    return cap * torch.tanh(logits / cap) if cap and cap > 0 else logits
-
-
-# ---------------------------------------------------------------------------- generation
-
-HookList = list[tuple[str, Callable]]
-
-
-@dataclass
-class GreedyOutput:
-    """Greedy continuation of a batch: new token ids (``pad_id`` after EOS) and first-step
-    logits."""
-
-    tokens: Int[torch.Tensor, "batch new"]
-    first_logits: Float[torch.Tensor, "batch vocab"]
-
-
-class Sampler:
-    """Seeded sampling at a temperature, to use instead of greedy decoding."""
-
-    def __init__(self, seed: int, temperature: float = 1.0):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.seed, self.temperature = seed, temperature
-        self.generator: torch.Generator | None = None
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.generator is None or self.generator.device != logits.device:
-            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
-        probs = (logits.float() / self.temperature).softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
-
-
-def last_logits(
-    model: HookedTransformer, input: torch.Tensor, **kwargs: Any
-) -> Float[torch.Tensor, "batch vocab"]:
-    """The model's logits at the last position only (``model(input, **kwargs)[:, -1]``).
-
-    TransformerLens unembeds every position; for a 256k vocabulary (Gemma) the prompt pass
-    of a batch of 128 would fill gigabytes with logits nobody reads. The blocks run as
-    usual (hooks, KV cache); the final norm, unembedding and soft-cap run on one position."""
-    resid = model(input, stop_at_layer=model.cfg.n_layers, **kwargs)[:, -1:]
-    return _unembed(model, resid)[:, 0]
-
-
-def _pad_id(model: HookedTransformer) -> int:
-    """What fills generated positions after EOS (the pad token, else EOS)."""
-    pad = tokenizer_of(model).pad_token_id
-    return tokenizer_of(model).eos_token_id if pad is None else pad
-
-
-def _greedy_loop(
-    model: HookedTransformer,
-    logits: torch.Tensor,
-    step: Callable,
-    max_new_tokens: int,
-    choose: Callable = _argmax,
-) -> GreedyOutput:
-    """Decoding from the prompt pass's last logits (greedy unless ``choose`` samples);
-    ``step(next_ids)`` gives the next logits."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos, pad = tokenizer_of(model).eos_token_id, _pad_id(model)
-    batch, device = logits.shape[0], logits.device
-    first_logits = logits.float()
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
-    for i in range(max_new_tokens):
-        nxt = choose(logits)
-        out[:, i] = torch.where(finished, pad, nxt)
-        finished |= nxt == eos
-        if i + 1 == max_new_tokens or bool(finished.all()):
-            break
-        logits = step(nxt)
-    return GreedyOutput(out, first_logits)
-
-
-def _cached_step(model: HookedTransformer, cache: TransformerLensKeyValueCache) -> Callable:
-    def step(nxt: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones((nxt.shape[0], 1), dtype=torch.long, device=nxt.device)
-        return last_logits(model, nxt[:, None], attention_mask=ones, past_kv_cache=cache)
-
-    return step
-
-
-@torch.no_grad()
-def greedy_generate(
-    model: HookedTransformer,
-    tokens: Int[torch.Tensor, "batch pos"],
-    attention_mask: Int[torch.Tensor, "batch pos"],
-    max_new_tokens: int = 10,
-    prompt_hooks: Sequence[tuple[str, Callable]] = (),
-    use_kv_cache: bool = True,
-) -> GreedyOutput:
-    """Greedy decoding of left-padded prompts, stopping each row at EOS.
-
-    ``prompt_hooks`` are active on the prompt pass only: with the KV cache they run once
-    on the prompt; without it (the exact reference loop) they run on every full forward,
-    and must touch prompt positions only, which left padding keeps fixed.
-    """
-    hooks: list[Any] = list(prompt_hooks)
-    if use_kv_cache:
-        cache = new_kv_cache(model, tokens.shape[0])
-        with model.hooks(fwd_hooks=hooks):
-            logits = last_logits(model, tokens, attention_mask=attention_mask, past_kv_cache=cache)
-        return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens)
-    seq = [tokens, attention_mask]
-
-    def step(nxt: torch.Tensor) -> torch.Tensor:
-        seq[0] = torch.cat([seq[0], nxt[:, None]], 1)
-        seq[1] = torch.cat([seq[1], torch.ones_like(nxt[:, None])], 1)
-        with model.hooks(fwd_hooks=hooks):
-            return last_logits(model, seq[0], attention_mask=seq[1])
-
-    with model.hooks(fwd_hooks=hooks):
-        logits = last_logits(model, tokens, attention_mask=attention_mask)
-    return _greedy_loop(model, logits, step, max_new_tokens)
-
-
-# ---------------------------------------------------------------------------- resuming from a layer
-
-
-def new_kv_cache(model: HookedTransformer, batch: int) -> TransformerLensKeyValueCache:
-    from transformer_lens import TransformerLensKeyValueCache
-
-    return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
-
-
-@torch.no_grad()
-def embed(
-    model: HookedTransformer,
-    tokens: Int[torch.Tensor, "batch pos"],
-    attention_mask: Int[torch.Tensor, "batch pos"],
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
-    return model(tokens, attention_mask=attention_mask, stop_at_layer=0)
-
-
-@torch.no_grad()
-def run_block(
-    model: HookedTransformer,
-    resid: torch.Tensor,
-    layer: int,
-    attention_mask: torch.Tensor,
-    cache: TransformerLensKeyValueCache,
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Block ``layer`` on a prompt's residual stream, appending its keys/values to ``cache``."""
-    return model(
-        resid,
-        start_at_layer=layer,
-        stop_at_layer=layer + 1,
-        attention_mask=attention_mask,
-        past_kv_cache=cache,
-    )
-
-
-def select_cache(
-    cache: TransformerLensKeyValueCache,
-    rows: torch.Tensor,
-    n_layers: int,
-    attention_mask: torch.Tensor,
-) -> TransformerLensKeyValueCache:
-    """A cache for ``rows`` of a prompt batch holding the first ``n_layers`` layers' keys and
-    values (shared with a clean run), the later layers empty, ready to resume from there."""
-    entries = []
-    for i, entry in enumerate(cache.entries):
-        keys, values = (
-            (entry.past_keys, entry.past_values)
-            if i < n_layers
-            else (entry.past_keys[:, :0], entry.past_values[:, :0])
-        )
-        index = rows.to(keys.device)  # layers may live on different GPUs (n_devices > 1)
-        entries.append(type(entry)(past_keys=keys[index], past_values=values[index]))
-    from transformer_lens import TransformerLensKeyValueCache
-
-    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=attention_mask)
-
-
-@torch.no_grad()
-def greedy_from_layer(
-    model: HookedTransformer,
-    resid: Float[torch.Tensor, "batch pos d_model"],
-    start_layer: int,
-    attention_mask: Int[torch.Tensor, "batch pos"],
-    cache: TransformerLensKeyValueCache,
-    max_new_tokens: int = 10,
-    sampler: Sampler | None = None,
-    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> GreedyOutput:
-    """Finish a prompt pass from block ``start_layer`` on (``resid`` enters it), then decode
-    greedily with the KV cache. ``cache`` must hold the layers below ``start_layer``
-    (``select_cache``); layers below are not recomputed. ``sampler`` samples instead.
-
-    ``keep(first_logits) -> bool[batch]`` screens rows after the prompt pass: only kept rows
-    are decoded (the others get padding only), the rest of the batch costs nothing more."""
-    logits = last_logits(
-        model, resid, start_at_layer=start_layer, attention_mask=attention_mask, past_kv_cache=cache
-    )
-    cache.previous_attention_mask = attention_mask  # start_at_layer skips TL's own bookkeeping
-    choose = sampler or _argmax
-    if keep is None:
-        return _greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, choose)
-    rows = keep(logits).nonzero()[:, 0]
-    padding = torch.full(
-        (logits.shape[0], max_new_tokens), _pad_id(model), dtype=torch.long, device=logits.device
-    )
-    out = GreedyOutput(padding, logits.float())
-    if len(rows):
-        sub = select_cache(cache, rows, len(cache.entries), attention_mask[rows])
-        out.tokens[rows] = _greedy_loop(
-            model, logits[rows], _cached_step(model, sub), max_new_tokens, choose
-        ).tokens
-    return out

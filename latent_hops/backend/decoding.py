@@ -1,0 +1,108 @@
+"""Decoding shared by both backends: the greedy (or sampled) loop over a step function, and
+what it returns. Each backend supplies the step (its own KV cache, or none)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+
+from latent_hops.errors import InputError
+
+
+@dataclass
+class GreedyOutput:
+    """Greedy continuation of a batch: new token ids (``pad_id`` after EOS) and first-step
+    logits."""
+
+    tokens: Int[torch.Tensor, "batch new"]
+    first_logits: Float[torch.Tensor, "batch vocab"]
+
+
+class Sampler:
+    """Seeded sampling at a temperature, to use instead of greedy decoding."""
+
+    def __init__(self, seed: int, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.seed, self.temperature = seed, temperature
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or self.generator.device != logits.device:
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        probs = (logits.float() / self.temperature).softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def tokenizer_of(model: Any) -> Any:
+    """The model's Hugging Face tokenizer (every model ``load_model`` returns has one)."""
+    if model.tokenizer is None:
+        raise InputError("this model has no tokenizer; latent_hops needs the model's own tokenizer")
+    return model.tokenizer
+
+
+def pad_id(model: Any) -> int:
+    """What fills generated positions after EOS (the pad token, else EOS)."""
+    pad = tokenizer_of(model).pad_token_id
+    return tokenizer_of(model).eos_token_id if pad is None else pad
+
+
+def greedy_loop(
+    model: Any,
+    logits: torch.Tensor,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    max_new_tokens: int,
+    choose: Callable = argmax,
+) -> GreedyOutput:
+    """Decoding from the prompt pass's last logits (greedy unless ``choose`` samples);
+    ``step(next_ids)`` gives the next logits."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos, pad = tokenizer_of(model).eos_token_id, pad_id(model)
+    batch, device = logits.shape[0], logits.device
+    first_logits = logits.float()
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+    for i in range(max_new_tokens):
+        nxt = choose(logits)
+        out[:, i] = torch.where(finished, pad, nxt)
+        finished |= nxt == eos
+        if i + 1 == max_new_tokens or bool(finished.all()):
+            break
+        logits = step(nxt)
+    return GreedyOutput(out, first_logits)
+
+
+def recompute_step(
+    model: Any,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor,
+    hooks: list[Any],
+    logits_of: Callable[..., torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A decoding step without a KV cache: the whole sequence again, ``hooks`` active (they
+    must touch prompt positions only, which left padding keeps fixed). Exact, and the
+    reference the cached steps are tested against."""
+    seq = [tokens, attention_mask]
+
+    def step(nxt: torch.Tensor) -> torch.Tensor:
+        seq[0] = torch.cat([seq[0], nxt[:, None]], 1)
+        seq[1] = torch.cat([seq[1], torch.ones_like(nxt[:, None])], 1)
+        with model.hooks(fwd_hooks=hooks):
+            return logits_of(model, seq[0], attention_mask=seq[1])
+
+    return step
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the Hugging Face tokenizer itself starts its encodings with the BOS token."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
