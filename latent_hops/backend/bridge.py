@@ -32,8 +32,9 @@ from latent_hops.backend.decoding import (
     Sampler,
     argmax,
     greedy_loop,
-    pad_id,
+    probe_tokens,
     recompute_step,
+    screened,
     tokenizer_adds_bos,
 )
 from latent_hops.errors import InputError
@@ -180,8 +181,7 @@ def kv_cache_works(model: TransformerBridge) -> bool:
     tokens): with transformers 5.24 and TL <= 4.3 it does not (see the module docstring)."""
     known = model.__dict__.get("latent_hops_kv_cache_works")
     if known is None:
-        vocab = model.cfg.d_vocab
-        tokens = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=model.cfg.device)
+        tokens = probe_tokens(model.cfg.d_vocab, model.cfg.device)
         mask = torch.ones_like(tokens)
         _, step = _cached_prompt(model, tokens[:, :2], mask[:, :2], [])
         cached = step(tokens[:, 2])
@@ -331,16 +331,14 @@ def greedy_from_layer(
         return _decode(model, tokens, attention_mask, hooks(resid), max_new_tokens, choose)
     with model.hooks(fwd_hooks=hooks(resid)):
         logits = last_logits(model, tokens, attention_mask=attention_mask)
-    rows = keep(logits).nonzero()[:, 0]
-    padding = torch.full(
-        (logits.shape[0], max_new_tokens), pad_id(model), dtype=torch.long, device=logits.device
-    )
-    out = GreedyOutput(padding, logits.float())
-    if len(rows):
-        out.tokens[rows] = _decode(
+
+    def decode(rows: torch.Tensor) -> torch.Tensor:
+        out = _decode(
             model, tokens[rows], attention_mask[rows], hooks(resid[rows]), max_new_tokens, choose
-        ).tokens
-    return out
+        )
+        return out.tokens
+
+    return screened(model, logits, max_new_tokens, keep, decode)
 
 
 # ---------------------------------------------------------------------------- attention edits
@@ -355,8 +353,7 @@ def check_attention_edits(model: TransformerBridge) -> None:
     if known is None:
         from latent_hops.backend import Site, hook_name
 
-        vocab = model.cfg.d_vocab
-        tokens = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=model.cfg.device)
+        tokens = probe_tokens(model.cfg.d_vocab, model.cfg.device)
         mask = torch.ones_like(tokens)
 
         def block(scores: torch.Tensor, hook: Any) -> torch.Tensor:

@@ -81,6 +81,30 @@ def greedy_loop(
     return GreedyOutput(out, first_logits)
 
 
+def screened(
+    model: Any,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+) -> GreedyOutput:
+    """Screening after a prompt pass: rows where ``keep(logits)`` holds are decoded by
+    ``decode(rows) -> tokens``; the others get padding only."""
+    rows = keep(logits).nonzero()[:, 0]
+    padding = torch.full(
+        (logits.shape[0], max_new_tokens), pad_id(model), dtype=torch.long, device=logits.device
+    )
+    out = GreedyOutput(padding, logits.float())
+    if len(rows):
+        out.tokens[rows] = decode(rows)
+    return out
+
+
+def probe_tokens(vocab: int, device: Any) -> torch.Tensor:
+    """Three token ids (1, 2, 3) for a backend's one-off self-checks on a model."""
+    return torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=device)
+
+
 def recompute_step(
     model: Any,
     tokens: torch.Tensor,

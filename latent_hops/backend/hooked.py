@@ -21,8 +21,8 @@ from latent_hops.backend.decoding import (
     Sampler,
     argmax,
     greedy_loop,
-    pad_id,
     recompute_step,
+    screened,
     tokenizer_adds_bos,
 )
 
@@ -312,14 +312,10 @@ def greedy_from_layer(
     choose = sampler or argmax
     if keep is None:
         return greedy_loop(model, logits, _cached_step(model, cache), max_new_tokens, choose)
-    rows = keep(logits).nonzero()[:, 0]
-    padding = torch.full(
-        (logits.shape[0], max_new_tokens), pad_id(model), dtype=torch.long, device=logits.device
-    )
-    out = GreedyOutput(padding, logits.float())
-    if len(rows):
+
+    def decode(rows: torch.Tensor) -> torch.Tensor:
         sub = select_cache(cache, rows, len(cache.entries), attention_mask[rows])
-        out.tokens[rows] = greedy_loop(
-            model, logits[rows], _cached_step(model, sub), max_new_tokens, choose
-        ).tokens
-    return out
+        step = _cached_step(model, sub)
+        return greedy_loop(model, logits[rows], step, max_new_tokens, choose).tokens
+
+    return screened(model, logits, max_new_tokens, keep, decode)
