@@ -16,15 +16,16 @@ from jaxtyping import Int
 
 from latent_hops.backend import Model
 from latent_hops.errors import InputError
-from latent_hops.evaluation import resolve_positions
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, length_batches
 from latent_hops.positions import (
     TokenizedPrompts,
     answer_first_tokens,
     context_problems,
+    resolve_positions,
     tokenize_prompts,
 )
 from latent_hops.queries import PROMPT_SUFFIX, composition_spans, iter_queries
+from latent_hops.tables import SKIPPED
 
 POSITIONS = ("t1", "t2")
 
@@ -56,7 +57,7 @@ def prepare_cases(
     suffix: str = PROMPT_SUFFIX,
     new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> tuple[list[Case], pd.DataFrame]:
-    """Cases for the queries of ``table``, and a table (``id``, ``reason``) of skipped ones
+    """Cases for the queries of ``table``, and a table (``id``, ``skip_reason``) of skipped ones
     (e1 not found in the tokens; a prompt that with ``new_tokens`` generated ones would not
     fit the model's context)."""
     unknown = set(positions) - set(POSITIONS)
@@ -72,9 +73,10 @@ def prepare_cases(
     )
     cases, skipped = [], []
     for q in queries:
-        error = pos.loc[q.id, "position_error"] or too_long[q.id]
+        reason = pos.loc[q.id, "skip_reason"]
+        error = (None if pd.isna(reason) else reason) or too_long[q.id]
         if error:
-            skipped.append({"id": q.id, "reason": error})
+            skipped.append({"id": q.id, "skip_reason": error})
             continue
         prompt = q.composition_prompt(suffix)
         names = {e: q.names(e) for e in ("e1", "e2", "e3")}
@@ -89,7 +91,7 @@ def prepare_cases(
                 _r1_tokens(model, prompt, composition_spans(q, suffix)),
             )
         )
-    return cases, pd.DataFrame(skipped, columns=["id", "reason"])
+    return cases, pd.DataFrame(skipped, columns=SKIPPED.names)
 
 
 def _r1_tokens(model: Model, prompt: str, spans: dict | str) -> list[int] | None:

@@ -1,20 +1,23 @@
-"""The ``latent-hops`` command line: it only wires the library's functions to files.
+"""The ``latent-hops`` command line: it parses arguments, calls the library and prints.
 
     latent-hops evaluate  --model toy --dataset toy --out runs/toy
     latent-hops backpatch --model toy --out runs/toy --positions t1,t2 --subset incorrect
-    latent-hops logit-lens | projection | knockout | patchscope | probe | attention --out runs/toy
+    latent-hops logit_lens | projection | knockout | patchscope | probe | attention --out runs/toy
     latent-hops stages    --model toy --dataset toy --out runs/toy
     latent-hops report    runs/toy
     latent-hops demo      --out runs/demo
 
 Every subcommand writes Parquet into the run directory (``--out``) and reuses what is
-already there (``evaluation.parquet`` and the per-analysis tables ``stages`` needs).
+already there when it was made the same way (``evaluation.parquet`` and the per-analysis
+tables ``stages`` needs). What a run is (queries, model, evaluation, which cases) is
+``latent_hops.run.Run``; the library logs what it does, and this module shows it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -23,53 +26,26 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from tqdm.auto import tqdm
-
-from latent_hops import backend
-from latent_hops.analysis import Analysis, Context, analyses, get
-from latent_hops.cases import prepare_cases
-from latent_hops.config import (
-    Option,
-    config_from_dict,
-    config_from_options,
-    options,
-    provenance_config,
-)
-from latent_hops.errors import InputError
-from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
-from latent_hops.executors import (
-    EXECUTORS,
-    INPUT_ERROR,
-    ExecutorConfig,
-    run_all,
-    shard_commands,
-    worker_command,
-)
-from latent_hops.models import TOY_CHECKPOINTS, TOY_SPEC, load_model
-from latent_hops.queries import SHIPPED_DATASETS, DatasetError, load_dataset, shipped_dataset_path
+from latent_hops._version import __version__
+from latent_hops.analysis import Analysis, analyses, get
+from latent_hops.backend import BACKENDS, DEFAULT_MAX_CONTEXT
+from latent_hops.config import Option, config_from_options, options
+from latent_hops.errors import EXIT_INPUT_ERROR, InputError
+from latent_hops.evaluation import EvaluationConfig
+from latent_hops.executors import EXECUTORS, ExecutorConfig, run_sharded
 from latent_hops.report import build_report
-from latent_hops.rundir import (
-    check_run_dir,
-    file_hash,
-    in_shard,
-    merge_parts,
-    parse_shard,
-    record_run,
-    remove_stale_temp,
-    reusable_table,
-    write_table,
-)
+from latent_hops.run import Outcome, Run, RunSettings, dataset_path, merge, with_inputs
+from latent_hops.rundir import file_hash, record_run, remove_stale_temp
 
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+DEMO_DEFAULTS = {"max_cases": 60, "skip": ("auto",)}
+"""What ``demo`` does unless told otherwise: 60 cases per split x subset, and the stage
+analyses known to read nothing on the model left out."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default=TOY_SPEC,
+        default="toy",
         help="'toy', 'toy-gpt2', 'smollm2-135m', 'gemma3-270m', a .gguf file, a local HF "
         "checkpoint dir, or a TransformerLens name (default: %(default)s)",
     )
@@ -92,8 +68,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard",
         default=None,
-        help="i/n: this process takes shard i of n of the cases (sweeps "
-        f"that can be sharded: {', '.join(a.name for a in analyses() if a.shardable)}; then "
+        help="i/n: this process takes shard i of n of the cases (sweeps that can be sharded: "
+        f"{', '.join(a.name for a in analyses() if a.shardable)}; then "
         "`latent-hops merge RUN_DIR`)",
     )
     parser.add_argument(
@@ -103,7 +79,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", *backend.BACKENDS),
+        choices=("auto", *BACKENDS),
         help="TransformerLens model class: hooked (HookedTransformer, TL 3.x), bridge "
         "(TransformerBridge, TL 4); auto picks hooked on TL 3.x, bridge on TL 4 (default auto)",
     )
@@ -116,16 +92,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-context",
         type=int,
-        default=backend.DEFAULT_MAX_CONTEXT,
+        default=DEFAULT_MAX_CONTEXT,
         help="cap on the context TransformerLens allocates masks for (default %(default)s)",
     )
     parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=128,
-        help="prompts per forward pass (default: %(default)s)",
+        "--batch-size", type=int, default=128, help="prompts per forward pass (default: 128)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own)"
     )
     parser.add_argument("--limit", type=int, default=None, help="use only the first N queries")
+    parser.add_argument(
+        "--ids",
+        default=None,
+        help="use only these query ids: comma-separated, or @FILE with one id per line",
+    )
     parser.add_argument(
         "--split", default=None, help="use only queries of this split (e.g. test_id)"
     )
@@ -136,16 +117,16 @@ def _selection(parser: argparse.ArgumentParser) -> None:
         "--subset", default="all", help="incorrect, correct, or all (= correct,incorrect)"
     )
     parser.add_argument(
-        "--max-cases", type=int, default=None, help="at most N cases per split x subset"
+        "--max-cases",
+        type=int,
+        default=None,
+        help="at most N cases per split x subset, the first in dataset order",
     )
 
 
 def _resumable(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--chunk-cases",
-        type=int,
-        default=50,
-        help="cases per resumable part (default: %(default)s)",
+        "--chunk-cases", type=int, default=50, help="cases per resumable part (default: 50)"
     )
 
 
@@ -179,7 +160,6 @@ def _executor(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="slurm: submit the array and exit; `latent-hops merge RUN_DIR` when it is done",
     )
-    group.add_argument("--evaluation-only", action="store_true", help=argparse.SUPPRESS)
 
 
 def _add_options(parser: argparse.ArgumentParser, config_types: list[type]) -> None:
@@ -212,224 +192,107 @@ def _add_options(parser: argparse.ArgumentParser, config_types: list[type]) -> N
                 )
 
 
-COUNT_FLAGS = {
-    "batch_size": 1,
-    "limit": 1,
-    "max_cases": 0,
-    "chunk_cases": 1,
-    "probe_train": 0,
-    "window": 0,
-    "screen": 0,
-    "batch_rows": 1,
-    "max_new_tokens": 1,
-    "onset_k": 0,
-}
-"""Count flags and their minimum: a negative --max-cases is an error, not pandas' head(-1)."""
+# ---------------------------------------------------------------------------- from flags
 
 
-def _check_counts(args) -> None:
-    for name, low in COUNT_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-
-
-class Session:
-    """What one command shares: the queries, the model and the run directory."""
-
-    def __init__(self, args):
-        if args.out is None:
-            raise InputError("--out RUN_DIR is required (as a flag or in the --config file)")
-        _check_counts(args)
-        self.args = args
-        check_run_dir(args.out)  # before the model loads: a bad --out should cost nothing
-        self.shard = parse_shard(args.shard)
-        shardable = [a.name for a in analyses() if a.shardable]
-        if self.shard[1] > 1 and args.command not in shardable:
-            raise InputError(
-                f"--shard splits only the sweeps {', '.join(shardable)}, not `{args.command}`: "
-                "run it once, unsharded"
-            )
-        self.table = self._queries()
-        self.model = load_model(
-            args.model,
-            device=args.device,
-            dtype=args.dtype,
-            max_context=args.max_context,
-            n_devices=args.n_devices,
-            backend=args.backend,
-        )
-        dataset = (
-            shipped_dataset_path(args.dataset)
-            if args.dataset in SHIPPED_DATASETS
-            else Path(args.dataset)
-        )
-        self.identity = {
-            "model": args.model,
-            "weights_sha256": backend.weights_fingerprint(self.model),
-            "backend": backend.backend_of(self.model),
-            "dataset": args.dataset,
-            "dataset_sha256": file_hash(dataset),
-            "latent_hops": _version(),
-        }
-        self._cases: dict = {}
-
-    def _queries(self) -> pd.DataFrame:
-        table = load_dataset(self.args.dataset)
-        if self.args.split is not None:
-            table = table[table["split"] == self.args.split]
-            if table.empty:
-                raise DatasetError(f"no queries with split {self.args.split!r}")
-        if self.args.limit is not None:
-            table = table.iloc[: self.args.limit]
-        return table.reset_index(drop=True)
-
-    def path(self, name: str) -> Path:
-        return self.args.out / name
-
-    def evaluation(self, fresh: bool = False) -> pd.DataFrame:
-        """``evaluation.parquet`` when it covers the queries and was made by this model on this
-        dataset, else (or when ``fresh``) a new evaluation, which replaces the old table only
-        once it is complete (atomic write)."""
-        path = self.path("evaluation.parquet")
-        config = config_from_options(
-            EvaluationConfig, vars(self.args), batch_size=self.args.batch_size, progress=True
-        )
-        made_by = {
-            **self.identity,
-            "analysis": "evaluate",
-            "config": provenance_config(config),
-        }
-        done = None if fresh else reusable_table(path, made_by, set(self.table["id"]))
-        if done is not None:
-            return done
-        if self.shard[1] > 1:  # n shards must pick their cases from one evaluation, made once
-            raise InputError(
-                f"--shard {self.args.shard}: {path} does not cover these queries (or was made by "
-                "another model); run `latent-hops evaluate` with the same --model/--dataset/--out "
-                "first (unsharded)"
-            )
-        start = time.time()
-        result = evaluate(self.model, self.table, config)
-        write_table(result, path, made_by)
-        with pd.option_context(
-            "display.width", 200, "display.max_columns", 20, "display.precision", 3
-        ):
-            print(summarize(result).to_string())
-        print(f"evaluated {len(result)} queries in {time.time() - start:.1f}s -> {path}")
-        return result
-
-    def chosen(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(queries, evaluation) of the analysed cases: subset filter, then --max-cases."""
-        evaluation = self.evaluation()
-        subsets = ("correct", "incorrect") if self.args.subset == "all" else _csv(self.args.subset)
-        ev = evaluation[evaluation["subset"].isin(subsets)]
-        if self.args.max_cases is not None:
-            ev = ev.groupby(["split", "subset"], sort=False).head(self.args.max_cases)
-        ev = ev[[in_shard(i, self.shard) for i in ev["id"]]]
-        if ev.empty:
-            raise DatasetError(
-                f"no queries in subsets {subsets}; see {self.path('evaluation.parquet')}"
-            )
-        return self.table[self.table["id"].isin(set(ev["id"]))], evaluation
-
-    def cases(self, positions=("t1", "t2")):
-        """Prepared cases (computed once per positions), skipped queries, evaluation."""
-        key = tuple(positions)
-        if key not in self._cases:
-            table, evaluation = self.chosen()
-            cases, skipped = prepare_cases(self.model, table, positions)
-            if len(skipped):
-                print(
-                    f"skipped {len(skipped)} queries (positions unresolved); first: "
-                    f"{skipped.reason.iloc[0]}"
-                )
-            self._cases[key] = (cases, skipped, evaluation)
-        return self._cases[key]
-
-    def context(self, names: list[str], positions=("t1", "t2")) -> Context:
-        """The context of analyses ``names`` (and those they use) with configs from the flags."""
-        cases, skipped, evaluation = self.cases(positions)
-        configs = {
-            a.name: config_from_options(
-                a.config, vars(self.args), batch_size=self.args.batch_size, progress=True
-            )
-            for a in _with_inputs(names)
-        }
-        return Context(
-            self.model,
-            cases,
-            evaluation,
-            self.table,
-            self.identity,
-            self.args.out,
-            configs,
-            self.args.batch_size,
-            getattr(self.args, "chunk_cases", 50),
-            progress=True,
-            skipped=skipped,
-        )
-
-
-def _version() -> str:
-    from latent_hops import __version__
-
-    return __version__
-
-
-def _with_inputs(names: list[str]) -> list[Analysis]:
-    """The analyses ``names`` and those their runs use (``Analysis.inputs``)."""
-    out = [get(n) for n in names]
-    return out + [a for n in names for a in get(n).inputs() if a not in out]
-
-
-def run_analysis(session: Session, name: str) -> pd.DataFrame:
-    """Run analysis ``name`` on the session's cases, write its table (with what made it),
-    print its summary."""
-    analysis = get(name)
-    config = config_from_options(
-        analysis.config, vars(session.args), batch_size=session.args.batch_size, progress=True
-    )
-    context = session.context([name], analysis.uses_positions(config))
-    start = time.time()
-    if session.shard[1] > 1:  # a shard writes its parts only; tables and summaries come from merge
-        analysis.run(context, config)
-        print(
-            f"shard {session.args.shard}: parts written to {context.folder(name)}; when every "
-            "shard is done: "
-            f"latent-hops merge {session.args.out}"
-        )
-        return pd.DataFrame()
-    table = context.table(name, fresh=True)
-    if analysis.summary is not None:
-        print(analysis.summary(context, table, config))
-    print(
-        f"{analysis.table_file}: {len(table)} rows in {time.time() - start:.1f}s -> "
-        f"{session.path(analysis.table_file)}"
-    )
-    return table
-
-
-def cmd_analysis(args, name: str) -> pd.DataFrame | None:
-    """One analysis command: in this process, or its shards on an executor (``--workers``)."""
-    if getattr(args, "evaluation_only", False):  # the first task of a distributed run
-        Session(args).evaluation()
+def _ids(spec: str | None) -> tuple[str, ...] | None:
+    if spec is None:
         return None
-    if getattr(args, "executor", "local") != "local" or getattr(args, "workers", 1) > 1:
-        return run_distributed(args, name)
-    return run_analysis(Session(args), name)
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise InputError(f"--ids {spec}: cannot read {path} ({err.strerror})") from None
+        items = text.splitlines()
+    else:
+        items = spec.split(",")
+    ids = tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+    if not ids:
+        raise InputError(f"--ids {spec!r} names no query")
+    return ids
 
 
-def run_distributed(args, name: str) -> pd.DataFrame | None:
-    """Analysis ``name`` as ``--workers`` shards on ``--executor``: first the evaluation (one
-    task; reused when the run directory has it), then the shards, then ``merge``."""
+def settings_of(args: argparse.Namespace) -> RunSettings:
+    """The run the flags describe."""
+    return RunSettings(
+        out=args.out,
+        model=args.model,
+        dataset=args.dataset,
+        split=args.split,
+        limit=args.limit,
+        ids=_ids(getattr(args, "ids", None)),
+        subset=getattr(args, "subset", "all"),
+        max_cases=getattr(args, "max_cases", None),
+        shard=args.shard,
+        device=args.device,
+        dtype=args.dtype,
+        backend=args.backend,
+        n_devices=args.n_devices,
+        max_context=args.max_context,
+        batch_size=args.batch_size,
+        chunk_cases=getattr(args, "chunk_cases", 50),
+        threads=getattr(args, "threads", None),
+    )
+
+
+def configs_of(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The configs of ``names`` (and the evaluation) from the flags."""
+    fixed = {"batch_size": args.batch_size, "progress": True}
+    configs: dict[str, Any] = {
+        "evaluate": config_from_options(EvaluationConfig, vars(args), **fixed)
+    }
+    for analysis in with_inputs(names):
+        configs[analysis.name] = config_from_options(analysis.config, vars(args), **fixed)
+    return configs
+
+
+def _show(outcome: Outcome) -> None:
+    if outcome.sharded:
+        print(
+            f"shard: parts of {outcome.name} written to {outcome.path}; when every shard is "
+            f"done: latent-hops merge {outcome.path}"
+        )
+        return
+    if outcome.summary:
+        print(outcome.summary)
+    where = f" -> {outcome.path}" if outcome.path else ""
+    print(f"{outcome.name}: {len(outcome.table)} rows in {outcome.seconds:.1f}s{where}")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    run = Run.open(settings_of(args), configs_of(args, []))
+    run.evaluation(fresh=True)  # a failed run leaves the old table in place
+
+
+def cmd_analysis(args: argparse.Namespace, name: str) -> None:
+    """One analysis: in this process, or its shards on an executor (``--workers``)."""
+    settings, configs = settings_of(args), configs_of(args, [name])
+    if args.executor != "local" or args.workers > 1:
+        run_distributed(args, name, settings, configs)
+        return
+    if settings.selection.sharded and not get(name).shardable:
+        shardable = ", ".join(a.name for a in analyses() if a.shardable)
+        raise InputError(
+            f"--shard splits only the sweeps {shardable}, not `{name}`: run it once, unsharded",
+            code="shard",
+        )
+    _show(Run.open(settings, configs).analyse(name))
+
+
+def run_distributed(
+    args: argparse.Namespace, name: str, settings: RunSettings, configs: dict[str, Any]
+) -> None:
+    """Analysis ``name`` as ``--workers`` shards on ``--executor``, then merged."""
+    from tqdm.auto import tqdm
+
     if args.shard is not None:
         raise InputError("--shard with --executor/--workers: the executor makes the shards")
     if not get(name).shardable:
         raise InputError(f"`{name}` cannot be sharded; run it without --executor/--workers")
-    if args.out is None:
-        raise InputError("--out RUN_DIR is required (as a flag or in the --config file)")
-    check_run_dir(args.out)
     config = ExecutorConfig(
         args.executor,
         args.workers,
@@ -440,86 +303,44 @@ def run_distributed(args, name: str) -> pd.DataFrame | None:
         getattr(args, "slurm", {}),
     )
     start = time.time()
-    evaluation = [[*worker_command(args.argv, config), "--evaluation-only"]]
-    stages = [evaluation, shard_commands(args.argv, config)]
     bar = tqdm(total=config.workers, desc=f"{name} shards ({config.executor})", unit="shard")
     try:
-        results = run_all(stages, config, args.out, bar.update)
-    except Exception as err:  # a worker's input error is the user's to fix: one line, exit 2
-        text = str(err)
-        if INPUT_ERROR in text:
-            start = max(text.find("`latent-hops"), 0)
-            raise InputError(f"a worker failed: {text[start:].splitlines()[0]}") from None
-        raise
+        results = run_sharded(name, settings, configs, config, bar.update)
     finally:
         bar.close()
     if results is None:
         print(f"submitted; when the jobs are done: latent-hops merge {args.out}")
-        return None
+        return
     remove_stale_temp(args.out / name, everyone=True)  # every writer has finished
     print(
         f"{config.workers} shards on {config.executor} in {time.time() - start:.1f}s "
-        f"(each: {', '.join(str(r['seconds']) + 's' for r in results)})"
+        f"(each: {', '.join(f'{r.seconds}s' for r in results)})"
     )
-    return cmd_merge(argparse.Namespace(run_dir=args.out), [name])[0]
+    for outcome in merge(args.out, [name]):
+        _show(outcome)
 
 
-def cmd_evaluate(args) -> pd.DataFrame:
-    return Session(args).evaluation(fresh=True)  # a failed run leaves the old table in place
+def cmd_merge(args: argparse.Namespace) -> None:
+    for outcome in merge(args.run_dir):
+        _show(outcome)
 
 
-def cmd_merge(args, names: list[str] | None = None) -> list[pd.DataFrame]:
-    """Merge the parts that every --shard process wrote (of the analyses ``names``, default:
-    every shardable one with parts), then summarise (no model needed)."""
-    run = args.run_dir
-    if not (run / "evaluation.parquet").is_file():
-        raise InputError(
-            f"{run}: no result parts to merge (no evaluation.parquet; is it a run directory?)"
-        )
-    evaluation = pd.read_parquet(run / "evaluation.parquet")
-    merged = []
-    chosen = [a for a in analyses() if a.shardable and (names is None or a.name in names)]
-    for analysis in [a for a in chosen if (run / a.name).is_dir()]:
-        parts = run / analysis.name / "config.json"
-        made_by = json.loads(parts.read_text()) if parts.is_file() else {}
-        config = config_from_dict(analysis.config, made_by.get("config", {}))
-        identity = {k: v for k, v in made_by.items() if k not in ("analysis", "config")}
-        context = Context(None, [], evaluation, pd.DataFrame(), identity, run)
-        results = merge_parts(run / analysis.name, order=list(evaluation["id"]))
-        write_table(results, run / analysis.table_file, made_by)
-        if analysis.summary is not None:
-            print(analysis.summary(context, results, config))
-        print(
-            f"{analysis.table_file}: {len(results)} rows of {results['id'].nunique()} cases -> "
-            f"{run}"
-        )
-        merged.append(results)
-    if not merged:
-        raise InputError(f"{run}: no result parts to merge")
-    return merged
+def cmd_report(args: argparse.Namespace) -> None:
+    print(f"report -> {build_report(args.run_dir)}")
 
 
-def cmd_report(args) -> Path:
-    path = build_report(args.run_dir)
-    print(f"report -> {path}")
-    return path
-
-
-def cmd_demo(args) -> None:
-    """The whole pipeline (default: the shipped toy model): evaluate, back-patch, stages, report."""
-    if args.skip == ("auto",):  # do not spend time on a measure known to read nothing on the model
-        args.skip = ("patchscope",) if args.model in TOY_CHECKPOINTS else ()
-        if args.skip:
-            print(
-                "demo: skipping Patchscopes: on the toy models it reads nothing (every patched "
-                "generation is the "
-                "same string whatever the source layer); run `latent-hops patchscope` to see it"
-            )
-    session = Session(args)
-    session.evaluation()
-    run_analysis(session, "backpatch")
-    run_analysis(session, "stages")
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The whole pipeline (default: the shipped toy model): evaluate, every analysis of the
+    demo (back-patching, stages), the report."""
+    names = [a.name for a in analyses() if a.in_demo]
+    run = Run.open(settings_of(args), configs_of(args, names))
+    run.evaluation()
+    for name in names:
+        _show(run.analyse(name))
     print(f"\nreport: {build_report(args.out)} (tables: {args.out}/*.parquet)")
+
+
+# ---------------------------------------------------------------------------- the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -528,47 +349,70 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"latent-hops {_version()}")
+    parser.add_argument("--version", action="version", version=f"latent-hops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("evaluate", help="hop accuracies and subsets -> evaluation.parquet")
+    p = sub.add_parser(
+        "evaluate",
+        help="hop accuracies and subsets -> evaluation.parquet",
+        description="Evaluate every query's five prompts (first hop, second hop, composition, "
+        "two shortcuts) and sort it into correct / incorrect / excluded. Reads --dataset, "
+        "writes RUN_DIR/evaluation.parquet.",
+    )
     _common(p)
     _add_options(p, [EvaluationConfig])
     p.set_defaults(func=cmd_evaluate)
     for analysis in analyses():  # one command per registered analysis
-        p = sub.add_parser(analysis.name, aliases=list(analysis.aliases), help=analysis.help)
+        inputs: list[Analysis[Any]] = with_inputs([analysis.name])
+        p = sub.add_parser(
+            analysis.name,
+            aliases=list(analysis.aliases),
+            help=analysis.help,
+            description=f"{analysis.title}: {analysis.help}. Reads --dataset (evaluated "
+            "first, or RUN_DIR/evaluation.parquet when made the same way).",
+        )
         _common(p)
         _selection(p)
-        inputs = _with_inputs([analysis.name])
         if any(a.resumable for a in inputs):
             _resumable(p)
         if analysis.shardable:
             _executor(p)
+        else:
+            p.set_defaults(executor="local", workers=1)
         _add_options(p, [EvaluationConfig, *(a.config for a in inputs)])
         p.set_defaults(
             func=lambda a, name=analysis.name: cmd_analysis(a, name), command=analysis.name
         )
+    demo = [a for a in analyses() if a.in_demo]
     p = sub.add_parser(
-        "demo", help="the whole pipeline (evaluate, backpatch, stages, report) on the toy model"
+        "demo",
+        help=f"the whole pipeline (evaluate, {', '.join(a.name for a in demo)}, report)",
+        description="evaluate, then " + ", ".join(a.name for a in demo) + ", then the report "
+        "(RUN_DIR/report.html); at most --max-cases (default 60) cases per split x subset.",
     )
     _common(p)
     _selection(p)
     _resumable(p)
-    _add_options(p, [EvaluationConfig, *(a.config for a in _with_inputs(["backpatch", "stages"]))])
-    p.set_defaults(func=cmd_demo, max_cases=60, skip=("auto",))  # per split x subset
+    _add_options(p, [EvaluationConfig, *(a.config for a in with_inputs([a.name for a in demo]))])
+    p.set_defaults(func=cmd_demo, **DEMO_DEFAULTS)
     p = sub.add_parser(
-        "report", help="RUN_DIR/report.html: one self-contained page of the run's results"
+        "report",
+        help="RUN_DIR/report.html: one self-contained page of the run's results",
+        description="Read every table in RUN_DIR and write RUN_DIR/report.html (offline).",
     )
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a run directory (--out of earlier commands)")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser(
-        "merge", help="merge the parts of all --shard processes (or workers) in RUN_DIR"
+        "merge",
+        help="merge the parts of all --shard processes (or workers) in RUN_DIR",
+        description="Join the parts every --shard process wrote under RUN_DIR into each "
+        "shardable analysis' table and summary (no model is loaded).",
     )
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="the run directory the shards wrote to")
     p.set_defaults(func=cmd_merge)
     return parser
 
 
-def _config_value(path: Path, action: argparse.Action, value):
+def _config_value(path: Path, action: argparse.Action, value: Any) -> Any:
     """A config file's value as its flag would parse it; lists stand for comma-separated flags."""
     key = next((o[2:] for o in action.option_strings if o.startswith("--")), action.dest)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
@@ -587,10 +431,20 @@ def _config_value(path: Path, action: argparse.Action, value):
         raise InputError(f"config {path}: key {key!r} expects {name}, got {value!r}") from None
 
 
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Long flags without their dashes (as config keys) -> dest."""
+    return {
+        o[2:].replace("-", "_"): a.dest
+        for a in parser._actions
+        for o in a.option_strings
+        if o.startswith("--")
+    }
+
+
 def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; a ``--config`` TOML file supplies defaults (flags given still win)."""
     args = parser.parse_args(argv)
-    args.argv, args.slurm = list(sys.argv[1:] if argv is None else argv), {}
+    args.slurm = {}
     path = getattr(args, "config", None)
     if path is None:
         return args
@@ -600,21 +454,10 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
         raise InputError(f"config {path}: {err}") from None
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     sub = commands[args.command]
-
-    def flags(
-        p: argparse.ArgumentParser,
-    ) -> dict[str, str]:  # a key is a long flag without its dashes
-        return {
-            o[2:].replace("-", "_"): a.dest
-            for a in p._actions
-            for o in a.option_strings
-            if o.startswith("--")
-        }
-
     slurm = values.pop("slurm", {})  # submitit's options (--executor slurm), a TOML table
     if not isinstance(slurm, dict):
         raise InputError(f"config {path}: [slurm] must be a table of submitit options")
-    dests, anywhere = flags(sub), {k for p in commands.values() for k in flags(p)}
+    dests, anywhere = _flags(sub), {k for p in commands.values() for k in _flags(p)}
     unknown = sorted(k for k in values if k.replace("-", "_") not in anywhere)
     if unknown:
         raise InputError(f"config {path}: unknown keys {unknown} (no command takes them)")
@@ -627,53 +470,76 @@ def _with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
             values[action.dest] = _config_value(path, action, values[action.dest])
     sub.set_defaults(**values)
     args = parser.parse_args(argv)
-    args.argv, args.slurm = list(sys.argv[1:] if argv is None else argv), slurm
+    args.slurm = slurm
     return args
 
 
+class _Show(logging.Handler):
+    """The library's log lines, as the CLI shows them: plain, on the current stdout."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout)
+
+
+def _show_logs() -> None:
+    logger = logging.getLogger("latent_hops")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Show)]
+    logger.addHandler(_Show())
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_logs()
     parser = build_parser()
     started = time.time()
-    debug = (
-        "--debug" in (sys.argv[1:] if argv is None else argv)
-        or os.environ.get("LATENT_HOPS_DEBUG") == "1"
-    )
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("LATENT_HOPS_DEBUG") == "1"
+    args = None
+    status: str | None = "ok"
     try:
         args = _with_config(parser, argv)
         args.func(args)
     except InputError as err:  # the user can fix it: one line, naming the input
+        status = None  # refused: nothing to record
         if debug:
             traceback.print_exc()
         print(f"latent-hops: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
-        out = getattr(locals().get("args"), "out", None)
+        status = "interrupted"
+        out = getattr(args, "out", None)
         where = f" in {out}" if out else ""
         print(
-            f"\nlatent-hops: interrupted; finished parts are saved{where}: run the same command to "
-            "resume",
+            f"\nlatent-hops: interrupted; finished parts are saved{where}: run the same command "
+            "to resume",
             file=sys.stderr,
         )
         return 130
     except Exception:  # noqa: BLE001 -- our bug, not the user's input: show it whole
+        status = "failed"
         traceback.print_exc()
         print(
-            "latent-hops: internal error: this is a bug in latent_hops, not in your input; please "
-            "report it "
-            "with the command line and the traceback above",
+            "latent-hops: internal error: this is a bug in latent_hops, not in your input; "
+            "please report it with the command line and the traceback above",
             file=sys.stderr,
         )
         return 1
-    out = getattr(args, "out", None)
-    if out is not None and args.command != "report":
-        dataset = (
-            shipped_dataset_path(args.dataset)
-            if args.dataset in SHIPPED_DATASETS
-            else Path(args.dataset)
-        )
-        config = {k: v for k, v in vars(args).items() if k != "func"}
-        record_run(out, args.command, config, dataset, started)
+    finally:
+        _record(args, started, status)
     return 0
+
+
+def _record(args: argparse.Namespace | None, started: float, status: str | None) -> None:
+    """This command's entry in RUN_DIR/manifest.json (when it has a run directory)."""
+    out = getattr(args, "out", None)
+    if status is None or args is None or out is None or args.command in ("report", "merge"):
+        return
+    if not out.is_dir():
+        return
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    path = dataset_path(args.dataset)
+    sha = file_hash(path) if path.is_file() else None
+    record_run(out, args.command, json.loads(json.dumps(config, default=str)), sha, started, status)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,27 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from latent_hops.errors import InputError
 
+T = TypeVar("T")
 
-def option(default: Any, help: str, flag: str | None = None, runtime: bool = False) -> Any:
+
+def option(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    runtime: bool = False,
+    minimum: int | None = None,
+) -> Any:
     """A config field that is also a CLI option (``--field-name``, or ``flag``).
 
     ``runtime`` fields (batch sizes, memory budgets) change how fast a table is made, not
-    what it holds: they are left out of its provenance."""
-    return field(default=default, metadata={"help": help, "flag": flag, "runtime": runtime})
+    what it holds: they are left out of its provenance. ``minimum`` bounds a count (a
+    negative ``--max-new-tokens`` is an error, not an empty generation)."""
+    metadata = {"help": help, "flag": flag, "runtime": runtime, "minimum": minimum}
+    return field(default=default, metadata=metadata)
 
 
 def runtime(default: Any = None) -> Any:
@@ -48,26 +58,61 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def config_from_dict(cls: type, values: dict) -> Any:
-    """A config rebuilt from a table's recorded provenance (lists back to tuples; fields
-    it cannot rebuild keep their defaults)."""
+def config_from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """A config rebuilt exactly from the plain values of its fields (``dataclasses.asdict``,
+    or a table's recorded provenance, which lacks only the runtime fields):
+    ``config_from_dict(C, asdict(c)) == c`` for every config. A field it does not know, or a
+    value it cannot rebuild, raises ``InputError`` (never a silently different config)."""
     hints = typing.get_type_hints(cls)
-    kept = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values and _simple(hints[f.name]):
-            v = values[f.name]
-            kept[f.name] = tuple(v) if isinstance(v, list) else v
-    return cls(**kept)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(f"{cls.__name__}: unknown fields {unknown}")
+    kwargs = {
+        name: _rebuild(hints[name], value, f"{cls.__name__}.{name}")
+        for name, value in values.items()
+    }
+    return cls(**kwargs)
 
 
-def _simple(hint: Any) -> bool:
-    args = typing.get_args(hint) or (hint,)
-    return all(
-        a in (int, float, str, bool, type(None), Ellipsis)
-        or typing.get_origin(a) is Literal
-        or (typing.get_origin(a) is tuple and _simple(a))
-        for a in args
-    )
+def _rebuild(hint: Any, value: Any, where: str) -> Any:
+    """``value`` (plain: lists for tuples, dicts for dataclasses) as a value of ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _rebuild(arg, value, where)
+            except InputError:
+                continue
+        raise InputError(f"{where}: cannot rebuild {value!r} as {hint}")
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_rebuild(args[0], v, where) for v in value)
+        if len(args) == len(value):
+            return tuple(_rebuild(a, v, where) for a, v in zip(args, value))
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is dict and isinstance(value, dict):
+        return dict(value)
+    elif dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return config_from_dict(hint, value)
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is str and isinstance(value, str):
+        return value
+    raise InputError(f"{where}: cannot rebuild {value!r} as {hint}")
 
 
 @dataclass(frozen=True)
@@ -80,14 +125,25 @@ class Option:
     default: Any
     help: str
     kind: Any  # the field's type
+    minimum: int | None = None
 
     @property
     def is_flag(self) -> bool:
         return self.kind is bool
 
     def parse(self, text: Any) -> Any:
-        """The field's value from the option's text (or a config file's value)."""
-        return _parse(self.kind, text, self.flag)
+        """The field's value from the option's text (or a config file's value), checked
+        against the field's minimum."""
+        value = _parse(self.kind, text, self.flag)
+        check_minimum(self.flag, value, self.minimum)
+        return value
+
+
+def check_minimum(flag: str, value: Any, minimum: int | None) -> None:
+    """A count below its minimum is an input error (``--max-cases -1`` is not pandas'
+    ``head(-1)``)."""
+    if minimum is not None and isinstance(value, (int, float)) and value < minimum:
+        raise InputError(f"{flag} must be >= {minimum}, got {value}")
 
 
 def options(config_type: type) -> list[Option]:
@@ -105,6 +161,7 @@ def options(config_type: type) -> list[Option]:
                 f.default,
                 f.metadata["help"],
                 hints[f.name],
+                f.metadata.get("minimum"),
             )
         )
     return out

@@ -19,10 +19,20 @@ from tqdm.auto import tqdm
 from latent_hops.backend import Model
 from latent_hops.config import option, runtime
 from latent_hops.errors import InputError
-from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, generate, is_correct
-from latent_hops.positions import context_problems, tokenize_prompts
-from latent_hops.queries import PROMPT_KINDS, PROMPT_SUFFIX, e1_span_in_composition, iter_queries
-from latent_hops.rundir import Column, check_columns
+from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, alias_match, generate
+from latent_hops.positions import context_problems, resolve_positions
+from latent_hops.queries import PROMPT_KINDS, PROMPT_SUFFIX, iter_queries
+from latent_hops.tables import (
+    ALIAS_MATCH,
+    GENERATION,
+    ID,
+    SKIP_REASON,
+    SPLIT,
+    SUBSET,
+    Column,
+    TableSchema,
+    register_schema,
+)
 
 TARGET_ENTITY = {
     "first_hop": "e2",
@@ -33,85 +43,77 @@ TARGET_ENTITY = {
 }
 SUBSETS = ("correct", "incorrect", "excluded")
 
-COLUMNS = (
-    Column("id", "query id"),
-    Column("split", "the dataset's split (toy: train, test_id, test_ood)"),
-    *(
-        column
-        for kind in PROMPT_KINDS
-        for column in (
-            Column(
-                f"{kind}_generation", f"greedy generation for the {kind.replace('_', ' ')} prompt"
+EVALUATION = register_schema(
+    TableSchema(
+        "evaluation.parquet",
+        "a query: its five prompts' generations, its positions and its subset",
+        (
+            ID,
+            SPLIT,
+            *(
+                column
+                for kind in PROMPT_KINDS
+                for column in (
+                    GENERATION.described(
+                        f"greedy generation for the {kind.replace('_', ' ')} prompt (null: the "
+                        "prompt is too long for the model)"
+                    ).renamed(f"{kind}_generation"),
+                    ALIAS_MATCH.described(
+                        f"an alias of {TARGET_ENTITY[kind]} is in that generation "
+                        "(case-insensitive; null: not generated)"
+                    ).renamed(f"{kind}_alias_match"),
+                )
             ),
             Column(
-                f"{kind}_correct",
-                f"an alias of {TARGET_ENTITY[kind]} is in that generation (case-insensitive)",
+                "t1",
+                "Int64",
+                "token index of e1's last token in the composition prompt (unpadded; null: "
+                "e1 not found)",
             ),
-        )
-    ),
-    Column(
-        "t1", "token index of e1's last token in the composition prompt (unpadded; null if none)"
-    ),
-    Column("t2", "token index of the composition prompt's last token (unpadded)"),
-    Column("position_error", "why t1/t2 could not be resolved ('' when resolved)"),
-    Column("subset", "correct / incorrect (by the composition answer) / excluded"),
-    Column("exclusion_reason", "why an excluded query is excluded ('' otherwise)"),
+            Column("t2", "Int64", "token index of the composition prompt's last token (unpadded)"),
+            SUBSET,
+            SKIP_REASON.described(
+                "why the query is excluded from the analyses (null when correct or incorrect)"
+            ),
+        ),
+    )
 )
 """evaluation.parquet: one row per query."""
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt")
+    max_new_tokens: int = option(
+        DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt", minimum=1
+    )
     batch_size: int = runtime(128)
     suffix: str = PROMPT_SUFFIX
     progress: bool = runtime(False)
 
 
-def resolve_positions(model: Model, queries, suffix: str = PROMPT_SUFFIX) -> pd.DataFrame:
-    """t1 and t2 of each composition prompt as unpadded token indices, or a skip reason.
-
-    Columns: ``id``, ``t1``, ``t2`` (nullable ints), ``position_error`` ("" when resolved).
-    """
-    rows = []
-    for q in queries:
-        span = e1_span_in_composition(q, suffix)
-        prompt = q.composition_prompt(suffix)
-        tok = tokenize_prompts(model, [prompt])
-        t1 = tok.char_span_position(0, span) if isinstance(span, tuple) else None
-        error = (
-            span
-            if isinstance(span, str)
-            else (
-                "" if t1 is not None else f"no token overlaps e1's characters {span} in {prompt!r}"
-            )
-        )
-        n = tok.tokens.shape[1]
-        rows.append({"id": q.id, "t1": t1, "t2": n - 1, "position_error": error})
-    out = pd.DataFrame(rows)
-    out["t1"] = out["t1"].astype("Int64")
-    return out
-
-
-def _subset(row: dict) -> tuple[str, str]:
-    if row["position_error"]:
-        return "excluded", row["position_error"]
+def _subset(row: dict, too_long: str) -> tuple[str, str | None]:
+    """(subset, why it is excluded): a prompt too long to run, t1 not found, a single hop
+    not known, a shortcut that gives e3 -- else correct / incorrect by the composition."""
+    if too_long:
+        return "excluded", too_long
+    if not pd.isna(row["skip_reason"]):
+        return "excluded", row["skip_reason"]
     reasons = [
         msg
         for flag, msg in (
-            (row["first_hop_correct"], "first hop unknown"),
-            (row["second_hop_correct"], "second hop unknown"),
+            (row["first_hop_alias_match"], "first hop unknown"),
+            (row["second_hop_alias_match"], "second hop unknown"),
         )
         if not flag
     ]
     reasons += [
         f"{k.replace('_', ' ')} gives e3"
         for k in ("entity_shortcut", "relation_shortcut")
-        if row[f"{k}_correct"]
+        if row[f"{k}_alias_match"]
     ]
     if reasons:
         return "excluded", "; ".join(reasons)
-    return ("correct" if row["composition_correct"] else "incorrect"), ""
+    return ("correct" if row["composition_alias_match"] else "incorrect"), None
 
 
 def evaluate(
@@ -142,34 +144,37 @@ def evaluate(
     for q, p in zip(queries, prompts):
         row: dict = {"id": q.id, "split": q.split}
         for kind in PROMPT_KINDS:
-            text = texts.get(p[kind], "")
+            text = texts.get(p[kind])
             row[f"{kind}_generation"] = text
-            row[f"{kind}_correct"] = is_correct(text, q.names(TARGET_ENTITY[kind]))
+            matched = None if text is None else alias_match(text, q.names(TARGET_ENTITY[kind]))
+            row[f"{kind}_alias_match"] = matched
         rows.append(row)
-    out = pd.DataFrame(rows).merge(
-        resolve_positions(model, queries, config.suffix), on="id", how="left"
-    )
-    out["subset"], out["exclusion_reason"] = zip(*(_subset(r) for r in out.to_dict("records")))
+    out = pd.DataFrame(rows)
+    for kind in PROMPT_KINDS:
+        out[f"{kind}_alias_match"] = out[f"{kind}_alias_match"].astype("boolean")
+    out = out.merge(resolve_positions(model, queries, config.suffix), on="id", how="left")
     too_long = [
         next(
             (f"{k.replace('_', ' ')}: {problems[p[k]]}" for k in PROMPT_KINDS if problems[p[k]]), ""
         )
         for p in prompts
     ]
-    long_rows = [bool(reason) for reason in too_long]
-    out.loc[long_rows, "subset"] = "excluded"
-    out.loc[long_rows, "exclusion_reason"] = [r for r in too_long if r]
-    check_columns(out, COLUMNS, "evaluate")
+    labels = [_subset(r, why) for r, why in zip(out.to_dict("records"), too_long)]
+    out["subset"] = [subset for subset, _ in labels]
+    out["skip_reason"] = pd.Series([why for _, why in labels], dtype="object")
+    out = out[EVALUATION.names]
+    EVALUATION.check(out, "evaluate")
     return out
 
 
 def summarize(evaluation: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per split of each prompt kind, and subset sizes (a small table to print)."""
-    flags = [f"{k}_correct" for k in PROMPT_KINDS]
+    flags = [f"{k}_alias_match" for k in PROMPT_KINDS]
     acc = (
         evaluation.groupby("split")[flags]
         .mean()
-        .rename(columns=lambda c: c.removesuffix("_correct"))
+        .astype(float)
+        .rename(columns=lambda c: c.removesuffix("_alias_match"))
     )
     sizes = evaluation.groupby(["split", "subset"]).size().unstack(fill_value=0)
     for s in SUBSETS:

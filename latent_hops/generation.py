@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from latent_hops import backend
-from latent_hops.backend import Model, greedy_generate
+from latent_hops.backend import Model
 from latent_hops.errors import InputError
 from latent_hops.positions import tokenize_prompts
 
@@ -19,7 +18,7 @@ DEFAULT_MAX_NEW_TOKENS = 10
 
 def decode(model: Model, ids: Iterable[int]) -> str:
     """Text of generated token ids, without special tokens (EOS, padding)."""
-    return backend.tokenizer_of(model).decode(list(ids), skip_special_tokens=True)
+    return model.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -43,7 +42,7 @@ def generate(
     texts: list[str] = [""] * len(prompts)
     for idx in length_batches(lengths, batch_size):
         batch = tokenize_prompts(model, [prompts[i] for i in idx])
-        out = greedy_generate(model, batch.tokens, batch.attention_mask, max_new_tokens)
+        out = model.greedy_generate(batch.tokens, batch.attention_mask, max_new_tokens)
         for i, row in zip(idx, out.tokens.tolist()):
             texts[i] = decode(model, row)
         if progress is not None:
@@ -51,7 +50,7 @@ def generate(
     return texts
 
 
-def is_correct(generation: str, aliases: Iterable[str]) -> bool:
+def alias_match(generation: str, aliases: Iterable[str]) -> bool:
     """The paper's scoring: some alias longer than one character is a case-insensitive
     substring of the generation."""
     text = generation.lower()

@@ -16,8 +16,14 @@ from pathlib import Path
 
 import torch
 
-from latent_hops import backend, gguf
-from latent_hops import backend as backend_module  # `backend` is also load_model's argument
+from latent_hops import gguf
+from latent_hops.backend import (
+    BACKENDS,
+    DEFAULT_MAX_CONTEXT,
+    Backend,
+    UnsupportedArchitecture,
+    resolve_backend,
+)
 from latent_hops.errors import InputError
 
 TOY_SPEC = "toy"
@@ -27,6 +33,8 @@ TOY_CHECKPOINTS = {"toy": "checkpoint", "toy-gpt2": "checkpoint-gpt2"}
 
 class ModelLoadError(InputError):
     """A model spec that cannot be loaded, with the reason in words."""
+
+    code = "model"
 
 
 def toy_checkpoint_dir(spec: str = TOY_SPEC) -> Path:
@@ -100,10 +108,11 @@ def load_local_checkpoint(
     path: Path,
     dtype: torch.dtype,
     device: str,
-    max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
+    spec: str,
+    max_context: int | None = DEFAULT_MAX_CONTEXT,
     n_devices: int = 1,
     backend_name: str = "hooked",
-) -> backend.Model:
+) -> Backend:
     """A Hugging Face checkpoint directory, as a model of ``backend_name``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -115,7 +124,8 @@ def load_local_checkpoint(
         arch = (json.loads(config_file.read_text()).get("architectures") or ["<none>"])[0]
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
-    supported = backend.supported_architectures(backend_name)
+    kind = BACKENDS[backend_name]
+    supported = kind.supported_architectures()
     if arch not in supported:
         raise ModelLoadError(
             f"{path}: architecture {arch!r} is not supported by the {backend_name} backend; "
@@ -141,10 +151,8 @@ def load_local_checkpoint(
         if bars:
             hf_logging.enable_progress_bar()
     try:
-        return backend.from_hf(
-            backend_name, hf_model, tokenizer, dtype, device, max_context, n_devices
-        )
-    except backend.UnsupportedArchitecture as err:
+        return kind.from_hf(hf_model, tokenizer, dtype, device, spec, max_context, n_devices)
+    except UnsupportedArchitecture as err:
         raise ModelLoadError(f"{path}: {err}") from None
     except (ValueError, NotImplementedError) as err:  # the bridge has no adapter for it
         if backend_name != "bridge":
@@ -158,12 +166,14 @@ def load_model(
     spec: str | os.PathLike = TOY_SPEC,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
-    max_context: int | None = backend.DEFAULT_MAX_CONTEXT,
+    max_context: int | None = DEFAULT_MAX_CONTEXT,
     n_devices: int = 1,
     backend: str = "auto",
-) -> backend_module.Model:
-    """Load a model ready for analysis: a TransformerLens ``HookedTransformer`` (backend
-    ``"hooked"``, TL 3.x) or ``TransformerBridge`` (``"bridge"``, TL 4; also in TL 3.9).
+) -> Backend:
+    """Load a model ready for analysis: a ``Backend`` handle holding a TransformerLens
+    ``HookedTransformer`` (backend ``"hooked"``, TL 3.x) or ``TransformerBridge``
+    (``"bridge"``, TL 4; also in TL 3.9) as ``.tl``, its tokenizer, the spec and what it can
+    do (``.capabilities``).
 
     Args:
         spec: ``"toy"``, ``"toy-gpt2"``, ``"smollm2-135m"``, a ``.gguf`` file, a local HF
@@ -179,16 +189,12 @@ def load_model(
             ``"bridge"``. Both give the same results (tests check it); see the README.
     """
     try:
-        name = backend_module.resolve_backend(backend)
+        name = resolve_backend(backend)
     except InputError as err:
         raise ModelLoadError(str(err)) from None
-    model = _load(
+    return _load(
         str(spec), _resolve_dtype(dtype), _resolve_device(device), max_context, n_devices, name
     )
-    model.__dict__["latent_hops_spec"] = str(
-        spec
-    )  # what made it, for provenance (backend.model_spec)
-    return model
 
 
 def _load(
@@ -198,7 +204,7 @@ def _load(
     max_context: int | None,
     n_devices: int,
     backend_name: str,
-) -> backend.Model:
+) -> Backend:
     if (
         n_devices < 1
         or n_devices > 1
@@ -211,7 +217,7 @@ def _load(
     spec = str(spec)
     if spec in TOY_CHECKPOINTS:
         return load_local_checkpoint(
-            toy_checkpoint_dir(spec), dtype_, device_, max_context, n_devices, backend_name
+            toy_checkpoint_dir(spec), dtype_, device_, spec, max_context, n_devices, backend_name
         )
     path = Path(spec).expanduser()
     if spec in gguf.PACKAGED_MODELS or path.suffix == ".gguf":
@@ -221,6 +227,7 @@ def _load(
                 gguf.converted_checkpoint(gguf_file),
                 dtype_,
                 device_,
+                spec,
                 max_context,
                 n_devices,
                 backend_name,
@@ -228,10 +235,12 @@ def _load(
         except gguf.GGUFError as err:
             raise ModelLoadError(str(err)) from None
     if path.is_dir():
-        return load_local_checkpoint(path, dtype_, device_, max_context, n_devices, backend_name)
+        return load_local_checkpoint(
+            path, dtype_, device_, spec, max_context, n_devices, backend_name
+        )
     if path.exists() or _looks_like_path(spec):
         raise ModelLoadError(f"{spec!r} is not a checkpoint directory (no such directory)")
-    names = backend.known_model_names(backend_name)
+    names = BACKENDS[backend_name].known_names()
     if names is not None and spec.lower() not in {n.lower() for n in names}:
         raise ModelLoadError(
             f"{spec!r} is neither a shipped model "
@@ -240,7 +249,7 @@ def _load(
             f"(e.g. 'gpt2', 'meta-llama/Llama-2-7b-hf'; {len(names)} names are known)"
         )
     try:
-        return backend.from_pretrained(backend_name, spec, dtype_, device_, n_devices)
+        return BACKENDS[backend_name].from_pretrained(spec, dtype_, device_, spec, n_devices)
     except OSError as err:  # transformers raises OSError when the hub cannot be reached
         raise ModelLoadError(
             f"could not download {spec!r} from the Hugging Face hub ({err.__class__.__name__}); "

@@ -13,14 +13,16 @@ and when an entity tokenises differently in context.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from jaxtyping import Int
 
-from latent_hops import backend
 from latent_hops.backend import EMBEDDINGS, Model
 from latent_hops.errors import InputError
+from latent_hops.queries import PROMPT_SUFFIX, TwoHopQuery, e1_span_in_composition
 
 Span = tuple[int, int]
 
@@ -111,15 +113,15 @@ def tokenize_prompts(
     model: Model, prompts: list[str], prepend_bos: bool | None = None, padding_side: str = "left"
 ) -> TokenizedPrompts:
     """Tokenise like ``model.to_tokens`` does, but padded (left by default) and with
-    character offsets. BOS is prepended when ``prepend_bos`` (default:
-    ``backend.prepends_bos``).
+    character offsets. BOS is prepended when ``prepend_bos`` (default: the model's own
+    tokenizer's convention, ``model.prepends_bos``).
     """
     if not prompts:
         raise InputError("no prompts to tokenise")
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    tokenizer = backend.tokenizer_of(model)
-    bos = backend.prepends_bos(model) if prepend_bos is None else prepend_bos
+    tokenizer = model.tokenizer
+    bos = model.prepends_bos if prepend_bos is None else prepend_bos
     enc = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], [list(map(tuple, o)) for o in enc["offset_mapping"]]
     if bos:
@@ -136,7 +138,7 @@ def tokenize_prompts(
         cols = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
         tokens[i, cols] = torch.tensor(row)
         mask[i, cols] = 1
-    device = backend.device_of(model)
+    device = model.device
     return TokenizedPrompts(tokens.to(device), mask.to(device), offsets, padding_side)
 
 
@@ -144,11 +146,11 @@ def context_problems(model: Model, prompts: list[str], new_tokens: int = 0) -> l
     """For each prompt, why it cannot run (its tokens plus ``new_tokens`` generated ones
     exceed the model's context ``n_ctx``), or None. TransformerLens would fail deep in its
     positional code, and fail the whole batch with it."""
-    tokenizer, bos = backend.tokenizer_of(model), int(backend.prepends_bos(model))
+    tokenizer, bos = model.tokenizer, int(model.prepends_bos)
     lengths = [
         len(ids) + bos for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     ]
-    n_ctx = backend.context_length(model)
+    n_ctx = model.context_length
     generated = f" + {new_tokens} generated" if new_tokens else ""
     return [
         None
@@ -165,15 +167,41 @@ def answer_first_tokens(model: Model, prompt: str, aliases) -> list[int]:
     prompt's own tokens, so leading-space BPE and SentencePiece pieces come out right.
     Where a tokenizer merges across that boundary, the alias is tokenised on its own.
     """
-    base = backend.tokenizer_of(model)(prompt, add_special_tokens=False)["input_ids"]
+    tokenizer = model.tokenizer
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     firsts = []
     for alias in aliases:
-        ids = backend.tokenizer_of(model)(f"{prompt} {alias}", add_special_tokens=False)[
-            "input_ids"
-        ]
+        ids = tokenizer(f"{prompt} {alias}", add_special_tokens=False)["input_ids"]
         if len(ids) > len(base) and ids[: len(base)] == base:
             firsts.append(ids[len(base)])
         else:
-            alone = backend.tokenizer_of(model)(f" {alias}", add_special_tokens=False)["input_ids"]
+            alone = tokenizer(f" {alias}", add_special_tokens=False)["input_ids"]
             firsts += alone[:1]
     return list(dict.fromkeys(firsts))
+
+
+def resolve_positions(
+    model: Model, queries: Sequence[TwoHopQuery], suffix: str = PROMPT_SUFFIX
+) -> pd.DataFrame:
+    """t1 and t2 of each composition prompt as unpadded token indices, or the reason why not.
+
+    Columns: ``id``, ``t1``, ``t2`` (nullable ints), ``skip_reason`` (null when resolved).
+    """
+    rows = []
+    for q in queries:
+        span = e1_span_in_composition(q, suffix)
+        prompt = q.composition_prompt(suffix)
+        tok = tokenize_prompts(model, [prompt])
+        t1 = tok.char_span_position(0, span) if isinstance(span, tuple) else None
+        if isinstance(span, str):
+            reason: str | None = span
+        elif t1 is None:
+            reason = f"no token overlaps e1's characters {span} in {prompt!r}"
+        else:
+            reason = None
+        n = tok.tokens.shape[1]
+        rows.append({"id": q.id, "t1": t1, "t2": n - 1, "skip_reason": reason})
+    out = pd.DataFrame(rows, columns=["id", "t1", "t2", "skip_reason"])
+    out["t1"] = out["t1"].astype("Int64")
+    out["t2"] = out["t2"].astype("Int64")
+    return out

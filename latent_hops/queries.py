@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from latent_hops.errors import InputError
+from latent_hops.tables import Column, TableSchema, register_schema
 
 PROMPT_KINDS = ("first_hop", "second_hop", "composition", "entity_shortcut", "relation_shortcut")
 """The five prompts of a query (reference §Data), in this order everywhere."""
@@ -41,6 +42,8 @@ REQUIRED_COLUMNS = (
 
 class DatasetError(InputError):
     """A dataset that cannot be read, with the reason (and the row id where there is one)."""
+
+    code = "dataset"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,46 @@ class TwoHopQuery:
 
 QUERY_COLUMNS = tuple(f.name for f in fields(TwoHopQuery))
 ALIAS_COLUMNS = ("e1_aliases", "e2_aliases", "e3_aliases")
+
+_QUERY_DOCS = {
+    "id": "query id (unique)",
+    "e1_label": "the subject's name as it appears in the prompt (Imagine)",
+    "e2_label": "the bridge entity's name (John Lennon)",
+    "e3_label": "the answer's name (Yoko Ono)",
+    "r1_template": "first-hop relation with one {} slot (the performer of {})",
+    "r2_template": "second-hop relation with one {} slot (the spouse of {})",
+    "e1_aliases": "other names of e1: a list (CSV: a Python list literal, '[\"...\"]')",
+    "e2_aliases": "other names of e2 (counted as e2 when generated)",
+    "e3_aliases": "other names of e3 (counted as e3 when generated)",
+    "e1": "e1's id in the knowledge base (optional; Wikidata in the paper)",
+    "r1": "r1's id (optional)",
+    "e2": "e2's id (optional)",
+    "r2": "r2's id (optional)",
+    "e3": "e3's id (optional)",
+    "e1_type": "e1's entity type (optional)",
+    "e2_type": "e2's entity type (optional; rebalancing caps cases per bridge type)",
+    "e3_type": "e3's entity type (optional)",
+    "r1_type": "r1's relation type (optional)",
+    "r2_type": "r2's relation type (optional)",
+    "source_prompt": "the two-hop prompt, if not r2_template(r1_template(e1_label)) + ' is' "
+    "(optional)",
+    "split": "a split name of your own (optional; default 'all')",
+}
+QUERY_SCHEMA = register_schema(
+    TableSchema(
+        "queries (input: the paper's two_hop.csv, or .parquet / .jsonl)",
+        "a two-hop query; the first nine columns are required, the rest optional (extra "
+        "columns, like the paper's popularity counts, are ignored)",
+        tuple(
+            Column(name, "str", _QUERY_DOCS[name])
+            for name in (
+                *REQUIRED_COLUMNS,
+                *(c for c in QUERY_COLUMNS if c not in REQUIRED_COLUMNS),
+            )
+        ),
+    )
+)
+"""The input schema (documentation only: aliases are lists once read)."""
 
 
 def build_prompts(

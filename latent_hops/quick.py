@@ -6,25 +6,27 @@
     result.summary            # oracle rates with 95% intervals, per subset x position x kind
     result.heatmap("incorrect", "t2").show()
 
-It does what the CLI's ``backpatch`` does, in order: evaluate the queries, keep the
-analysable subsets (never the excluded ones), prepare the cases (skips recorded with
-their reasons), sweep with the fast engine, label the rows and summarise.
+It is ``run.Run`` with the back-patching analysis, so it takes the same cases as the CLI for
+the same arguments: evaluate the queries (or reuse ``evaluation=``), keep the analysable
+subsets (never the excluded ones) with at most ``max_cases`` per split x subset, prepare
+the cases (skips recorded with their reasons), sweep with the fast engine, label the rows.
+With ``out=`` the sweep is written to (and resumed from) a run directory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from latent_hops import plots
 from latent_hops.analyses import backpatch as bp
 from latent_hops.backend import Model
-from latent_hops.errors import InputError
-from latent_hops.evaluation import EvaluationConfig, evaluate
-from latent_hops.queries import TwoHopQuery, normalize_table, queries_to_table
+from latent_hops.evaluation import EvaluationConfig
+from latent_hops.queries import TwoHopQuery, queries_to_table
+from latent_hops.run import Run, Selection
 
 
 @dataclass
@@ -50,7 +52,7 @@ class BackpatchResult:
     def heatmap(
         self, subset: str = "incorrect", position: str = "t2", kind: str = "back"
     ) -> go.Figure:
-        return plots.backpatch_heatmap(
+        return bp.backpatch_heatmap(
             self.cells, subset, position, "all", kind, oracle=bp.oracle_rates(self.table)
         )
 
@@ -61,23 +63,27 @@ def run_backpatch(
     config: bp.BackpatchConfig | None = None,
     subsets: Sequence[str] = ("incorrect", "correct"),
     max_cases: int | None = None,
+    evaluation: pd.DataFrame | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
 ) -> BackpatchResult:
-    """Evaluate ``queries``, then back-patch up to ``max_cases`` per subset (default all)."""
+    """Evaluate ``queries`` (or take ``evaluation``), then back-patch up to ``max_cases``
+    per split x subset (default all). No analysable query raises ``NoCasesError``, whose
+    ``.evaluation`` says why."""
     config = config or bp.BackpatchConfig()
-    table = queries_to_table(list(queries)) if not isinstance(queries, pd.DataFrame) else queries
-    table = normalize_table(table, "queries")
-    evaluation = evaluate(
-        model, table, EvaluationConfig(max_new_tokens=config.max_new_tokens, suffix=config.suffix)
+    table = queries if isinstance(queries, pd.DataFrame) else queries_to_table(list(queries))
+    ev_config = EvaluationConfig(
+        max_new_tokens=config.max_new_tokens, suffix=config.suffix, progress=progress
     )
-    chosen = evaluation[evaluation["subset"].isin(subsets)]
-    if max_cases is not None:
-        chosen = chosen.groupby("subset", sort=False).head(max_cases)
-    if chosen.empty:
-        counts = evaluation["subset"].value_counts().to_dict()
-        raise InputError(
-            f"no query is in subsets {list(subsets)} (subsets found: {counts}); "
-            "see the evaluation's exclusion_reason column"
-        )
-    cases, skipped = bp.prepare_cases(model, table[table["id"].isin(set(chosen["id"]))], config)
-    labelled = bp.with_labels(bp.sweep(model, cases, config), evaluation)
-    return BackpatchResult(labelled, evaluation, skipped, config)
+    run = Run(
+        model,
+        table,
+        out,
+        selection=Selection(tuple(subsets), max_cases),
+        configs={"evaluate": ev_config, "backpatch": replace(config, progress=progress)},
+        evaluation=evaluation,
+        progress=progress,
+    )
+    _, skipped = run.cases(config.positions)
+    labelled = bp.with_labels(run.table("backpatch"), run.evaluation())
+    return BackpatchResult(labelled, run.evaluation(), skipped, config)

@@ -1,14 +1,10 @@
-"""Reading a residual-stream vector as a distribution over the vocabulary, and the rank of
-an answer in it (best over the answer's first tokens)."""
+"""The rank of an answer in a distribution over the vocabulary (best over the answer's first
+tokens). Vectors are read as such distributions by ``Model.project_to_vocab``."""
 
 from __future__ import annotations
 
 import torch
 from jaxtyping import Float
-
-from latent_hops.backend import project_to_vocab
-
-__all__ = ["best_rank", "project_to_vocab"]
 
 
 def best_rank(

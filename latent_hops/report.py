@@ -19,13 +19,13 @@ from latent_hops.analysis import ReportInput, analyses
 from latent_hops.config import config_from_dict
 from latent_hops.errors import InputError
 from latent_hops.evaluation import summarize
-from latent_hops.rundir import made_by_of, write_text
+from latent_hops.rundir import read_table, write_text
 
 EVALUATION_NOTE = (
-    "Greedy decoding, {max_new_tokens} new tokens; a prompt is answered correctly when an alias "
-    "(longer "
-    "than one character) of the target entity is a case-insensitive substring of the generation. "
-    "Analysed cases know both single hops and are not answered by either shortcut."
+    "Greedy decoding, {max_new_tokens} new tokens; a prompt is answered correctly when an "
+    "alias (longer than one character) of the target entity is a case-insensitive substring "
+    "of the generation. Analysed cases know both single hops and are not answered by either "
+    "shortcut."
 )
 IDENTITY = ("model", "weights_sha256", "dataset", "dataset_sha256")
 
@@ -69,11 +69,12 @@ def build_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not (run / "evaluation.parquet").is_file():
         raise InputError(
-            f"{run} has no evaluation.parquet: run `latent-hops evaluate` (or demo) first"
+            f"{run} has no evaluation.parquet: run `latent-hops evaluate` (or demo) first",
+            code="run-dir",
         )
     fig = _Figures()
-    evaluation = pd.read_parquet(run / "evaluation.parquet")
-    made_by = made_by_of(run / "evaluation.parquet") or {}
+    evaluation = read_table(run / "evaluation.parquet")
+    made_by = evaluation.attrs["made_by"] or {}
     note = EVALUATION_NOTE.format(
         max_new_tokens=made_by.get("config", {}).get("max_new_tokens", "?")
     )
@@ -86,17 +87,17 @@ def build_report(run_dir: str | Path) -> Path:
         if not path.is_file():
             absent.append(analysis.title)
             continue
-        recorded = made_by_of(path) or {}
+        table = read_table(path)
+        recorded = table.attrs["made_by"] or {}
         config = config_from_dict(analysis.config, recorded.get("config", {}))
         other = [k for k in IDENTITY if made_by and recorded and recorded.get(k) != made_by.get(k)]
         warning = (
-            f"<p class='note'><b>Warning: this table was made with another {', '.join(other)} than "
-            "the "
-            "evaluation.</b></p>"
+            f"<p class='note'><b>Warning: this table was made with another {', '.join(other)} "
+            "than the evaluation.</b></p>"
             if other
             else ""
         )
-        section = ReportInput(pd.read_parquet(path), config, evaluation, run, fig, _table)
+        section = ReportInput(table, config, evaluation, run, fig, _table)
         parts.append(
             _section(analysis.title, analysis.note(config), warning + analysis.report(section))
         )
@@ -104,8 +105,8 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append(f"<p class='note'>Not in this run: {html.escape(', '.join(absent))}.</p>")
     title = _title(run, made_by)
     page = (
-        "<!doctype html><html><head><meta "
-        f"charset='utf-8'><title>{html.escape(title)}</title><style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>"
         "body{font-family:sans-serif;margin:2em;max-width:1300px} .note{color:#444;max-width:900px}"
         ".grid{display:flex;flex-wrap:wrap;gap:8px} .table{border-collapse:collapse;font-size:13px}"
         ".table td,.table th{padding:2px 8px;border-bottom:1px solid #ddd}</style></head><body>"

@@ -12,13 +12,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,23 +26,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latent_hops.errors import InputError
+from latent_hops._version import __version__
+from latent_hops.errors import InputError, RunDirError
+from latent_hops.tables import SCHEMA_VERSION
 
-
-@dataclass(frozen=True)
-class Column:
-    """One column of a result table and what it holds (docs/columns.md lists them all)."""
-
-    name: str
-    doc: str
-
-
-def check_columns(frame: pd.DataFrame, columns: Sequence[Column], what: str) -> None:
-    """The declared columns, in order; else a bug in the code that made ``frame`` (not the
-    user's input)."""
-    want, got = [c.name for c in columns], list(frame.columns)
-    if got != want:
-        raise RuntimeError(f"{what} produced columns {got}, declared {want}")
+logger = logging.getLogger(__name__)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -141,6 +129,19 @@ def made_by_of(path: Path) -> dict | None:
     return json.loads(meta[MADE_BY_KEY]) if MADE_BY_KEY in meta else None
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A result table with what made it: ``table.attrs["made_by"]`` (model, weights hash,
+    dataset hash, analysis config, versions), which ``pd.read_parquet`` drops."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such table", code="run-dir")
+    made_by = made_by_of(path)
+    check_schema(made_by, path)
+    table = pd.read_parquet(path)
+    table.attrs["made_by"] = made_by
+    return table
+
+
 def _normalised(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))  # tuples -> lists, as stored
 
@@ -160,14 +161,28 @@ def differences(recorded: dict | None, wanted: dict) -> list[str]:
     return out
 
 
+def check_schema(made_by: dict | None, where: Path) -> None:
+    """Refuse what an older latent_hops wrote (another table vocabulary): one line, saying
+    to recompute."""
+    version = (made_by or {}).get("tables")
+    if version != SCHEMA_VERSION:
+        raise RunDirError(
+            f"{where} was written by an older latent_hops (table schema {version or 1}, now "
+            f"{SCHEMA_VERSION}): recompute it in a new run directory, or delete it"
+        )
+
+
 def reusable_table(path: Path, made_by: dict, ids: set[str] | None = None) -> pd.DataFrame | None:
     """The table at ``path`` if it was made exactly as ``made_by`` says (and covers ``ids``,
-    returning just their rows); else None, printing what differs."""
+    returning just their rows); else None, logging what differs. A table of an older table
+    schema is refused (``check_schema``)."""
     if not Path(path).is_file():
         return None
-    differ = differences(made_by_of(path), made_by)
+    recorded = made_by_of(path)
+    check_schema(recorded, path)
+    differ = differences(recorded, made_by)
     if differ:
-        print(f"not reusing {path}: made differently ({'; '.join(differ)}); recomputing")
+        logger.info("not reusing %s: made differently (%s); recomputing", path, "; ".join(differ))
         return None
     table = pd.read_parquet(path)
     if ids is None:
@@ -192,7 +207,9 @@ def check_config(folder: Path, made_by: dict) -> None:
     if not path.is_file():
         write_text(path, json.dumps(made_by, sort_keys=True, default=str))
         return
-    differ = differences(json.loads(path.read_text()), made_by)
+    recorded = json.loads(path.read_text())
+    check_schema(recorded, folder)
+    differ = differences(recorded, made_by)
     if differ:
         raise InputError(
             f"{folder} holds results made differently ({'; '.join(differ)}); use another --out "
@@ -207,9 +224,9 @@ def run_in_parts(
     compute: Callable[[Sequence], pd.DataFrame],
     on_skip: Callable[[int], None] | None = None,
     made_by: dict | None = None,
-) -> None:
+) -> int:
     """Compute ``cases`` chunk by chunk, one part each, skipping cases already done
-    (made the same way, see ``check_config``)."""
+    (made the same way, see ``check_config``); returns how many were already done."""
     if chunk < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")
     check_config(folder, made_by or {})
@@ -221,6 +238,7 @@ def run_in_parts(
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         write_part(folder, compute(part), "|".join(c.id for c in part))
+    return len(cases) - len(todo)
 
 
 def merge_parts(
@@ -263,12 +281,15 @@ def library_versions() -> dict[str, str | None]:
 
 
 def record_run(
-    run_dir: Path, command: str, config: dict, dataset_path: str | Path | None, started: float
+    run_dir: Path,
+    command: str,
+    config: dict,
+    dataset_sha256: str | None,
+    started: float,
+    status: str = "ok",
 ) -> Path:
-    """Append this command's entry (model, dataset hash, config, version, times) to
-    manifest.json."""
-    from latent_hops import __version__
-
+    """Append this command's entry (model, dataset hash, config, version, times, and whether
+    it finished: ``ok``, ``interrupted``, ``failed``) to manifest.json."""
     path = run_dir / "manifest.json"
     stamp = lambda t: datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")  # noqa: E731
     entry = {
@@ -276,7 +297,8 @@ def record_run(
         "package_version": __version__,
         "versions": library_versions(),
         "config": config,
-        "dataset_sha256": file_hash(dataset_path) if dataset_path else None,
+        "dataset_sha256": dataset_sha256,
+        "status": status,
         "started": stamp(started),
         "finished": stamp(time.time()),
     }

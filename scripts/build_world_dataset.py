@@ -184,7 +184,7 @@ def one_hop_accuracy(evaluation: pd.DataFrame, table: pd.DataFrame) -> pd.DataFr
                 "relation": rel,
                 "template": template,
                 "role": "r1" if len(first) else "r2",
-                "one-hop accuracy": f"{one[f'{hop}_correct'].mean():.0%}",
+                "one-hop accuracy": f"{one[f'{hop}_alias_match'].mean():.0%}",
                 "subjects": len(one),
                 "queries": len(first) or len(second),
                 "correct": int(sizes.get("correct", 0)),

@@ -48,7 +48,7 @@ def _ci(r) -> str:
 
 def _rate(r) -> str:
     """``45% (38–53), 76/169``: a rate with its interval and counts."""
-    return f"{_ci(r)}, {int(r.rescued)}/{int(r.cases)}"
+    return f"{_ci(r)}, {int(r.successes)}/{int(r.cases)}"
 
 
 def _labelled(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -126,8 +126,8 @@ def _probed(run: Path) -> pd.DataFrame:
 
 def _probe_by_subset(probed: pd.DataFrame) -> pd.DataFrame:
     """Probe accuracy per subset x entity x position x layer, and its control's."""
-    return probed.groupby(["subset", "entity", "position", "layer"])[
-        ["correct", "control_correct"]
+    return probed.groupby(["subset", "entity", "position", "hidden_layer"])[
+        ["token_match", "control_token_match"]
     ].mean()
 
 
@@ -135,26 +135,28 @@ def render_probe(run: Path) -> str:
     probed = _probed(run)
     acc = _probe_by_subset(probed)
     counts = probed.drop_duplicates("id").subset.value_counts()
-    last = int(acc.index.get_level_values("layer").max())
-    e2_t2 = acc.xs(("e2", "t2"), level=("entity", "position"))["correct"]
+    last = int(acc.index.get_level_values("hidden_layer").max())
+    e2_t2 = acc.xs(("e2", "t2"), level=("entity", "position"))["token_match"]
     peak = int(e2_t2.xs("correct").idxmax())
     rows = [
         ("e2 linearly decodable at t2 (probe), layer 2", lambda s: _pct(e2_t2[s, 2])),
         (f"e2 at t2, layer {peak} (its peak on correct cases)", lambda s: _pct(e2_t2[s, peak])),
         (
             f"e3 linearly decodable at t2, layer {last}",
-            lambda s: _pct(acc.loc[(s, "e3", "t2", last), "correct"]),
+            lambda s: _pct(acc.loc[(s, "e3", "t2", last), "token_match"]),
         ),
         (
             "e2 decodable at t1 (any layer)",
             lambda s: (
                 "≤ "
-                + _pct(acc.xs(("e2", "t1"), level=("entity", "position")).xs(s)["correct"].max())
+                + _pct(
+                    acc.xs(("e2", "t1"), level=("entity", "position")).xs(s)["token_match"].max()
+                )
             ),
         ),
         (
             "shuffled-target control (any probe, any layer)",
-            lambda s: "≤ " + _pct(acc.xs(s)["control_correct"].max()),
+            lambda s: "≤ " + _pct(acc.xs(s)["control_token_match"].max()),
         ),
     ]
     head = " | ".join(f"{s} (test_id, n = {counts[s]})" for s in ("correct", "incorrect"))
@@ -172,7 +174,8 @@ def render_gpt2(run: Path) -> str:
     lens = resolution_layers(pd.read_parquet(run / "logit_lens.parquet"))
     lens["subset"] = lens.id.map(subset)
     by_2 = (lens.first_hop_layer <= 2).groupby(lens.subset).mean()
-    acc = _probe_by_subset(_probed(run)).xs(("e2", "t1"), level=("entity", "position"))["correct"]
+    acc = _probe_by_subset(_probed(run)).xs(("e2", "t1"), level=("entity", "position"))
+    acc = acc["token_match"]
     oracle = bp.oracle_rates(_labelled(run)[0])
     t1 = oracle.query("split == 'all' and subset == 'incorrect' and position == 't1'")
     t1 = t1.set_index("kind")
@@ -215,7 +218,7 @@ BLOCKS = (
     Block(
         "toy-gpt2",
         (
-            ("logit-lens", "--model", "toy-gpt2", "--split", "test_id", "--max-cases", "150"),
+            ("logit_lens", "--model", "toy-gpt2", "--split", "test_id", "--max-cases", "150"),
             ("probe", "--model", "toy-gpt2", "--split", "test_id", "--max-cases", "150"),
             (
                 "backpatch",
@@ -231,7 +234,7 @@ BLOCKS = (
                 "t1",
             ),
         ),
-        "`latent-hops logit-lens|probe --model toy-gpt2 --split test_id --max-cases 150 --out "
+        "`latent-hops logit_lens|probe --model toy-gpt2 --split test_id --max-cases 150 --out "
         "runs/toy-gpt2` and `latent-hops backpatch --model toy-gpt2 --split test_id --subset "
         "incorrect --max-cases 80 --positions t1 --out runs/toy-gpt2`",
         render_gpt2,

@@ -22,7 +22,6 @@ from latent_hops.analyses.backpatch import (
     sweep,
     sweep_naive,
 )
-from latent_hops.backend import greedy_generate
 from latent_hops.models import ModelLoadError
 from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import queries_to_table
@@ -93,11 +92,11 @@ def family(request, tmp_path_factory):
 
 def test_config_is_read_from_config_json(family):
     name, hf, model = family
-    if backend.backend_of(model) == "bridge":
+    if model.name == "bridge":
         pytest.skip("the hooked backend's own config (the bridge reads HF's)")
-    assert model.cfg.original_architecture == FAMILIES[name][0]
+    assert model.architecture == FAMILIES[name][0]
     for field, value in FAMILIES[name][2].items():
-        assert getattr(model.cfg, field) == value, field
+        assert getattr(model.tl.cfg, field) == value, field
 
 
 def test_logits_equal_hugging_face_on_a_left_padded_batch(family):
@@ -108,7 +107,7 @@ def test_logits_equal_hugging_face_on_a_left_padded_batch(family):
     position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf(batch.tokens, attention_mask=batch.attention_mask, position_ids=position_ids).logits
-        ours = model(batch.tokens, attention_mask=batch.attention_mask)
+        ours = model.tl(batch.tokens, attention_mask=batch.attention_mask)
     real = batch.attention_mask.bool()
     assert (ref - ours)[real].abs().max() <= 1e-4
 
@@ -118,7 +117,7 @@ def test_greedy_generation_equals_hugging_face(family):
     batch = tokenize_prompts(model, PROMPTS)
     ref = hf.generate(batch.tokens, attention_mask=batch.attention_mask, max_new_tokens=8, do_sample=False,
                       pad_token_id=model.tokenizer.pad_token_id)[:, batch.tokens.shape[1]:]
-    ours = greedy_generate(model, batch.tokens, batch.attention_mask, 8).tokens
+    ours = model.greedy_generate(batch.tokens, batch.attention_mask, 8).tokens
     eos = model.tokenizer.eos_token_id
     for r, o in zip(ref.tolist(), ours.tolist()):
         cut = lambda ids: ids[: ids.index(eos) + 1] if eos in ids else ids  # noqa: E731
@@ -153,5 +152,5 @@ def test_what_transformer_lens_cannot_express_is_refused(tmp_path, model_type, o
 @pytest.mark.skipif(not HOOKED, reason="the hooked backend's n_ctx (the bridge leaves context to HF)")
 def test_long_contexts_are_capped_and_can_be_raised(tmp_path):
     path = save_family("llama", tmp_path / "long", max_position_embeddings=131072)
-    assert load_model(path, device="cpu").cfg.n_ctx == 4096
-    assert load_model(path, device="cpu", max_context=8192).cfg.n_ctx == 8192
+    assert load_model(path, device="cpu").context_length == 4096
+    assert load_model(path, device="cpu", max_context=8192).context_length == 8192

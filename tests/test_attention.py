@@ -17,13 +17,13 @@ from latent_hops.queries import queries_to_table
 def test_weights_equal_the_cached_pattern(request, name):
     model = request.getfixturevalue(name)
     cases, _ = prepare_cases(model, queries_to_table(QUERIES))
-    table = attention_to_t1(model, cases, batch_size=2).set_index(["id", "layer", "head"])  # batched, left-padded
+    table = attention_to_t1(model, cases, batch_size=2).set_index(["id", "block", "head"])  # batched, left-padded
     for case in cases:
         tok = tokenize_prompts(model, [case.prompt])
-        _, cache = model.run_with_cache(tok.tokens)
-        for layer in range(model.cfg.n_layers):
+        _, cache = model.tl.run_with_cache(tok.tokens)
+        for layer in range(model.n_layers):
             pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, case.positions["t2"], case.positions["t1"]]
-            got = torch.tensor([table.loc[(case.id, layer, h), "weight"] for h in range(model.cfg.n_heads)],
+            got = torch.tensor([table.loc[(case.id, layer, h), "weight"] for h in range(model.tl.cfg.n_heads)],
                                dtype=torch.float32)
             torch.testing.assert_close(got, pattern.float(), atol=1e-5, rtol=1e-4)
 

@@ -1,13 +1,14 @@
 """TransformerLens specifics live in latent_hops/backend/ only: no other module imports
 transformer_lens, touches ``cfg`` / ``run_with_hooks`` / ``run_with_cache`` / ``hooks`` /
-``W_U`` / ``ln_final`` / ``unembed``, or spells a hook name. A second backend (TL 4's
+``W_U`` / ``ln_final`` / ``unembed`` / the handle's ``tl``, or spells a hook name. A second backend (TL 4's
 TransformerBridge) is then a new backend module, not a rewrite of the analyses."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "latent_hops"
-TL_ATTRIBUTES = {"cfg", "run_with_hooks", "run_with_cache", "hooks", "W_U", "b_U", "ln_final", "unembed", "blocks"}
+TL_ATTRIBUTES = {"cfg", "run_with_hooks", "run_with_cache", "hooks", "W_U", "b_U", "ln_final", "unembed", "blocks",
+                 "tl"}  # the handle's TransformerLens model: backend code only
 
 
 def _violations(path: Path) -> list[str]:

@@ -8,6 +8,7 @@ the hooked backend's table for ``latent-hops backpatch --model toy --limit 40`` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,8 @@ from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep
 from latent_hops.analyses.knockout import KnockoutConfig, attention_knockout
 from latent_hops.analyses.logit_lens import logit_lens
 from latent_hops.analyses.patchscopes import PatchscopeConfig, patchscope
-from latent_hops.backend import Site, greedy_generate, project_to_vocab
+from latent_hops.backend import Site
+from latent_hops.backend.tl import hook_name
 from latent_hops.cli import main
 from latent_hops.errors import InputError
 from latent_hops.models import ModelLoadError, toy_checkpoint_dir
@@ -32,7 +34,7 @@ from latent_hops.queries import load_dataset, queries_to_table
 HOOKED = backend.hooked_available()
 BACKENDS = ["hooked", "bridge"] if HOOKED else ["bridge"]
 both = pytest.mark.skipif(not HOOKED, reason="the hooked backend needs TransformerLens 3.x")
-GOLDEN = Path(__file__).parent / "data" / "backpatch_toy_limit40_hooked.csv"
+GOLDEN = Path(__file__).parent / "data" / "backpatch_toy_limit40_hooked.parquet"
 MODELS = ["toy", "toy-gpt2", "llama", "gpt2", "qwen2", "gemma2"]
 LOGPROB = dict(atol=1e-4, rtol=0)
 
@@ -68,9 +70,9 @@ def test_logprobs_and_hidden_states_agree(models):
     for b, model in loaded.items():
         tok = tokenize_prompts(model, _prompts(name, model))
         cols = torch.arange(tok.tokens.shape[1]).expand(len(tok.tokens), -1)
-        sites = [Site("resid", layer) for layer in range(-1, backend.n_layers(model))]
-        states = backend.read_sites(model, tok.tokens, tok.attention_mask, cols, sites)
-        logprobs = backend.last_logits(model, tok.tokens, attention_mask=tok.attention_mask)
+        sites = [Site("resid", layer) for layer in range(-1, model.n_layers)]
+        states = model.read_sites(tok.tokens, tok.attention_mask, cols, sites)
+        logprobs = model.last_logits(tok.tokens, tok.attention_mask)
         outputs[b] = (tok, states, logprobs.log_softmax(-1))
     tok = outputs[BACKENDS[0]][0]
     position_ids = (tok.attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -78,7 +80,7 @@ def test_logprobs_and_hidden_states_agree(models):
         ref = hf(tok.tokens, attention_mask=tok.attention_mask, position_ids=position_ids).logits
     for b, (_, states, logprobs) in outputs.items():
         torch.testing.assert_close(logprobs, ref[:, -1].log_softmax(-1), **LOGPROB)
-        torch.testing.assert_close(project_to_vocab(loaded[b], states[:, -1, -1]), logprobs, **LOGPROB)
+        torch.testing.assert_close(loaded[b].project_to_vocab(states[:, -1, -1]), logprobs, **LOGPROB)
     if HOOKED:
         real = tok.attention_mask.bool()
         torch.testing.assert_close(outputs["bridge"][1][real], outputs["hooked"][1][real], atol=1e-4, rtol=1e-4)
@@ -94,7 +96,7 @@ def test_generation_agrees_with_hugging_face(models):
     expected = [_cut(r, eos) for r in ref.tolist()]
     for b, m in loaded.items():
         for use_kv_cache in (True, False):
-            out = greedy_generate(m, tok.tokens, tok.attention_mask, 8, use_kv_cache=use_kv_cache).tokens
+            out = m.greedy_generate(tok.tokens, tok.attention_mask, 8, use_kv_cache=use_kv_cache).tokens
             assert [_cut(o, eos) for o in out.tolist()] == expected, (b, use_kv_cache)
 
 
@@ -103,13 +105,13 @@ def test_bridge_decodes_without_the_cache_where_the_cache_is_wrong(models):
     name, loaded, _ = models
     model = loaded["bridge"]
     tok = tokenize_prompts(model, _prompts(name, model))
-    cached = greedy_generate(model, tok.tokens, tok.attention_mask, 6, use_kv_cache=False).tokens
-    saved = backend.bridge.kv_cache_works(model)
-    model.__dict__["latent_hops_kv_cache_works"] = False
+    cached = model.greedy_generate(tok.tokens, tok.attention_mask, 6, use_kv_cache=False).tokens
+    saved = model.capabilities
+    model.__dict__["capabilities"] = dataclasses.replace(saved, exact_kv_cache=False)  # the check's answer
     try:
-        fallback = greedy_generate(model, tok.tokens, tok.attention_mask, 6).tokens
+        fallback = model.greedy_generate(tok.tokens, tok.attention_mask, 6).tokens
     finally:
-        model.__dict__["latent_hops_kv_cache_works"] = saved
+        model.__dict__["capabilities"] = saved
     assert torch.equal(fallback, cached)
 
 
@@ -168,11 +170,14 @@ def test_knockout_is_refused_where_attention_edits_are_discarded(tiny_llama_dir,
     HF module) must refuse knockout rather than measure nothing."""
     model = load_model(tiny_llama_dir, device="cpu", backend="bridge")
     mask = torch.zeros((1, 4, 4), dtype=torch.bool)
-    assert len(backend.block_attention(model, [0], mask)) == 1  # this one recomputes attention
+    assert model.capabilities.attention_edits and len(model.block_attention([0], mask)) == 1
     fresh = load_model(tiny_llama_dir, device="cpu", backend="bridge")
-    monkeypatch.setattr(fresh, "hooks", lambda **kwargs: contextlib.nullcontext())  # edits vanish
-    with pytest.raises(InputError, match="attention knockout is not possible"):
-        backend.block_attention(fresh, [0], mask)
+    monkeypatch.setattr(fresh.tl, "hooks", lambda **kwargs: contextlib.nullcontext())  # edits vanish
+    assert not fresh.capabilities.attention_edits
+    with pytest.raises(InputError, match="attention knockout is not possible") as caught:
+        fresh.block_attention([0], mask)
+    assert caught.value.code == "capability"
+    assert hook_name(Site("attn_scores", 0)) == "blocks.0.attn.hook_attn_scores"
 
 
 def test_backend_names_are_checked():
@@ -187,27 +192,26 @@ def test_backend_names_are_checked():
 
 def _cli_table(tmp_path: Path, name: str) -> pd.DataFrame:
     out = tmp_path / name
-    assert main(["backpatch", "--model", "toy", "--limit", "40", "--backend", name, "--out", str(out)]) == 0
+    assert main(["backpatch", "--model", "toy", "--limit", "40", "--backend", name, "--out", str(out),
+                 "--source-layers", "1,7", "--target-layers", "0,4"]) == 0
     table = pd.read_parquet(out / "backpatch.parquet")
-    return table.sort_values(list(table.columns[:6])).reset_index(drop=True)
+    return table.sort_values(list(table.columns[:6])).reset_index(drop=True).astype({"alias_match": bool})
+
+
+def _stored() -> pd.DataFrame:
+    """The hooked backend's table, stored from the main environment (regenerate: write
+    ``_cli_table(tmp_path, "hooked")`` there)."""
+    return pd.read_parquet(GOLDEN)
 
 
 @pytest.mark.slow
 def test_cli_backpatch_table_is_the_same_under_both_backends(tmp_path):
-    """`latent-hops backpatch --model toy --limit 40`: the same table under both backends
-    (generations identical, log-probs within 1e-4); the TL 4 environment compares the bridge's
-    with the hooked table stored from the main environment."""
+    """`latent-hops backpatch --model toy --limit 40` (2-cell grid): the same table under both
+    backends (generations identical, log-probs within 1e-4); the TL 4 environment compares the
+    bridge's with the hooked table stored from the main environment, by value."""
     tables = {b: _cli_table(tmp_path, b) for b in BACKENDS}
     if HOOKED:
-        stored = tables["hooked"].copy()
-        stored.to_csv(tmp_path / "hooked.csv", index=False)
-        assert pd.read_csv(GOLDEN).equals(pd.read_csv(tmp_path / "hooked.csv")), "the stored table is stale"
+        _assert_tables_agree({"hooked": tables["hooked"], "bridge": _stored()})  # the stored table is current
     else:
-        tables["hooked"] = pd.read_csv(GOLDEN)
-        tables["bridge"] = pd.read_csv(_write_csv(tables["bridge"], tmp_path / "bridge.csv"))
+        tables["hooked"] = _stored()
     _assert_tables_agree(tables)
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    table.to_csv(path, index=False)
-    return path

@@ -11,12 +11,12 @@ import shutil
 import pandas as pd
 import pytest
 
-from latent_hops import cli
+from latent_hops import models, run
 from latent_hops.cli import main
 from latent_hops.models import toy_checkpoint_dir
 from latent_hops.queries import load_dataset, write_paper_csv
 
-COMMANDS = ["evaluate", "backpatch", "logit-lens", "project", "knockout", "patchscope", "probe", "stages", "demo"]
+COMMANDS = ["evaluate", "backpatch", "logit_lens", "project", "knockout", "patchscope", "probe", "stages", "demo"]
 
 
 def toy_csv(path, edit=None, rows=6):
@@ -97,10 +97,11 @@ def test_one_over_long_prompt_is_excluded_and_the_rest_saved(tmp_path, capsys):
     table = pd.read_parquet(out / "evaluation.parquet")
     assert len(table) == 6
     bad = table[table.id == load_dataset("toy").id.iloc[2]].iloc[0]
-    assert bad.subset == "excluded" and "exceeds the model's context of 64 tokens" in bad.exclusion_reason
+    assert bad.subset == "excluded" and "exceeds the model's context of 64 tokens" in bad.skip_reason
     assert (table.drop(index=bad.name).first_hop_generation.str.len() > 0).all()
+    assert pd.isna(bad.first_hop_generation) and pd.isna(bad.first_hop_alias_match)  # not run: null
     # analyses skip it with the same reason instead of crashing
-    assert main(["logit-lens", "--dataset", str(path), "--out", str(out), "--device", "cpu",
+    assert main(["logit_lens", "--dataset", str(path), "--out", str(out), "--device", "cpu",
                  "--subset", "all"]) == 0
 
 
@@ -161,7 +162,7 @@ def test_bad_flags(tmp_path, capsys, kind):
 
 
 def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before --out was checked"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before --out was checked"))
     afile = tmp_path / "file"
     afile.write_text("x")
     fails(capsys, ["evaluate", "--out", str(afile)], "is a file, not a run directory")
@@ -198,7 +199,7 @@ def test_merge_and_report_on_a_missing_run(tmp_path, capsys):
 
 
 def test_internal_errors_show_the_traceback_and_ask_for_a_report(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(run, "evaluate", lambda *a, **k: 1 / 0)
     assert main(["evaluate", "--out", str(tmp_path / "run"), "--limit", "2", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError" in err and "please report" in err

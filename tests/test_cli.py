@@ -3,10 +3,11 @@
 import json
 
 import pandas as pd
+import pytest
 
 from latent_hops.cli import main
 
-BACKPATCH_COLUMNS = {"id", "position", "source_layer", "target_layer", "kind", "generation", "success", "e3_rank"}
+BACKPATCH_COLUMNS = {"id", "position", "source_layer", "target_layer", "kind", "generation", "alias_match", "e3_rank"}
 STAGE_COLUMNS = ["id", "subset", "split", "method", "first_hop_layer", "info_propagation_layer",
                  "second_hop_onset_layer", "second_hop_layer", "prediction_extracted_layer", "info_propagation_measures"]
 
@@ -27,12 +28,23 @@ def test_backpatch_then_stages(tmp_path):
     assert main(["stages", *common, "--probe-train", "200"]) == 0
     stages = pd.read_parquet(out / "stages.parquet")
     assert list(stages.columns) == STAGE_COLUMNS
-    assert set(stages.method) == {"logit_lens", "patchscopes", "probe"} and stages.id.nunique() == 6
+    assert set(stages.method) == {"logit_lens", "patchscope", "probe"} and stages.id.nunique() == 6
 
 
-def test_analysis_rejects_empty_subset(tmp_path, capsys):
-    assert main(["logit-lens", "--out", str(tmp_path), "--limit", "3", "--subset", "nonsense", "--device", "cpu"]) == 2
-    assert "no queries in subsets" in capsys.readouterr().err
+def test_an_unknown_subset_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import latent_hops.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "run"
+    assert main(["logit_lens", "--out", str(out), "--limit", "3", "--subset", "incorect", "--device", "cpu"]) == 2
+    assert "--subset: unknown subset 'incorect'; choose from correct, incorrect or all" in capsys.readouterr().err
+    assert not (out / "evaluation.parquet").exists()
+
+
+def test_an_empty_selection_says_why(tmp_path, capsys):
+    assert main(["logit_lens", "--out", str(tmp_path), "--limit", "3", "--subset", "incorrect", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no query is in subsets ['incorrect']" in err and "skip_reason" in err
 
 
 def test_layer_grids_and_skip(tmp_path, capsys):
@@ -83,7 +95,7 @@ def test_count_flags_are_validated(tmp_path, capsys):
 
 
 def test_a_failed_re_evaluation_keeps_the_old_table(tmp_path, monkeypatch):
-    import latent_hops.cli as cli
+    import latent_hops.run as run
 
     out = tmp_path / "run"
     assert main(["evaluate", "--out", str(out), "--limit", "5", "--device", "cpu"]) == 0
@@ -92,11 +104,12 @@ def test_a_failed_re_evaluation_keeps_the_old_table(tmp_path, monkeypatch):
     def fails(*args, **kwargs):
         raise RuntimeError("killed half-way")
 
-    monkeypatch.setattr(cli, "evaluate", fails)  # the new evaluation fails half-way (a crash: exit 1)
+    monkeypatch.setattr(run, "evaluate", fails)  # the new evaluation fails half-way (a crash: exit 1)
     assert main(["evaluate", "--out", str(out), "--limit", "5", "--device", "cpu"]) == 1
     pd.testing.assert_frame_equal(pd.read_parquet(out / "evaluation.parquet"), before)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["runs"][0]["versions"]["torch"]
+    assert [r["status"] for r in manifest["runs"]] == ["ok", "failed"]
 
 
 def test_version(capsys):
@@ -116,7 +129,7 @@ def test_bfloat16_end_to_end(tmp_path):
     common = ["--out", str(out), "--split", "test_id", "--max-cases", "2", "--device", "cpu", "--limit", "60"]
     grid = ["--source-layers", "every:3", "--target-layers", "every:3"]
     assert main(["backpatch", *common, *grid, "--dtype", "bfloat16"]) == 0
-    assert main(["logit-lens", *common, "--dtype", "bfloat16"]) == 0
+    assert main(["logit_lens", *common, "--dtype", "bfloat16"]) == 0
     table = pd.read_parquet(out / "backpatch.parquet")
     assert len(table) > 0 and table.generation.str.len().gt(0).all()
     manifest = json.loads((out / "manifest.json").read_text())

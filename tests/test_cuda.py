@@ -17,7 +17,6 @@ from latent_hops.analyses.backpatch import (
     sweep_naive,
 )
 from latent_hops.models import ModelLoadError
-from latent_hops.ranks import project_to_vocab
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -51,8 +50,8 @@ def test_cuda_fp32_equals_cpu(table):
 
 def test_bf16_unembedding_runs_in_fp32():
     model = load_model("toy", device="cuda", dtype="bfloat16")
-    acts = torch.randn(3, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
-    assert project_to_vocab(model, acts).dtype == torch.float32
+    acts = torch.randn(3, model.tl.cfg.d_model, device="cuda", dtype=torch.bfloat16)
+    assert model.project_to_vocab(acts).dtype == torch.float32
 
 
 def test_batches_sized_from_free_memory():

@@ -1,6 +1,7 @@
 """Executors: a sweep's shards on local processes, a Ray cluster (a local one here) and a submitit
 job array (its local executor) give the single-process table cell by cell; a Ray worker killed in
-the middle of a shard is retried and the result is still the same, with no half-written files."""
+the middle of a shard is retried and the result is still the same, with no half-written files.
+These test sharding, not cells: a 2-cell grid at one position keeps each run short."""
 
 import os
 import threading
@@ -11,9 +12,11 @@ import pytest
 
 from latent_hops.cli import main
 from latent_hops.errors import InputError
-from latent_hops.executors import ExecutorConfig, shard_commands
+from latent_hops.executors import ExecutorConfig, Task, TaskResult, shard_tasks
+from latent_hops.run import RunSettings
 
-SWEEP = ["backpatch", "--limit", "40", "--device", "cpu"]
+SWEEP = ["backpatch", "--limit", "40", "--device", "cpu", "--positions", "t2", "--source-layers", "7",
+         "--target-layers", "0,4"]
 KEY = ["id", "position", "source_layer", "target_layer", "kind"]
 IN_CI = os.environ.get("CI") == "true"  # CI installs the extras: there nothing may be skipped
 
@@ -41,16 +44,33 @@ def _same_as_single(run, single):
     assert not list(run.rglob(".tmp-*"))  # nothing half-written remains
 
 
-def test_shard_commands_and_config():
-    argv = ["backpatch", "--out", "R", "--executor", "ray", "--workers", "3"]
-    commands = shard_commands(argv, ExecutorConfig("ray", 3))
-    assert [c[-1] for c in commands] == ["0/3", "1/3", "2/3"]
-    assert commands[0][-6:-2] == ["--executor", "local", "--workers", "1"]  # later flags win
-    two_gpus = shard_commands(argv, ExecutorConfig("ray", 3, gpus_per_worker=2))[0]
-    assert two_gpus[-4:-2] == ["--n-devices", "2"]  # the model is split over the worker's GPUs
+def test_shard_tasks_and_config(tmp_path, monkeypatch):
+    from latent_hops.analyses.backpatch import BackpatchConfig
+
+    monkeypatch.chdir(tmp_path)
+    settings = RunSettings(out="R", dataset="toy", limit=5)
+    configs = {"backpatch": BackpatchConfig(positions=("t2",))}
+    evaluation, shards = shard_tasks("backpatch", settings, configs, ExecutorConfig("ray", 3))
+    assert [t.command for t in evaluation] == ["evaluate"] and evaluation[0].shard == ""
+    assert [t.shard for t in shards] == ["0/3", "1/3", "2/3"] and {t.command for t in shards} == {"backpatch"}
+    assert shards[0].settings["out"] == str(tmp_path / "R")  # absolute: workers never change directory
+    assert shards[0].configs["backpatch"]["positions"] == ("t2",) and not shards[0].settings["progress"]
+    again = Task.from_json(shards[1].to_json())
+    assert again.command == "backpatch" and again.shard == "1/3" and again.settings["limit"] == 5
+    two_gpus = shard_tasks("backpatch", settings, configs, ExecutorConfig("ray", 3, gpus_per_worker=2))[1][0]
+    assert two_gpus.settings["n_devices"] == 2  # the model is split over the worker's GPUs
     for bad in (dict(executor="dask"), dict(workers=0), dict(cpus_per_worker=0)):
         with pytest.raises(InputError):
             ExecutorConfig(**bad)
+
+
+def test_a_worker_reports_an_input_error_with_its_code(tmp_path):
+    from latent_hops.executors.worker import run_task
+
+    task = Task("backpatch", RunSettings(out=tmp_path, dataset=str(tmp_path / "missing.csv")).to_dict())
+    result = run_task(task)
+    assert (result.status, result.code) == ("input-error", "dataset") and "no such file" in result.message
+    assert TaskResult.from_json(result.to_json()) == result
 
 
 def test_executor_flags_are_checked(tmp_path, capsys):
@@ -60,7 +80,7 @@ def test_executor_flags_are_checked(tmp_path, capsys):
         main([*SWEEP, "--out", str(tmp_path), "--executor", "dask"])
     assert "invalid choice: 'dask'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # only shardable sweeps take executor flags
-        main(["logit-lens", "--out", str(tmp_path), "--workers", "2"])
+        main(["logit_lens", "--out", str(tmp_path), "--workers", "2"])
 
 @pytest.mark.slow
 def test_local_processes_equal_one_process(tmp_path, single):
@@ -107,7 +127,7 @@ def test_a_ray_worker_killed_mid_shard_is_retried(tmp_path, single, ray_cluster)
         while time.time() < deadline and not killed:
             if list((tmp_path / "backpatch").glob("part-*.parquet")):  # shards are under way
                 for proc in psutil.process_iter(["cmdline"]):
-                    if "ray::run_command" in " ".join(proc.info["cmdline"] or []):
+                    if "ray::run_task" in " ".join(proc.info["cmdline"] or []):
                         proc.kill()  # SIGKILL: the worker dies mid-shard, as when preempted
                         killed.append(proc.pid)
                         return
@@ -116,7 +136,7 @@ def test_a_ray_worker_killed_mid_shard_is_retried(tmp_path, single, ray_cluster)
     killer = threading.Thread(target=kill_one_running_shard)
     killer.start()
     start = time.time()
-    code = main([*SWEEP, "--out", str(tmp_path), "--executor", "ray", "--workers", "4", "--chunk-cases", "3"])
+    code = main([*SWEEP, "--out", str(tmp_path), "--executor", "ray", "--workers", "4", "--chunk-cases", "1"])
     killer.join()
     print(f"ray: 4 shards, one worker killed (pid {killed}), in {time.time() - start:.1f}s")
     assert code == 0 and killed
@@ -151,5 +171,5 @@ def test_a_worker_input_error_is_reported_as_one(tmp_path, capsys):
     """A shard that fails on its input is not retried, and the driver says why in one line."""
     code = main([*SWEEP, "--out", str(tmp_path), "--workers", "2", "--source-layers", "0,99"])
     err = capsys.readouterr().err
-    assert code == 2 and "a worker failed" in err and "out of range" in err
+    assert code == 2 and "a worker failed (shard 0/2)" in err and "out of range" in err
     assert not (tmp_path / "backpatch.parquet").exists()

@@ -44,7 +44,7 @@ def test_equals_hugging_face_and_its_tokenizer(gemma):
 
     folder = gg.converted_checkpoint(gg.packaged_gguf("gemma3-270m"))
     hf, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    assert gemma.cfg.n_layers == 18 and gemma.cfg.n_key_value_heads == 1 and gemma.cfg.use_qk_norm
+    assert gemma.n_layers == 18 and gemma.tl.cfg.n_key_value_heads == 1 and gemma.tl.cfg.use_qk_norm
     queries = iter_queries(load_dataset("world").iloc[:40])
     prompts = [q.composition_prompt() for q in queries]
     batch = tokenize_prompts(gemma, prompts)

@@ -21,7 +21,7 @@ def _max_logit_diff(path, model) -> float:
     for prompt in PROMPTS:
         tokens = tokenize_prompts(model, [prompt]).tokens
         with torch.no_grad():
-            diffs.append((hf(input_ids=tokens).logits - model(tokens)).abs().max().item())
+            diffs.append((hf(input_ids=tokens).logits - model.tl(tokens)).abs().max().item())
     return max(diffs)
 
 
@@ -36,25 +36,25 @@ def test_tiny_gpt2_logits_match_hf(tiny_gpt2_dir, tiny_gpt2):
 def test_grouped_query_llama_logits_match_hf(tmp_path):
     path = save_tiny("llama", tmp_path, style="gpt2", kv_heads=2)
     model = load_model(path, device="cpu")
-    assert model.cfg.n_key_value_heads == 2
+    assert model.tl.cfg.n_key_value_heads == 2
     assert _max_logit_diff(path, model) < 1e-4
 
 
 def test_a_path_named_llama_reads_its_config(tmp_path):
     # TL 3.9's own local loader guesses the architecture from a path containing "llama"
     path = save_tiny("gpt2", tmp_path / "my-llama-copy", style="gpt2")
-    assert backend.architecture(load_model(path, device="cpu")) == "GPT2LMHeadModel"
+    assert load_model(path, device="cpu").architecture == "GPT2LMHeadModel"
 
 
 def test_toy_model_loads_offline_with_hooks(toy):
-    assert toy.cfg.n_layers >= 4 and backend.architecture(toy) == "LlamaForCausalLM"
-    _, cache = toy.run_with_cache("the spouse of the performer of Voliba is")
-    assert cache[hidden_state_hook(toy.cfg.n_layers - 1)].shape[-1] == toy.cfg.d_model
+    assert toy.n_layers >= 4 and toy.architecture == "LlamaForCausalLM"
+    _, cache = toy.tl.run_with_cache("the spouse of the performer of Voliba is")
+    assert cache[hidden_state_hook(toy.n_layers - 1)].shape[-1] == toy.tl.cfg.d_model
 
 
 def test_dtype_by_name(tiny_gpt2_dir):
     model = load_model(tiny_gpt2_dir, device="cpu", dtype="bfloat16")
-    assert model.W_E.dtype == torch.bfloat16
+    assert model.tl.W_E.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -116,7 +116,7 @@ def test_tokens_follow_the_tokenizers_own_bos_convention(fixture, request):
     """These test tokenizers add no BOS: TransformerLens would prepend one, we do not."""
     model = request.getfixturevalue(fixture)
     hf = AutoTokenizer.from_pretrained(request.getfixturevalue(f"{fixture}_dir"))
-    assert not model.cfg.default_prepend_bos
+    assert not model.prepends_bos
     for prompt in PROMPTS:
         assert tokenize_prompts(model, [prompt]).tokens[0].tolist() == hf(prompt)["input_ids"]
 

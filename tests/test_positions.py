@@ -3,8 +3,7 @@ multi-token entities, names that occur twice, left padding."""
 
 import pytest
 
-from latent_hops.evaluation import resolve_positions
-from latent_hops.positions import tokenize_prompts
+from latent_hops.positions import resolve_positions, tokenize_prompts
 from latent_hops.queries import TwoHopQuery, e1_span_in_composition
 
 QUERIES = [
@@ -72,7 +71,7 @@ def test_right_padding_positions(tiny_gpt2):
 def test_tokenization_equals_transformer_lens(tiny_gpt2, tiny_llama, toy):
     for model in (tiny_gpt2, tiny_llama, toy):
         prompt = "the spouse of the performer of Kavo is"
-        assert tokenize_prompts(model, [prompt]).tokens.tolist() == model.to_tokens(prompt).tolist()
+        assert tokenize_prompts(model, [prompt]).tokens.tolist() == model.tl.to_tokens(prompt).tolist()
 
 
 def test_toy_word_level_positions(toy):
@@ -82,11 +81,11 @@ def test_toy_word_level_positions(toy):
     pos = resolve_positions(toy, q)
     # <s> r2 r1 e1 is: t1 is the entity token, t2 the "is" token
     assert pos["t1"].tolist() == [3, 3, 3] and pos["t2"].tolist() == [4, 4, 4]
-    assert (pos["position_error"] == "").all()
+    assert pos["skip_reason"].isna().all()
 
 
 def test_unresolvable_position_is_recorded_not_raised(toy):
     bad = TwoHopQuery(id="x", e1_label="Nowhere", e2_label="b", e3_label="c", r1_template="the author of {}",
                       r2_template="the spouse of {}", source_prompt="the spouse of the author of Kavo is")
     pos = resolve_positions(toy, [bad])
-    assert pos["t1"].isna().all() and "does not occur" in pos.loc[0, "position_error"]
+    assert pos["t1"].isna().all() and "does not occur" in pos.loc[0, "skip_reason"]

@@ -15,8 +15,7 @@ import torch
 from latent_hops import evaluate, load_dataset, load_model
 from latent_hops import gguf as gg
 from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
-from latent_hops.evaluation import resolve_positions
-from latent_hops.positions import parse_layers, tokenize_prompts
+from latent_hops.positions import parse_layers, resolve_positions, tokenize_prompts
 from latent_hops.queries import PROMPT_KINDS, iter_queries
 
 pytestmark = [
@@ -67,7 +66,7 @@ def test_cache_hit_returns_the_same_weights(smol, cache):
 
 def test_logits_equal_the_transformers_gguf_model(smol, hf_reference):
     hf, _ = hf_reference
-    assert smol.cfg.n_layers == 30 and smol.cfg.n_key_value_heads == 3
+    assert smol.n_layers == 30 and smol.tl.cfg.n_key_value_heads == 3
     for prompt in ["the capital of the country of Lyon is", "The capital of France is"]:
         tokens = tokenize_prompts(smol, [prompt]).tokens
         with torch.no_grad():
@@ -77,7 +76,7 @@ def test_logits_equal_the_transformers_gguf_model(smol, hf_reference):
 
 def test_tokens_equal_the_hf_tokenizer_on_every_world_prompt(smol, hf_reference, world):
     _, tokenizer = hf_reference
-    assert not smol.cfg.default_prepend_bos  # SmolLM2's tokenizer adds no BOS; TL's default would
+    assert not smol.prepends_bos  # SmolLM2's tokenizer adds no BOS; TL's default would
     prompts = sorted({p for q in iter_queries(world) for p in q.prompts().values()})
     ours = tokenize_prompts(smol, prompts, padding_side="right")
     expected = tokenizer(prompts)["input_ids"]
@@ -87,14 +86,14 @@ def test_tokens_equal_the_hf_tokenizer_on_every_world_prompt(smol, hf_reference,
 
 def test_t1_is_found_for_every_world_query(smol, world):
     positions = resolve_positions(smol, iter_queries(world))
-    assert (positions["position_error"] == "").all(), positions.loc[positions.position_error != "", "position_error"]
+    assert positions["skip_reason"].isna().all(), positions.skip_reason.dropna()
     assert (positions["t1"] < positions["t2"]).all()
 
 
 def test_fast_engine_equals_naive_on_smollm2(smol, world):
     """Two queries x every s > t cell of a layer grid at t1 (the naive reference runs ~1 cell/s
     on 2 CPU cores, so all 435 cells per query are left to scripts/bench_backpatch.py)."""
-    grid = parse_layers("every:6", smol.cfg.n_layers)  # 0, 6, 12, 18, 24, 29: 15 cells per query
+    grid = parse_layers("every:6", smol.n_layers)  # 0, 6, 12, 18, 24, 29: 15 cells per query
     config = BackpatchConfig(positions=("t1",), kinds=("back",), source_layers=grid, target_layers=grid)
     cases, _ = prepare_cases(smol, world.iloc[[0, 1]], config)
     fast, naive = sweep(smol, cases, config), sweep_naive(smol, cases, config)
@@ -105,7 +104,6 @@ def test_fast_engine_equals_naive_on_smollm2(smol, world):
 
 def test_patchscope_onto_itself_reproduces_the_clean_generation(smol):
     from latent_hops.analyses.patchscopes import PatchscopeConfig, TargetPrompt, patchscope
-    from latent_hops.backend import greedy_generate
     from latent_hops.cases import Case
 
     target = TargetPrompt.from_text("the capital of the country in which x is located is", placeholder="x")
@@ -115,7 +113,7 @@ def test_patchscope_onto_itself_reproduces_the_clean_generation(smol):
                 {"e2": [], "e3": []})
     scopes = patchscope(smol, [case], PatchscopeConfig(target=target, positions=("t1",),
                                                        layer_pairs=((0, 0), (15, 15), (29, 29))))
-    out = greedy_generate(smol, tok.tokens, tok.attention_mask, 10)
+    out = smol.greedy_generate(tok.tokens, tok.attention_mask, 10)
     clean = smol.tokenizer.decode(tok.tokens[0, slot:].tolist() + out.tokens[0].tolist(), skip_special_tokens=True)
     assert (scopes.generation == clean).all() and len(scopes) == 3
 
@@ -123,7 +121,7 @@ def test_patchscope_onto_itself_reproduces_the_clean_generation(smol):
 def test_evaluation_of_a_fixed_slice_is_reproducible(smol, world):
     sample = world.sample(60, random_state=0)
     ev = evaluate(smol, sample)
-    counts = {k: int(ev[f"{k}_correct"].sum()) for k in PROMPT_KINDS} | ev["subset"].value_counts().to_dict()
+    counts = {k: int(ev[f"{k}_alias_match"].sum()) for k in PROMPT_KINDS} | ev["subset"].value_counts().to_dict()
     assert counts == EXPECTED_SLICE_COUNTS
 
 

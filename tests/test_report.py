@@ -106,12 +106,12 @@ def test_patchscopes_that_read_nothing_are_flagged_where_drawn(report, tmp_path)
 def test_heatmap_scale_follows_its_panel_and_prints_values():
     import pandas as pd
 
-    from latent_hops import plots
+    from latent_hops.analyses.backpatch import backpatch_heatmap
 
     cells = pd.DataFrame([dict(split="all", subset="incorrect", position="t1", kind="back", source_layer=s,
                                target_layer=t, cases=100, successes=s - t, rate=(s - t) / 100)
                           for s in range(4) for t in range(s)])
-    trace = plots.backpatch_heatmap(cells, "incorrect", "t1").data[0]
+    trace = backpatch_heatmap(cells, "incorrect", "t1").data[0]
     assert trace.zmax == 3.0 and trace.zmin == 0  # a 0-3% panel uses its own range ...
     assert "0–3" in trace.colorbar.title.text  # ... and says so
     assert trace.texttemplate == "%{z:.0f}"
@@ -120,12 +120,14 @@ def test_heatmap_scale_follows_its_panel_and_prints_values():
 def test_figures_carry_the_numbers_of_their_tables():
     import pandas as pd
 
-    from latent_hops import plots
+    from latent_hops.analyses.backpatch import backpatch_heatmap
+    from latent_hops.analyses.knockout import knockout_curves
+    from latent_hops.analyses.stages import stage_boxplot
 
     cells = pd.DataFrame([dict(split="all", subset="incorrect", position="t1", kind="back", source_layer=s,
                                target_layer=t, cases=10, successes=s + t, rate=(s + t) / 10)
                           for s in range(4) for t in range(s)])
-    trace = plots.backpatch_heatmap(cells, "incorrect", "t1").data[0]
+    trace = backpatch_heatmap(cells, "incorrect", "t1").data[0]
     assert trace.z[3][1] == 40.0 and trace.z[2][0] == 20.0  # row = source layer, column = target layer
     assert pd.isna(trace.z[0][3])  # not a back-patch: grey
 
@@ -133,30 +135,31 @@ def test_figures_carry_the_numbers_of_their_tables():
                            "method": "probe", "first_hop_layer": [1.0, 2.0, 5.0], "info_propagation_layer": 3.0,
                            "second_hop_onset_layer": 4.0, "second_hop_layer": [6.0, 7.0, 8.0],
                            "prediction_extracted_layer": 7.0})
-    box = plots.stage_boxplot(stages, "probe")
+    box = stage_boxplot(stages, "probe")
     correct = box.data[0]
     first = [y for x, y in zip(correct.x, correct.y) if x.startswith("first hop resolved")]
     assert sorted(first) == [1.0, 2.0] and "n=2" in correct.name
 
-    knockout = pd.DataFrame({"id": list("abab"), "preset": "last_to_t1", "layer": [0, 0, 1, 1],
-                             "changed": [True, False, True, True], "skip_reason": ""})
-    evaluation = pd.DataFrame({"id": ["a", "b"], "subset": "incorrect"})
-    curve = plots.knockout_curves(knockout, evaluation).data[0]
-    assert list(curve.x) == [0, 1] and list(curve.y) == [50.0, 100.0]
+    knockout = pd.DataFrame({"id": list("ababc"), "preset": "last_to_t1", "window_center": [0, 0, 1, 1, 0],
+                             "changed": pd.array([True, False, True, True, None], dtype="boolean"),
+                             "skip_reason": [None, None, None, None, "no r1 tokens"]})
+    evaluation = pd.DataFrame({"id": ["a", "b", "c"], "subset": "incorrect"})
+    curve = knockout_curves(knockout, evaluation).data[0]
+    assert list(curve.x) == [0, 1] and list(curve.y) == [50.0, 100.0]  # the skipped case is not counted
 
 
 def test_stage_boxplot_keeps_every_stage_in_order_with_its_n():
     import pandas as pd
 
-    from latent_hops import plots
+    from latent_hops.analyses.stages import STAGE_LABELS, stage_boxplot
 
     stages = pd.DataFrame({"id": list("abc"), "subset": ["correct", "correct", "incorrect"], "split": "test",
                            "method": "logit_lens", "first_hop_layer": [float("nan")] * 3,  # never reached
                            "info_propagation_layer": [-1.0, 0.0, 0.0], "second_hop_onset_layer": [4.0, None, 5.0],
                            "second_hop_layer": [6.0, 7.0, 8.0], "prediction_extracted_layer": 7.0})
-    fig = plots.stage_boxplot(stages, "logit_lens")
+    fig = stage_boxplot(stages, "logit_lens")
     order = list(fig.layout.xaxis.categoryarray)
-    assert [label.split("<br>")[0] for label in order] == list(plots.STAGE_LABELS.values())  # fixed, none dropped
+    assert [label.split("<br>")[0] for label in order] == list(STAGE_LABELS.values())  # fixed, none dropped
     assert order[0].endswith("n = 0 | 0") and order[2].endswith("n = 1 | 1") and order[3].endswith("n = 2 | 1")
     ticks = dict(zip(fig.layout.yaxis.tickvals, fig.layout.yaxis.ticktext))
     assert ticks == {-1: "emb", 0: "0", 1: "1", 2: "2", 3: "3", 4: "4", 5: "5", 6: "6", 7: "7", 8: "8"}
@@ -166,11 +169,11 @@ def test_stage_boxplot_keeps_every_stage_in_order_with_its_n():
 def test_resolution_curves_one_panel_per_hop_one_colour_per_method():
     import pandas as pd
 
-    from latent_hops import plots
+    from latent_hops.analyses.stages import resolution_curves
 
     rows = [dict(id=f"{m}{i}", subset=s, split="test", method=m, first_hop_layer=float(i), second_hop_layer=float(i + 2))
-            for m in ("logit_lens", "probe", "patchscopes") for s in ("correct", "incorrect") for i in (-1, 1)]
-    fig = plots.resolution_curves(pd.DataFrame(rows))
+            for m in ("logit_lens", "probe", "patchscope") for s in ("correct", "incorrect") for i in (-1, 1)]
+    fig = resolution_curves(pd.DataFrame(rows))
     assert len(fig.data) == 12
     colours = {t.legendgroup.split(",")[0]: t.line.color for t in fig.data}
     assert len(set(colours.values())) == 3  # methods are told apart by colour ...
@@ -184,10 +187,10 @@ def test_resolution_curves_one_panel_per_hop_one_colour_per_method():
 def test_patchscope_heatmap_scale_follows_its_panel():
     import pandas as pd
 
-    from latent_hops import plots
+    from latent_hops.analyses.patchscopes import patchscope_heatmap
 
     scopes = pd.DataFrame([dict(id=str(i), position="t1", source_layer=s, target_layer=t,
                                 decoded="e2" if (i == 0 and s == 1) else "")
                            for i in range(20) for s in (-1, 1) for t in (0, 1)])
-    trace = plots.patchscope_heatmap(scopes, "t1", "e2").data[0]
+    trace = patchscope_heatmap(scopes, "t1", "e2").data[0]
     assert trace.zmax == 5.0 and list(trace.y) == ["emb", "1"] and trace.texttemplate == "%{z:.0f}"

@@ -44,11 +44,11 @@ def _pool(model):
 def test_bridge_resolves_before_the_answer_at_the_last_token(toy, id_eval):
     cases = _cases(toy, id_eval, "correct", 100)
     lens = resolution_layers(logit_lens(toy, cases, include_embeddings=False)).median(numeric_only=True)
-    assert lens["second_hop_layer"] >= toy.cfg.n_layers - 3  # e3 top-1 at t2 only in the last layers
+    assert lens["second_hop_layer"] >= toy.n_layers - 3  # e3 top-1 at t2 only in the last layers
     pool = _pool(toy)
     probed = pd.concat([cross_validated_probe(toy, cases, pool, e, p)
                         for e, p in (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))])
-    acc = probe_accuracy(probed).set_index(["entity", "position", "layer"])
+    acc = probe_accuracy(probed).set_index(["entity", "position", "hidden_layer"])
     gain = acc.accuracy - acc.control  # over the shuffled-target control, split by entity
     assert gain["e2", "t2", 3] > 0.5 and gain["e3", "t2", 3] < gain["e2", "t2", 3]  # bridge early
     assert gain["e2", "t1"].max() < 0.1  # the e1 token does not hold the bridge in this model

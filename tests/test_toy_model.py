@@ -57,7 +57,7 @@ def test_training_script_smoke(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     assert (out / "MODEL_CARD.md").read_text().startswith("# latent_hops toy model")
     model = load_model(out / "checkpoint", device="cpu")
-    assert model.cfg.n_layers == 2
+    assert model.n_layers == 2
     assert len(load_dataset(out / "two_hop.csv")) == len(load_dataset("toy"))
 
 

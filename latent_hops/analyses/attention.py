@@ -12,34 +12,38 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from latent_hops import backend
-from latent_hops.analysis import Analysis, Column, ReportInput, register, runtime
+from latent_hops.analysis import Analysis, ReportInput, register, runtime
 from latent_hops.backend import Model
 from latent_hops.cases import Case, case_batches
+from latent_hops.tables import BLOCK, ID, Column, TableSchema
 
-TABLE = (
-    Column("id", "query id"),
-    Column("layer", "block"),
-    Column("head", "attention head"),
-    Column("weight", "attention weight from t2 to t1 (post-softmax)"),
+TABLE = TableSchema(
+    "attention.parquet",
+    "a case x block x head",
+    (
+        ID,
+        BLOCK,
+        Column("head", "int", "attention head"),
+        Column("weight", "float", "attention weight from t2 to t1 (post-softmax)"),
+    ),
 )
 
 
 @torch.no_grad()
 def attention_to_t1(model: Model, cases: Sequence[Case], batch_size: int = 64) -> pd.DataFrame:
     """One row per case x layer x head: the weight t2 puts on t1."""
-    layers = list(range(backend.n_layers(model)))
+    layers = list(range(model.n_layers))
     rows = []
     for b in case_batches(model, cases, batch_size, ("t1", "t2")):
-        weights = backend.read_attention(
-            model, b.tok.tokens, b.tok.attention_mask, b.columns[:, 1], b.columns[:, 0], layers
+        weights = model.read_attention(
+            b.tok.tokens, b.tok.attention_mask, b.columns[:, 1], b.columns[:, 0], layers
         )  # [case, layer, head]
         for qi, case in enumerate(b.cases):
             for li, layer in enumerate(layers):
                 rows += [
                     (case.id, layer, h, float(w)) for h, w in enumerate(weights[qi, li].tolist())
                 ]
-    return pd.DataFrame(rows, columns=[c.name for c in TABLE])
+    return pd.DataFrame(rows, columns=TABLE.names) if rows else TABLE.empty()
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,9 @@ def _report(section: ReportInput) -> str:
     """Mean and max-over-heads weight per layer, correct vs incorrect cases."""
     data = section.table.merge(section.evaluation[["id", "subset"]], on="id")
     per_case = (
-        data.groupby(["subset", "id", "layer"])["weight"].agg(mean="mean", max="max").reset_index()
+        data.groupby(["subset", "id", "block"])["weight"].agg(mean="mean", max="max").reset_index()
     )
-    table = per_case.groupby(["layer", "subset"])[["mean", "max"]].mean().unstack("subset")
+    table = per_case.groupby(["block", "subset"])[["mean", "max"]].mean().unstack("subset")
     return section.html_table((100 * table).round(1))
 
 
@@ -62,20 +66,19 @@ register(
         name="attention",
         title="Attention from t2 to t1",
         order=45,
-        help="attention weights t2 -> t1 -> attention.parquet",
+        help="attention weight from t2 to t1 per layer and head (clean prompt) "
+        "-> attention.parquet",
         config=AttentionConfig,
-        columns=TABLE,
+        schema=TABLE,
         report=_report,
         uses_positions=lambda config: ("t1", "t2"),
         run=lambda context, config: attention_to_t1(
             context.model, context.cases, config.batch_size
         ),
         note=lambda config: (
-            "Post-softmax attention weight from t2 (the last token) to t1 (e1's last token) on the "
-            "clean "
-            "prompt, per layer: the mean over heads and the largest head, in % (averaged over "
-            "cases). "
-            "Correlational; the knockout measures what the edge does."
+            "Post-softmax attention weight from t2 (the last token) to t1 (e1's last token) on "
+            "the clean prompt, per block: the mean over heads and the largest head, in % "
+            "(averaged over cases). Correlational; the knockout measures what the edge does."
         ),
     )
 )

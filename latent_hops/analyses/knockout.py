@@ -1,6 +1,6 @@
 """Attention knockout (reference §2; Geva et al. 2023): block attention edges from a set of
 query positions to a set of key positions, in every head of a window of layers
-[l - k, l + k], by setting the pre-softmax score to -inf (``backend.block_attention``), on the
+[l - k, l + k], by setting the pre-softmax score to -inf (``Model.block_attention``), on the
 prompt pass only. A layer matters when the greedy generation changes from the clean one
 (and not both are correct); the change in e3's log-probability is recorded too.
 
@@ -15,40 +15,54 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from latent_hops import backend, plots
 from latent_hops.analysis import (
     Analysis,
-    Column,
     ReportInput,
+    StageMeasure,
     first_layer,
     option,
     register,
     runtime,
 )
-from latent_hops.backend import Model, greedy_generate
+from latent_hops.backend import Model
 from latent_hops.cases import Case, case_batches
 from latent_hops.errors import InputError
-from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, decode, is_correct
+from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS, alias_match, decode
+from latent_hops.plots import SUBSET_COLORS
 from latent_hops.ranks import best_rank
+from latent_hops.tables import ALIAS_MATCH, GENERATION, ID, SKIP_REASON, Column, TableSchema
 
 EDGE_PRESETS = ("last_to_t1", "last_to_r1", "all_to_t1")
 Preset = Literal["last_to_t1", "last_to_r1", "all_to_t1"]
-TABLE = (
-    Column("id", "query id"),
-    Column("preset", "the edges knocked out (EDGE_PRESETS)"),
-    Column("layer", "centre layer l of the window"),
-    Column("window_start", "first blocked layer"),
-    Column("window_end", "last blocked layer"),
-    Column("generation", "greedy generation under the knockout"),
-    Column("correct", "an e3 alias in it"),
-    Column("changed", "the generation differs from the clean one (and not both are correct)"),
-    Column("e3_logprob_delta", "change of e3's first-token log-probability at t2"),
-    Column("skip_reason", "why the case has no knockout for this preset ('' = none)"),
+TABLE = TableSchema(
+    "knockout.parquet",
+    "a case x preset x window of layers",
+    (
+        ID,
+        Column("preset", "str", "the edges knocked out (EDGE_PRESETS)"),
+        Column("window_center", "int", "centre block l of the window [l - k, l + k]"),
+        Column("window_start", "int", "first blocked block (the window clipped to the model)"),
+        Column("window_end", "int", "last blocked block"),
+        GENERATION.described("greedy generation under the knockout (null: skipped)"),
+        ALIAS_MATCH.described("an e3 alias is in it (null: skipped)"),
+        Column(
+            "changed",
+            "boolean",
+            "the generation differs from the clean one and not both are correct (null: skipped)",
+        ),
+        Column(
+            "e3_logprob_delta",
+            "float",
+            "change of e3's first-token log-probability at t2 (NaN: skipped, or no known token)",
+        ),
+        SKIP_REASON.described("why the case has no knockout for this preset (null: none)"),
+    ),
 )
-COLUMNS = [c.name for c in TABLE]
+COLUMNS = TABLE.names
 
 
 @dataclass(frozen=True)
@@ -56,10 +70,33 @@ class KnockoutConfig:
     presets: tuple[Preset, ...] = option(
         ("last_to_t1",), f"knockout edges: {','.join(EDGE_PRESETS)}"
     )
-    window: int = option(3, "knockout window half-width k: layers [l - k, l + k]")
-    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt")
+    window: int = option(3, "knockout window half-width k: layers [l - k, l + k]", minimum=0)
+    max_new_tokens: int = option(
+        DEFAULT_MAX_NEW_TOKENS, "greedy tokens generated per prompt", minimum=1
+    )
+    stage_preset: str | None = option(
+        None,
+        "the preset whose layer measures information propagation in the stage table "
+        "(default: the first of --presets)",
+        flag="--knockout-preset",
+    )
     batch_size: int = runtime(64)
     progress: bool = runtime(False)
+
+    def __post_init__(self) -> None:
+        for preset in self.presets:
+            if preset not in EDGE_PRESETS:
+                raise InputError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
+        if self.stage_preset is not None and self.stage_preset not in self.presets:
+            raise InputError(
+                f"--knockout-preset {self.stage_preset} is not among the knockout's --presets "
+                f"{','.join(self.presets)}: add it, or choose another"
+            )
+
+    @property
+    def measured_preset(self) -> str:
+        """The preset of the stage table's knockout layer."""
+        return self.stage_preset or self.presets[0]
 
 
 def edges(case: Case, preset: str) -> tuple[list[int], list[int]] | str:
@@ -81,17 +118,14 @@ def attention_knockout(
     model: Model, cases: Sequence[Case], config: KnockoutConfig = KnockoutConfig()
 ) -> pd.DataFrame:
     """One row per case x preset x centre layer l (window [l - k, l + k] clipped)."""
-    for preset in config.presets:
-        if preset not in EDGE_PRESETS:
-            raise InputError(f"unknown knockout preset {preset!r}; use {EDGE_PRESETS}")
     if config.window < 0:
         raise InputError(f"window must be >= 0, got {config.window}")
-    n_layers = backend.n_layers(model)
+    n_layers = model.n_layers
     rows = []
     bar = tqdm(total=len(cases) * len(config.presets), desc="knockout", disable=not config.progress)
     for b in case_batches(model, cases, config.batch_size, ()):
         batch, tok = b.cases, b.tok
-        clean = greedy_generate(model, tok.tokens, tok.attention_mask, config.max_new_tokens)
+        clean = model.greedy_generate(tok.tokens, tok.attention_mask, config.max_new_tokens)
         clean_text = [decode(model, r) for r in clean.tokens.tolist()]
         clean_lp = clean.first_logits.log_softmax(-1)
         for preset in config.presets:
@@ -103,7 +137,7 @@ def attention_knockout(
             reasons = []
             for qi, (case, pad) in enumerate(zip(batch, tok.n_pad)):
                 e = edges(case, preset)
-                reasons.append(e if isinstance(e, str) else "")
+                reasons.append(e if isinstance(e, str) else None)
                 if not isinstance(e, str):
                     queries, keys = e
                     mask[
@@ -115,19 +149,18 @@ def attention_knockout(
                 window = range(
                     max(0, layer - config.window), min(n_layers, layer + config.window + 1)
                 )
-                out = greedy_generate(
-                    model,
+                out = model.greedy_generate(
                     tok.tokens,
                     tok.attention_mask,
                     config.max_new_tokens,
-                    backend.block_attention(model, window, mask),
+                    model.block_attention(window, mask),
                 )
                 lp = out.first_logits.log_softmax(-1)
                 for qi, case in enumerate(batch):
                     where = {
                         "id": case.id,
                         "preset": preset,
-                        "layer": layer,
+                        "window_center": layer,
                         "window_start": window[0],
                         "window_end": window[-1],
                     }
@@ -135,17 +168,17 @@ def attention_knockout(
                         rows.append(
                             {
                                 **where,
-                                "generation": "",
-                                "correct": False,
-                                "changed": False,
+                                "generation": None,
+                                "alias_match": None,
+                                "changed": None,
                                 "e3_logprob_delta": float("nan"),
                                 "skip_reason": reasons[qi],
                             }
                         )
                         continue
                     text = decode(model, out.tokens[qi].tolist())
-                    ok = is_correct(text, case.e3_names)
-                    was_ok = is_correct(clean_text[qi], case.e3_names)
+                    ok = alias_match(text, case.e3_names)
+                    was_ok = alias_match(clean_text[qi], case.e3_names)
                     _, new = best_rank(lp[qi], case.first_tokens["e3"])
                     _, old = best_rank(clean_lp[qi], case.first_tokens["e3"])
                     changed = text != clean_text[qi] and not (ok and was_ok)
@@ -153,15 +186,18 @@ def attention_knockout(
                         {
                             **where,
                             "generation": text,
-                            "correct": ok,
+                            "alias_match": ok,
                             "changed": changed,
                             "e3_logprob_delta": float(new - old),
-                            "skip_reason": "",
+                            "skip_reason": None,
                         }
                     )
             bar.update(len(batch))
     bar.close()
-    return pd.DataFrame(rows, columns=COLUMNS)
+    if not rows:
+        return TABLE.empty()
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return frame.astype({"alias_match": "boolean", "changed": "boolean"})
 
 
 def knockout_layer(knockout: pd.DataFrame, preset: str = "last_to_t1") -> pd.Series:
@@ -173,32 +209,67 @@ def knockout_layer(knockout: pd.DataFrame, preset: str = "last_to_t1") -> pd.Ser
             f"the knockout table has no {preset!r} rows (presets: {sorted(set(knockout.preset))}): "
             f"run the knockout with --presets {preset}"
         )
-    return first_layer(rows, rows.changed, "knockout_layer").reindex(knockout["id"].unique())
+    return first_layer(rows, rows.changed, "knockout_layer", "window_center").reindex(
+        knockout["id"].unique()
+    )
 
 
-def _report(section: ReportInput) -> str:
-    return section.figure(plots.knockout_curves(section.table, section.evaluation))
+def knockout_curves(knockout: pd.DataFrame, evaluation: pd.DataFrame) -> go.Figure:
+    """% of cases whose answer changes when each window of layers is knocked out, per preset."""
+    data = knockout[knockout.skip_reason.isna()].merge(evaluation[["id", "subset"]], on="id")
+    fig = go.Figure()
+    for (preset, subset), d in data.groupby(["preset", "subset"]):
+        rate = d.astype({"changed": bool}).groupby("window_center")["changed"].mean() * 100
+        fig.add_trace(
+            go.Scatter(
+                x=rate.index,
+                y=rate.values,
+                mode="lines+markers",
+                name=f"{preset}, {subset}",
+                line={"color": SUBSET_COLORS.get(subset)},
+            )
+        )
+    fig.update_layout(
+        title="Attention knockout: answer changed",
+        xaxis_title="centre layer of the window",
+        yaxis_title="% of cases",
+        width=820,
+        height=480,
+    )
+    return fig
+
+
+def _report(section: ReportInput[KnockoutConfig]) -> str:
+    return section.figure(knockout_curves(section.table, section.evaluation))
 
 
 register(
     Analysis(
         name="knockout",
         title="Attention knockout",
-        order=40,
-        help="attention knockout -> knockout.parquet",
+        order=25,
+        help="attention from t2 (or later positions) to t1 blocked in windows of layers: does "
+        "the answer change -> knockout.parquet",
         config=KnockoutConfig,
-        columns=TABLE,
+        schema=TABLE,
         report=_report,
         run=lambda context, config: attention_knockout(context.model, context.cases, config),
-        stage_layers=lambda table, stages: knockout_layer(table, stages.knockout_preset).to_frame(),
+        stage_measures=(
+            StageMeasure(
+                "knockout_layer",
+                "info_propagation",
+                "no knockout window changes the answer",
+                "knockout",
+            ),
+        ),
+        stage_layers=lambda table, config: knockout_layer(table, config.measured_preset).to_frame(),
         uses_positions=lambda config: ("t1", "t2"),
         note=lambda config: (
-            f"Attention knockout: edges from query to key positions ({', '.join(config.presets)}) "
-            "are "
-            f"blocked (score −inf) in all heads of layers [l − {config.window}, l + "
-            f"{config.window}], "
-            f"on the prompt pass; {config.max_new_tokens} greedy tokens; a layer matters when the "
-            "answer changes (and not both are correct)."
+            "Attention knockout: edges from query to key positions "
+            f"({', '.join(config.presets)}) are blocked (score −inf) in all heads of layers "
+            f"[l − {config.window}, l + {config.window}], on the prompt pass; "
+            f"{config.max_new_tokens} greedy tokens; a layer matters when the answer changes "
+            "(and not both are correct)."
         ),
     )
 )

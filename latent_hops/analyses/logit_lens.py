@@ -14,32 +14,47 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from latent_hops import backend
 from latent_hops.analysis import (
+    DECODED_MEASURES,
     Analysis,
-    Column,
     Context,
+    StageMeasure,
     decoded_layers,
     first_layer,
+    option,
     register,
     runtime,
 )
 from latent_hops.backend import EMBEDDINGS, Model
 from latent_hops.cases import POSITIONS, Case, case_batches
 from latent_hops.patching import hidden_states_at
-from latent_hops.ranks import best_rank, project_to_vocab
-
-TABLE = (
-    Column("id", "query id"),
-    Column("position", "t1 or t2"),
-    Column("layer", "hidden-state layer (-1 = embeddings)"),
-    Column("e2_rank", "best rank of e2's first tokens (0 = top; -1 = no known token)"),
-    Column("e2_prob", "probability of that token"),
-    Column("e3_rank", "as e2_rank, for e3"),
-    Column("e3_prob", "probability of that token"),
-    Column("top_token", "id of the top token"),
+from latent_hops.ranks import best_rank
+from latent_hops.tables import (
+    E2_RANK,
+    E3_RANK,
+    HIDDEN_LAYER,
+    ID,
+    POSITION,
+    Column,
+    TableSchema,
+    rank_or_null,
 )
-COLUMNS = [c.name for c in TABLE]
+
+TABLE = TableSchema(
+    "logit_lens.parquet",
+    "a case x position x hidden-state layer",
+    (
+        ID,
+        POSITION,
+        HIDDEN_LAYER,
+        E2_RANK,
+        Column("e2_prob", "float", "probability of e2's best first token (NaN: none known)"),
+        E3_RANK,
+        Column("e3_prob", "float", "probability of e3's best first token (NaN: none known)"),
+        Column("top_token", "int", "id of the top token"),
+    ),
+)
+COLUMNS = TABLE.names
 
 
 @torch.no_grad()
@@ -51,11 +66,11 @@ def logit_lens(
     batch_size: int = 64,
 ) -> pd.DataFrame:
     """One row per case x position x layer: ranks/probabilities of e2 and e3, top token."""
-    layers = list(range(EMBEDDINGS if include_embeddings else 0, backend.n_layers(model)))
+    layers = list(range(EMBEDDINGS if include_embeddings else 0, model.n_layers))
     rows = []
     for b in case_batches(model, cases, batch_size, positions):
-        logprobs = project_to_vocab(
-            model, hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns, layers)
+        logprobs = model.project_to_vocab(
+            hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns, layers)
         )
         top = logprobs.argmax(-1)
         for qi, case in enumerate(b.cases):
@@ -68,14 +83,16 @@ def logit_lens(
                             case.id,
                             position,
                             layer,
-                            int(r2[pi, li]),
+                            rank_or_null(int(r2[pi, li])),
                             float(lp2[pi, li].exp()),
-                            int(r3[pi, li]),
+                            rank_or_null(int(r3[pi, li])),
                             float(lp3[pi, li].exp()),
                             int(top[qi, pi, li]),
                         )
                     )
-    return pd.DataFrame(rows, columns=COLUMNS)
+    if not rows:
+        return TABLE.empty()
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"e2_rank": "Int64", "e3_rank": "Int64"})
 
 
 def resolution_layers(lens: pd.DataFrame, second_hop_k: int = 0) -> pd.DataFrame:
@@ -83,26 +100,28 @@ def resolution_layers(lens: pd.DataFrame, second_hop_k: int = 0) -> pd.DataFrame
     layer (e3 rank <= k at t2)."""
 
     def decoded(rows: pd.DataFrame, entity: str) -> pd.Series:
-        rank = rows[f"{entity}_rank"]
-        return (rank >= 0) & (rank <= (second_hop_k if entity == "e3" else 0))
+        return rows[f"{entity}_rank"] <= (second_hop_k if entity == "e3" else 0)
 
-    return decoded_layers(lens, decoded)
+    return decoded_layers(lens, decoded, "hidden_layer")
 
 
 def onset_layer(lens: pd.DataFrame, k: int = 10) -> pd.Series:
     """Second-hop onset per case: the first layer from which e3's rank at t2 is <= k and
     stays <= k up to the last layer (missing if e3 never settles in the top k)."""
-    t2 = lens[lens.position == "t2"].sort_values(["id", "layer"])
-    inside = (t2.e3_rank >= 0) & (t2.e3_rank <= k)
+    t2 = lens[lens.position == "t2"].sort_values(["id", "hidden_layer"])
+    inside = (t2.e3_rank <= k).fillna(False).astype(bool)  # null: no known token
     # a layer counts if it and every later layer are inside: reverse cumulative AND per case
     stays = inside[::-1].groupby(t2["id"][::-1]).cummin()[::-1]
-    return first_layer(t2, stays.astype(bool), "second_hop_onset_layer")
+    return first_layer(t2, stays.astype(bool), "second_hop_onset_layer", "hidden_layer")
 
 
 @dataclass(frozen=True)
 class LogitLensConfig:
     positions: tuple[str, ...] = POSITIONS
     include_embeddings: bool = True
+    onset_k: int = option(
+        10, "second-hop onset (stage table): e3's logit-lens rank at t2 stays <= k", minimum=0
+    )
     batch_size: int = runtime(64)
 
 
@@ -112,25 +131,34 @@ def _run(context: Context, config: LogitLensConfig) -> pd.DataFrame:
     )
 
 
-def _stage_layers(lens: pd.DataFrame, stages) -> pd.DataFrame:
+def _stage_layers(lens: pd.DataFrame, config: LogitLensConfig) -> pd.DataFrame:
     """Decoded layers (first hop, e2 at t2, second hop) and the second-hop onset."""
-    return resolution_layers(lens).set_index("id").join(onset_layer(lens, stages.onset_k))
+    return resolution_layers(lens).set_index("id").join(onset_layer(lens, config.onset_k))
 
 
 register(
     Analysis(
-        name="logit-lens",
+        name="logit_lens",
+        aliases=("logit-lens",),
         title="Logit lens",
         order=20,
-        help="logit lens at t1/t2 -> logit_lens.parquet",
+        help="each layer's hidden state at t1/t2 through the unembedding: ranks of e2, e3 "
+        "-> logit_lens.parquet",
         config=LogitLensConfig,
         run=_run,
+        stage_measures=(
+            *DECODED_MEASURES,
+            StageMeasure(
+                "second_hop_onset_layer",
+                "second_hop_onset",
+                "e3 never stays in the logit lens' top k at t2",
+            ),
+        ),
         stage_layers=_stage_layers,
-        decodes="logit_lens",
         note=lambda config: (
             "Each layer's hidden state at t1 and t2 read through the final norm and the "
             "unembedding (float32)."
         ),
-        columns=TABLE,
+        schema=TABLE,
     )
 )

@@ -20,27 +20,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from latent_hops import backend, plots
 from latent_hops.analysis import (
+    DECODED_MEASURES,
     Analysis,
-    Column,
     Context,
     ReportInput,
+    Results,
     decoded_layers,
     option,
     register,
     runtime,
 )
-from latent_hops.backend import GreedyOutput, Model, Sampler, check_layers
+from latent_hops.backend import GreedyOutput, Model, Sampler
 from latent_hops.cases import POSITIONS, Case, case_batches
 from latent_hops.errors import InputError
 from latent_hops.generation import DEFAULT_MAX_NEW_TOKENS
-from latent_hops.models import TOY_CHECKPOINTS
 from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at
+from latent_hops.plots import layer_name, percent_heatmap
 from latent_hops.positions import GRID_HELP, parse_layers, tokenize_prompts
+from latent_hops.tables import ID, POSITION, SOURCE_LAYER, TARGET_LAYER, Column, TableSchema
 
 PAPER_TARGET = (
     "Syria: Syria is a country in the Middle East, Leonardo DiCaprio: Leonardo DiCaprio is an "
@@ -50,17 +52,21 @@ TOY_TARGET = "Voliba : Voliba , x :"  # Voliba: the toy graph's first entity (se
 REPEAT_TARGET = "cat -> cat; 1135 -> 1135; hello -> hello; x"  # Patchscopes' identity prompt
 PATTERNS = (": {} ", ": {},", ": {}.", ": {}:", "{}: ")
 ENTITIES = ("e1", "e2", "e3")  # classification priority
-TABLE = (
-    Column("id", "query id"),
-    Column("position", "t1 or t2: where the source state is read"),
-    Column("source_layer", "layer of the source hidden state"),
-    Column("target_layer", "layer of the target prompt it is written into"),
-    Column("seed", "sampling seed (-1 = greedy)"),
-    Column("generation", "the target prompt's continuation"),
-    Column("decoded", "e1, e2, e3 or other, by the paper's patterns"),
-    Column("target", "name of the target prompt (a preset, or 'custom')"),
+TABLE = TableSchema(
+    "patchscope.parquet",
+    "a case x position x (source layer, target layer) x sampling seed x target prompt",
+    (
+        ID,
+        POSITION.described("t1 or t2: where the source state is read"),
+        SOURCE_LAYER.described("hidden-state layer of the source state (the two-hop prompt)"),
+        TARGET_LAYER.described("hidden-state layer of the target prompt it is written into"),
+        Column("seed", "Int64", "sampling seed (null: greedy decoding)"),
+        Column("generation", "str", "the target prompt's continuation (from the placeholder)"),
+        Column("decoded", "str", "e1, e2, e3 or other, by the paper's patterns"),
+        Column("target", "str", "name of the target prompt (a preset, or 'custom')"),
+    ),
 )
-COLUMNS = [c.name for c in TABLE]
+COLUMNS = TABLE.names
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,8 @@ TARGET_PRESETS = {
 class PatchscopeConfig:
     target: str | TargetPrompt = option(
         "auto",
-        "target prompt(s): auto (toy on the toy models, else paper), paper, repeat, toy "
-        "(comma-separated), "
-        "or a text with an x",
+        "target prompt(s): auto (paper where the vocabulary spells it, else toy), paper, "
+        "repeat, toy (comma-separated), or a text with an x",
     )
     positions: tuple[str, ...] = POSITIONS
     layer_pairs: tuple[tuple[int, int], ...] | None = (
@@ -114,15 +119,28 @@ class PatchscopeConfig:
     progress: bool = runtime(False)
 
 
+def spells(model: Model, text: str) -> bool:
+    """Whether the model's tokenizer writes ``text`` without an unknown token."""
+    unk = model.tokenizer.unk_token_id
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return unk is None or unk not in ids
+
+
+def auto_target(model: Model) -> str:
+    """``"paper"`` where the tokenizer can spell the paper's English prompt; else ``"toy"``
+    (the word-level vocabularies of the toy models, which know none of its words)."""
+    return "paper" if spells(model, PAPER_TARGET) else "toy"
+
+
 def target_prompts(model: Model, target: str | TargetPrompt) -> list[tuple[str, TargetPrompt]]:
     """(name, prompt) of each target: a TargetPrompt ("custom"), preset names (comma-separated;
-    "auto" = "toy" on the shipped toy models, else "paper"), or one custom text (commas and all)."""
+    "auto": ``auto_target``), or one custom text (commas and all)."""
     if isinstance(target, TargetPrompt):
         return [("custom", target)]
     names = [n.strip() for n in target.split(",") if n.strip()]
     if not names or not set(names) <= {"auto", *TARGET_PRESETS}:
         return [("custom", TargetPrompt.from_text(target))]
-    auto = "toy" if backend.model_spec(model) in TOY_CHECKPOINTS else "paper"
+    auto = auto_target(model)
     names = list(dict.fromkeys(auto if n == "auto" else n for n in names))
     return [(n, TARGET_PRESETS[n]) for n in names]
 
@@ -140,9 +158,9 @@ def classify(text: str, names: dict[str, Sequence[str]]) -> str:
 def _pairs(model: Model, config: PatchscopeConfig) -> list[tuple[int, int]]:
     if config.layer_pairs is not None:
         for s, t in config.layer_pairs:
-            check_layers(model, [s, t])
+            model.check_layers([s, t])
         return list(config.layer_pairs)
-    n = backend.n_layers(model)
+    n = model.n_layers
     sources = parse_layers(config.source_layers, n) or range(n)
     targets = parse_layers(config.target_layers, n) or range(n)
     return [(s, t) for s in sources for t in targets]
@@ -157,7 +175,7 @@ def patchscope(
         _one_target(model, cases, config, name, prompt)
         for name, prompt in target_prompts(model, config.target)
     ]
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True).astype({"seed": "Int64"})
 
 
 def _one_target(
@@ -172,9 +190,9 @@ def _one_target(
     tail = target.tokens[0, slot:].tolist()  # placeholder onwards: read with the generation
     sources = sorted({s for s, _ in pairs})
     index = {s: i for i, s in enumerate(sources)}
-    decoders: list[tuple[int, Sampler | None]] = [
+    decoders: list[tuple[int | None, Sampler | None]] = [
         (seed, Sampler(seed, config.temperature)) for seed in config.seeds
-    ] or [(-1, None)]
+    ] or [(None, None)]
     per_case = len(config.positions) * len(pairs)
     rows_out = []
     bar = tqdm(
@@ -201,7 +219,7 @@ def _one_target(
             def on_output(chunk: Sequence[PatchRow], out: GreedyOutput, seed=seed) -> None:
                 for r, ids in zip(chunk, out.tokens.tolist()):
                     case = batch[r.key[0]]
-                    text = backend.tokenizer_of(model).decode(tail + ids, skip_special_tokens=True)
+                    text = model.tokenizer.decode(tail + ids, skip_special_tokens=True)
                     rows_out.append(
                         (
                             case.id,
@@ -228,7 +246,9 @@ def _one_target(
                 sampler,
             )
     bar.close()
-    return pd.DataFrame(rows_out, columns=COLUMNS)
+    if not rows_out:
+        return TABLE.empty()
+    return pd.DataFrame(rows_out, columns=COLUMNS).astype({"seed": "Int64"})
 
 
 def decoded_shares(scopes: pd.DataFrame) -> pd.DataFrame:
@@ -244,14 +264,47 @@ def reads_nothing(scopes: pd.DataFrame) -> bool:
     target layer) gives one string whatever the source layer — Patchscopes then measures
     nothing on this model (as on the toy models at target layers >= 0)."""
     keys = [k for k in ("target", "id", "position", "target_layer", "seed") if k in scopes]
-    return bool(len(scopes)) and bool((scopes.groupby(keys)["generation"].nunique() == 1).all())
+    groups = scopes.groupby(keys, dropna=False)["generation"].nunique()
+    return bool(len(scopes)) and bool((groups == 1).all())
 
 
 def patchscope_layers(scopes: pd.DataFrame) -> pd.DataFrame:
     """Per case: first-hop layer (e2 from t1), e2 decoded from t2, second-hop layer (e3 from t2);
     the minimum source layer over all target layers, target prompts and seeds."""
 
-    return decoded_layers(scopes, lambda rows, entity: rows.decoded == entity, layer="source_layer")
+    return decoded_layers(scopes, lambda rows, entity: rows.decoded == entity, "source_layer")
+
+
+def patchscope_heatmap(
+    scopes: pd.DataFrame, position: str = "t1", entity: str = "e2", ids: Sequence[str] | None = None
+) -> go.Figure:
+    """Source layer (y) x target layer (x): % of cases decoded as ``entity`` from ``position``."""
+    data = scopes[scopes.position == position]
+    if ids is not None:
+        data = data[data.id.isin(set(ids))]
+    hit = (
+        data.assign(hit=data.decoded == entity)
+        .groupby(["source_layer", "target_layer"])["hit"]
+        .mean()
+    )
+    grid = hit.unstack("target_layer") * 100
+    fig = go.Figure(
+        percent_heatmap(
+            grid.values,
+            [layer_name(c) for c in grid.columns],
+            [layer_name(i) for i in grid.index],
+        )
+    )
+    fig.update_layout(
+        title=f"Patchscopes: {entity} decoded from {position}",
+        xaxis_title="target layer",
+        yaxis_title="source layer",
+        width=560,
+        height=520,
+    )
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
 
 
 def _run(context: Context, config: PatchscopeConfig) -> pd.DataFrame:
@@ -259,10 +312,20 @@ def _run(context: Context, config: PatchscopeConfig) -> pd.DataFrame:
     rows for its chunk of cases."""
     _pairs(context.model, config)  # a bad layer grid fails here, before any work
     return context.in_parts(
-        context.folder("patchscope"),
+        "patchscope",
         lambda part: patchscope(context.model, part, config),
-        context.made_by("patchscope", config),
+        config,
         f"patchscope ({config.target})",
+    )
+
+
+def _reads_nothing_on(model: Model) -> str | None:
+    if auto_target(model) == "paper":
+        return None
+    return (
+        "its vocabulary cannot spell the paper's target prompt (a toy model): every patched "
+        "generation is the same string whatever the source layer; run `latent-hops "
+        "patchscope` to see it"
     )
 
 
@@ -272,7 +335,8 @@ READS_NOTHING = (
 )
 
 
-def _summary(context: Context, table: pd.DataFrame, config: PatchscopeConfig) -> str:
+def _summary(results: Results[PatchscopeConfig]) -> str:
+    table = results.table
     text = "Patchscopes: share of runs decoded as each entity\n" + decoded_shares(table).to_string()
     return text + (f"\nwarning: {READS_NOTHING}" if reads_nothing(table) else "")
 
@@ -284,8 +348,8 @@ def _report(section: ReportInput) -> str:
         if reads_nothing(scopes)
         else ""
     )
-    figures = section.figure(plots.patchscope_heatmap(scopes, "t1", "e2")) + section.figure(
-        plots.patchscope_heatmap(scopes, "t2", "e3")
+    figures = section.figure(patchscope_heatmap(scopes, "t1", "e2")) + section.figure(
+        patchscope_heatmap(scopes, "t2", "e3")
     )
     return (
         warning + f"<div class='grid'>{figures}</div>" + section.html_table(decoded_shares(scopes))
@@ -297,23 +361,25 @@ register(
         name="patchscope",
         title="Patchscopes",
         order=50,
-        help="Patchscopes -> patchscope.parquet",
+        aliases=("patchscopes",),
+        help="Patchscopes: a source hidden state decoded by a target prompt (e1, e2, e3 or "
+        "other) -> patchscope.parquet",
         config=PatchscopeConfig,
-        columns=TABLE,
+        schema=TABLE,
         run=_run,
         resumable=True,
         shardable=True,
         summary=_summary,
         report=_report,
-        stage_layers=lambda table, stages: patchscope_layers(table).set_index("id"),
-        decodes="patchscopes",
+        stage_measures=DECODED_MEASURES,
+        stage_layers=lambda table, config: patchscope_layers(table).set_index("id"),
+        reads_nothing_on=_reads_nothing_on,
         note=lambda config: (
-            "Patchscopes: the source hidden state is written into the target prompt's placeholder "
-            f"(target: {config.target}) at the target layer; {config.max_new_tokens} greedy "
-            "tokens, "
-            "classified with the paper's patterns. The table gives, per target prompt and "
-            "position, "
-            "the share of runs decoded as each entity."
+            "Patchscopes: the source hidden state is written into the target prompt's "
+            f"placeholder (target: {config.target}) at the target layer; "
+            f"{config.max_new_tokens} greedy tokens, classified with the paper's patterns. The "
+            "table gives, per target prompt and position, the share of runs decoded as each "
+            "entity."
         ),
     )
 )

@@ -34,11 +34,11 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from latent_hops import backend
 from latent_hops.analysis import (
+    DECODED_MEASURES,
     Analysis,
-    Column,
     Context,
+    Results,
     decoded_layers,
     option,
     register,
@@ -48,21 +48,26 @@ from latent_hops.backend import Model
 from latent_hops.cases import Case, case_batches, prepare_cases
 from latent_hops.errors import InputError
 from latent_hops.patching import hidden_states_at
+from latent_hops.tables import HIDDEN_LAYER, ID, POSITION, Column, TableSchema
 
-TABLE = (
-    Column("id", "query id"),
-    Column("entity", "e2 or e3: what the probe names"),
-    Column("position", "t1 or t2"),
-    Column("layer", "hidden-state layer probed"),
-    Column("fold", "cross-validation fold that scored the case"),
-    Column("candidates", "entities the probe chooses among"),
-    Column("predicted", "token id it names"),
-    Column("target", "the entity's first token id"),
-    Column("correct", "predicted == target"),
-    Column("control_correct", "the shuffled-target control's hit"),
-    Column("grouping", "how folds were split"),
+TABLE = TableSchema(
+    "probe.parquet",
+    "a scored case x probed entity x position x hidden-state layer",
+    (
+        ID,
+        Column("entity", "str", "e2 or e3: what the probe names"),
+        POSITION,
+        HIDDEN_LAYER,
+        Column("fold", "int", "cross-validation fold that scored the case"),
+        Column("candidates", "int", "entities the probe chooses among"),
+        Column("predicted", "int", "token id it names"),
+        Column("target", "int", "the entity's first token id (its label's first token)"),
+        Column("token_match", "bool", "predicted == target: an exact token-id match"),
+        Column("control_token_match", "bool", "the shuffled-target control's token_match"),
+        Column("grouping", "str", "how folds were split"),
+    ),
 )
-COLUMNS = [c.name for c in TABLE]
+COLUMNS = TABLE.names
 GROUPINGS = {
     False: "folds by e1: no training case shares the scored case's e1",
     True: "folds by e1; training also excludes cases sharing the scored case's target entity",
@@ -77,13 +82,17 @@ PROBE_TARGETS = (("e2", "t1"), ("e2", "t2"), ("e3", "t2"))  # (entity, position)
 class ProbeConfig:
     folds: int = 5
     ridge: float = 10.0  # L2 penalty of the regression on standardised states
-    margin: float = DEFAULT_MARGIN  # a layer counts where accuracy >= control accuracy + margin
+    margin: float = option(
+        DEFAULT_MARGIN,
+        "a probe layer counts in the stage table where it beats its control by this margin",
+        flag="--probe-margin",
+    )
     hold_out_target: bool = option(
         False, "also keep the scored cases' target entities out of training"
     )
     seed: int = 0
     probe_train: int = option(
-        2000, "queries beside the analysed cases that join the probes' training folds"
+        2000, "queries beside the analysed cases that join the probes' training folds", minimum=0
     )
     batch_size: int = runtime(256)
     progress: bool = runtime(False)
@@ -94,7 +103,7 @@ def states_for(
     model: Model, cases: Sequence[Case], position: str, layers: Sequence[int], batch_size: int = 256
 ) -> Float[torch.Tensor, "case layer d_model"]:
     """Hidden states [case, layer, d_model] at ``position`` (float32, CPU)."""
-    out = torch.empty(len(cases), len(layers), backend.d_model(model))
+    out = torch.empty(len(cases), len(layers), model.d_model)
     for b in case_batches(model, cases, batch_size, (position,)):
         states = hidden_states_at(model, b.tok.tokens, b.tok.attention_mask, b.columns, layers)
         out[b.index] = states[:, 0].float().cpu()
@@ -153,7 +162,7 @@ def cross_validated_probe(
     ``pool`` adds training-only cases (never scored); both are split by the grouping of the
     module docstring. Cases without a known first token of ``entity`` are left out.
     """
-    layers = list(range(backend.n_layers(model))) if layers is None else list(layers)
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
     ids = {c.id for c in scored}
     cases = [
         c for c in [*scored, *(c for c in pool if c.id not in ids)] if c.first_tokens.get(entity)
@@ -165,7 +174,7 @@ def cross_validated_probe(
         )
     first = torch.tensor([c.first_tokens[entity][0] for c in cases])
     candidates = torch.unique(first)
-    unembed = backend.unembedding_vectors(model)  # the regression targets
+    unembed = model.unembedding_vectors()  # the regression targets
     y, keys = unembed[first], unembed[candidates]
     x = states_for(model, cases, position, layers, config.batch_size)
     rng = np.random.default_rng(config.seed)
@@ -194,35 +203,35 @@ def cross_validated_probe(
                 hit = pred == first[test]
                 if control:
                     for row, h in zip(rows[-len(test) :], hit.tolist()):
-                        row["control_correct"] = bool(h)
+                        row["control_token_match"] = bool(h)
                     continue
                 rows += [
                     {
                         "id": cases[i].id,
                         "entity": entity,
                         "position": position,
-                        "layer": layer,
+                        "hidden_layer": layer,
                         "fold": k,
                         "candidates": len(candidates),
                         "predicted": int(p),
                         "target": int(first[i]),
-                        "correct": bool(h),
-                        "control_correct": False,
+                        "token_match": bool(h),
+                        "control_token_match": False,
                         "grouping": grouping,
                     }
                     for i, p, h in zip(test, pred.tolist(), hit.tolist())
                 ]
     bar.close()
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS) if rows else TABLE.empty()
 
 
 def probe_accuracy(probed: pd.DataFrame) -> pd.DataFrame:
     """Accuracy of the probe and of its control per entity x position x layer."""
-    g = probed.groupby(["entity", "position", "layer"])
+    g = probed.groupby(["entity", "position", "hidden_layer"])
     return g.agg(
         cases=("id", "size"),
-        accuracy=("correct", "mean"),
-        control=("control_correct", "mean"),
+        accuracy=("token_match", "mean"),
+        control=("control_token_match", "mean"),
         candidates=("candidates", "max"),
     ).reset_index()
 
@@ -235,11 +244,12 @@ def probe_layers(probed: pd.DataFrame, margin: float = DEFAULT_MARGIN) -> pd.Dat
     then, which is no evidence for the case.
     """
     acc = probe_accuracy(probed)
-    reliable = acc[acc.accuracy >= acc.control + margin][["entity", "position", "layer"]]
-    hits = probed[probed.correct].merge(reliable, on=["entity", "position", "layer"])
+    keys = ["entity", "position", "hidden_layer"]
+    reliable = acc[acc.accuracy >= acc.control + margin][keys]
+    hits = probed[probed.token_match].merge(reliable, on=keys)
 
     return (
-        decoded_layers(hits, lambda rows, entity: rows.entity == entity)
+        decoded_layers(hits, lambda rows, entity: rows.entity == entity, "hidden_layer")
         .set_index("id")
         .reindex(probed["id"].unique())
         .rename_axis("id")
@@ -262,9 +272,10 @@ def _run(context: Context, config: ProbeConfig) -> pd.DataFrame:
     )
 
 
-def _summary(context: Context, probed: pd.DataFrame, config: ProbeConfig) -> str:
+def _summary(results: Results[ProbeConfig]) -> str:
+    probed = results.table
     table = probe_accuracy(probed).pivot_table(
-        index="layer", columns=["entity", "position"], values=["accuracy", "control"]
+        index="hidden_layer", columns=["entity", "position"], values=["accuracy", "control"]
     )
     return (
         f"probe accuracy vs shuffled-target control, % of {probed.id.nunique()} cases "
@@ -277,22 +288,21 @@ register(
         name="probe",
         title="Linear probes",
         order=60,
-        help="linear probes (e2 at t1/t2, e3 at t2) -> probe.parquet",
+        help="linear probes (e2 at t1/t2, e3 at t2), cross-validated by entity, with a "
+        "shuffled-target control -> probe.parquet",
         config=ProbeConfig,
-        columns=TABLE,
+        schema=TABLE,
         run=_run,
         summary=_summary,
         report=lambda section: section.html_table(probe_accuracy(section.table)),
-        stage_layers=lambda table, stages: probe_layers(table, stages.probe_margin).set_index("id"),
-        decodes="probe",
+        stage_measures=DECODED_MEASURES,
+        stage_layers=lambda table, config: probe_layers(table, config.margin).set_index("id"),
         note=lambda config: (
             "Linear probes (ridge regression onto the entity's unembedding vector, nearest "
-            "candidate "
-            f"wins), cross-validated by entity: {GROUPINGS[config.hold_out_target]}. Control: the "
-            "same "
-            "probe with shuffled targets. A layer counts for the stage table only where the probe "
-            "beats "
-            "its control by the stage table's margin."
+            "candidate wins), cross-validated by entity: "
+            f"{GROUPINGS[config.hold_out_target]}. Control: the same probe with shuffled "
+            "targets. A layer counts for the stage table only where the probe beats its control "
+            f"by {config.margin:.0%} (--probe-margin)."
         ),
     )
 )

@@ -14,23 +14,27 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from latent_hops import backend
-from latent_hops.analysis import Analysis, Column, first_layer, register, runtime
+from latent_hops.analysis import Analysis, StageMeasure, first_layer, register, runtime
 from latent_hops.backend import Model, Site
 from latent_hops.cases import Case, case_batches
-from latent_hops.ranks import best_rank, project_to_vocab
+from latent_hops.ranks import best_rank
+from latent_hops.tables import BLOCK, E2_RANK, E3_RANK, ID, Column, TableSchema, rank_or_null
 
 SUBLAYERS = {"attn": "attn_out", "mlp": "mlp_out"}  # table label -> site kind
-TABLE = (
-    Column("id", "query id"),
-    Column("layer", "block"),
-    Column("sublayer", "attn or mlp (its output at t2)"),
-    Column("e2_rank", "best rank of e2's first tokens (0 = top; -1 = no known token)"),
-    Column("e3_rank", "as e2_rank, for e3"),
-    Column("prediction_rank", "rank of the model's own prediction"),
-    Column("prediction", "token id the model predicts at t2"),
+TABLE = TableSchema(
+    "projection.parquet",
+    "a case x block x sublayer, at t2",
+    (
+        ID,
+        BLOCK,
+        Column("sublayer", "str", "attn or mlp: the block's attention or MLP output at t2"),
+        E2_RANK,
+        E3_RANK,
+        Column("prediction_rank", "int", "rank of the model's own prediction"),
+        Column("prediction", "int", "token id the model predicts at t2"),
+    ),
 )
-COLUMNS = [c.name for c in TABLE]
+COLUMNS = TABLE.names
 
 
 @torch.no_grad()
@@ -38,18 +42,16 @@ def sublayer_projection(model: Model, cases: Sequence[Case], batch_size: int = 6
     """One row per case x layer x sublayer (attn / mlp), at t2."""
     sites = [
         (layer, label, Site(kind, layer))
-        for layer in range(backend.n_layers(model))
+        for layer in range(model.n_layers)
         for label, kind in SUBLAYERS.items()
     ]
     rows = []
     for b in case_batches(model, cases, batch_size, ("t2",)):
-        acts = backend.read_sites(
-            model, b.tok.tokens, b.tok.attention_mask, b.columns, [s for *_, s in sites]
+        acts = model.read_sites(
+            b.tok.tokens, b.tok.attention_mask, b.columns, [s for *_, s in sites]
         )
-        logprobs = project_to_vocab(model, acts[:, 0])  # [q, sites, vocab]
-        prediction = backend.last_logits(
-            model, b.tok.tokens, attention_mask=b.tok.attention_mask
-        ).argmax(-1)
+        logprobs = model.project_to_vocab(acts[:, 0])  # [q, sites, vocab]
+        prediction = model.last_logits(b.tok.tokens, b.tok.attention_mask).argmax(-1)
         for qi, case in enumerate(b.cases):
             r2, _ = best_rank(logprobs[qi], case.first_tokens["e2"])
             r3, _ = best_rank(logprobs[qi], case.first_tokens["e3"])
@@ -60,13 +62,15 @@ def sublayer_projection(model: Model, cases: Sequence[Case], batch_size: int = 6
                         case.id,
                         layer,
                         label,
-                        int(r2[si]),
-                        int(r3[si]),
+                        rank_or_null(int(r2[si])),
+                        rank_or_null(int(r3[si])),
                         int(rp[si]),
                         int(prediction[qi]),
                     )
                 )
-    return pd.DataFrame(rows, columns=COLUMNS)
+    if not rows:
+        return TABLE.empty()
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"e2_rank": "Int64", "e3_rank": "Int64"})
 
 
 def projection_layers(projection: pd.DataFrame) -> pd.DataFrame:
@@ -74,8 +78,8 @@ def projection_layers(projection: pd.DataFrame) -> pd.DataFrame:
     attn, mlp = projection[projection.sublayer == "attn"], projection[projection.sublayer == "mlp"]
     out = pd.concat(
         [
-            first_layer(attn, attn.e2_rank == 0, "attn_e2_layer"),
-            first_layer(mlp, mlp.prediction_rank == 0, "prediction_extracted_layer"),
+            first_layer(attn, attn.e2_rank == 0, "attn_e2_layer", "block"),
+            first_layer(mlp, mlp.prediction_rank == 0, "prediction_extracted_layer", "block"),
         ],
         axis=1,
     )
@@ -93,13 +97,27 @@ register(
         aliases=("project",),
         title="Sublayer projection",
         order=30,
-        help="sublayer projection at t2 -> projection.parquet",
+        help="each block's attention and MLP output at t2 through the unembedding: ranks of "
+        "e2, e3 and the prediction -> projection.parquet",
         config=ProjectionConfig,
-        columns=TABLE,
+        schema=TABLE,
         run=lambda context, config: sublayer_projection(
             context.model, context.cases, config.batch_size
         ),
-        stage_layers=lambda table, stages: projection_layers(table).set_index("id"),
+        stage_measures=(
+            StageMeasure(
+                "attn_e2_layer",
+                "info_propagation",
+                "no attention output at t2 ranks e2 first",
+                "attn_e2",
+            ),
+            StageMeasure(
+                "prediction_extracted_layer",
+                "prediction_extracted",
+                "no MLP output at t2 ranks the prediction first",
+            ),
+        ),
+        stage_layers=lambda table, config: projection_layers(table).set_index("id"),
         uses_positions=lambda config: ("t1", "t2"),
         note=lambda config: (
             "At t2, each block's attention output and MLP output read through the final norm and "

@@ -27,6 +27,8 @@ DEFAULT_MAX_CONTEXT = 4096
 class UnsupportedArchitecture(InputError):
     """A checkpoint whose architecture (or one of its options) TransformerLens cannot express."""
 
+    code = "model"
+
 
 @dataclass(frozen=True)
 class Family:

@@ -1,16 +1,16 @@
-"""Decoding shared by both backends: the greedy (or sampled) loop over a step function, and
+"""Decoding shared by every backend: the greedy (or sampled) loop over a step function, and
 what it returns. Each backend supplies the step (its own KV cache, or none)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 
-from latent_hops.errors import InputError
+Step = Callable[[torch.Tensor], torch.Tensor]
+"""``step(next_ids [batch]) -> logits [batch, vocab]`` of the following position."""
 
 
 @dataclass
@@ -42,31 +42,18 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
-def tokenizer_of(model: Any) -> Any:
-    """The model's Hugging Face tokenizer (every model ``load_model`` returns has one)."""
-    if model.tokenizer is None:
-        raise InputError("this model has no tokenizer; latent_hops needs the model's own tokenizer")
-    return model.tokenizer
-
-
-def pad_id(model: Any) -> int:
-    """What fills generated positions after EOS (the pad token, else EOS)."""
-    pad = tokenizer_of(model).pad_token_id
-    return tokenizer_of(model).eos_token_id if pad is None else pad
-
-
 def greedy_loop(
-    model: Any,
+    eos: int | None,
+    pad: int,
     logits: torch.Tensor,
-    step: Callable[[torch.Tensor], torch.Tensor],
+    step: Step,
     max_new_tokens: int,
-    choose: Callable = argmax,
+    choose: Callable[[torch.Tensor], torch.Tensor] = argmax,
 ) -> GreedyOutput:
-    """Decoding from the prompt pass's last logits (greedy unless ``choose`` samples);
-    ``step(next_ids)`` gives the next logits."""
+    """Decoding from the prompt pass's last logits (greedy unless ``choose`` samples); rows
+    that produced ``eos`` get ``pad`` from then on."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos, pad = tokenizer_of(model).eos_token_id, pad_id(model)
     batch, device = logits.shape[0], logits.device
     first_logits = logits.float()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -82,7 +69,7 @@ def greedy_loop(
 
 
 def screened(
-    model: Any,
+    pad: int,
     logits: torch.Tensor,
     max_new_tokens: int,
     keep: Callable[[torch.Tensor], torch.Tensor],
@@ -92,7 +79,7 @@ def screened(
     ``decode(rows) -> tokens``; the others get padding only."""
     rows = keep(logits).nonzero()[:, 0]
     padding = torch.full(
-        (logits.shape[0], max_new_tokens), pad_id(model), dtype=torch.long, device=logits.device
+        (logits.shape[0], max_new_tokens), pad, dtype=torch.long, device=logits.device
     )
     out = GreedyOutput(padding, logits.float())
     if len(rows):
@@ -100,33 +87,24 @@ def screened(
     return out
 
 
-def probe_tokens(vocab: int, device: Any) -> torch.Tensor:
+def probe_tokens(vocab: int, device: str | torch.device) -> torch.Tensor:
     """Three token ids (1, 2, 3) for a backend's one-off self-checks on a model."""
     return torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab]], device=device)
 
 
 def recompute_step(
-    model: Any,
     tokens: torch.Tensor,
     attention_mask: torch.Tensor,
-    hooks: list[Any],
-    logits_of: Callable[..., torch.Tensor],
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A decoding step without a KV cache: the whole sequence again, ``hooks`` active (they
-    must touch prompt positions only, which left padding keeps fixed). Exact, and the
-    reference the cached steps are tested against."""
+    logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Step:
+    """A decoding step without a KV cache: ``logits_of(sequence, mask)`` on the whole sequence
+    again (edits it keeps on must touch prompt positions only, which left padding keeps
+    fixed). Exact, and the reference the cached steps are tested against."""
     seq = [tokens, attention_mask]
 
     def step(nxt: torch.Tensor) -> torch.Tensor:
         seq[0] = torch.cat([seq[0], nxt[:, None]], 1)
         seq[1] = torch.cat([seq[1], torch.ones_like(nxt[:, None])], 1)
-        with model.hooks(fwd_hooks=hooks):
-            return logits_of(model, seq[0], attention_mask=seq[1])
+        return logits_of(seq[0], seq[1])
 
     return step
-
-
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether the Hugging Face tokenizer itself starts its encodings with the BOS token."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
