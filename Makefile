@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo demo-smollm2 test test-tl4 lint clean
+.PHONY: setup demo demo-smollm2 test test-tl4 lint mutation clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,13 @@ demo-smollm2: setup
 	  --limit $(SMOL_LIMIT) --max-cases $(SMOL_CASES) --source-layers every:3 --target-layers every:3 \
 	  --target paper --patchscope-source-layers every:6 --patchscope-target-layers every:6
 
+# The suite on two pytest-xdist workers (one per core, one torch thread each; a test file stays
+# on one worker, so its fixtures are built once); the 15 slowest tests are listed at the end.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A second environment with TransformerLens 4 (TransformerBridge only; HookedTransformer is
 # gone) and a transformers in which the bridge's KV-cached generation is right (5.24 breaks
@@ -63,12 +68,23 @@ $(VENV_TL4)/.installed: pyproject.toml
 	touch $@
 
 test-tl4: $(VENV_TL4)/.installed
-	$(VENV_TL4)/bin/python -m pytest -q $(TL4_TESTS)
+	$(VENV_TL4)/bin/python -m pytest $(PYTEST_ARGS) $(TL4_TESTS)
 
 lint: setup
 	$(BIN)/ruff check latent_hops scripts tests
 	$(BIN)/ruff format --check latent_hops scripts
 	$(BIN)/mypy
 
+# Mutation testing of the core rules (not in CI: tens of minutes): mutmut mutates the modules
+# listed in pyproject.toml's [tool.mutmut] (only the lines the fast rule tests execute) and
+# runs those tests against each mutant; scripts/mutation_score.py prints the score and every
+# surviving mutant.
+MUTMUT_SPEC ?= mutmut==3.8.1
+mutation: setup
+	$(BIN)/pip install --quiet "$(MUTMUT_SPEC)"
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/python scripts/mutation_score.py
+
 clean:
-	rm -rf $(VENV) $(VENV_TL4) runs
+	rm -rf $(VENV) $(VENV_TL4) runs mutants

@@ -13,6 +13,7 @@ model: right for studying this model, not a stand-in for the published model's n
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -140,15 +141,21 @@ def converted_checkpoint(gguf: Path) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise GGUFError(f"reading {gguf.name} needs the 'gguf' package: pip install gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        _convert(gguf, tmp)
-        (tmp / _DONE).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=1))
-        if target.exists():  # an incomplete earlier attempt
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # processes sharing the cache (shards on one node, test workers) convert one at a time;
+    # whoever waited finds the conversion done
+    with open(target.parent / f".{target.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / _DONE).is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            _convert(gguf, tmp)
+            (tmp / _DONE).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=1))
+            if target.exists():  # an incomplete earlier attempt (killed mid-way)
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -9,6 +9,7 @@ output.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,15 @@ def hidden_states_at(
     """The clean hidden states of ``layers`` at ``positions`` only."""
     sites = [Site("resid", layer) for layer in model.check_layers(layers)]
     return model.read_sites(tokens, attention_mask, positions, sites)
+
+
+def seeded_direction(key: str, like: torch.Tensor) -> torch.Tensor:
+    """A random direction with the norm (and dtype) of ``like``, fixed by ``key``: drawn in
+    float32 on the CPU from a generator seeded with the key's CRC-32, so it is the same on any
+    device and for any ``like`` of that size (the norm-matched random control)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    v = torch.randn(like.shape[-1], generator=gen, dtype=torch.float32).to(like.device)
+    return (v * (like.float().norm() / v.norm())).to(like.dtype)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """Shared fixtures: the shipped toy model, and tiny random Llama / GPT-2 checkpoints whose
-tokenizers are trained inside the tests (no downloads)."""
+tokenizers are trained inside the tests (no downloads).
+
+``make test`` runs the suite on two pytest-xdist workers (one per core): each computes with
+one torch thread (and so do the processes the tests start), and both share one
+converted-model cache (GGUF conversions take a lock, so a model is converted once)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,11 @@ from transformers import (
 )
 
 from latent_hops import load_model
+
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:  # two workers on two cores: one thread each, for torch and for the processes started
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 NAMES = ["Imagine", "John Lennon", "Yoko Ono", "Paris", "Saint-Étienne", "Ouagadougou", "Kavo", "Lennon"]
 CORPUS = [
@@ -84,7 +94,9 @@ def model_cache(tmp_path_factory):
     tests and the notebooks' kernels), never the user's own cache."""
     from latent_hops.gguf import CACHE_ENV
 
-    path = tmp_path_factory.mktemp("latent-hops-cache")
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if WORKER else base) / "latent-hops-cache"  # one for all workers
+    path.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(path))
         yield path

@@ -39,7 +39,9 @@ def toy_table():
 def test_fast_engine_equals_naive_reference(request, name, toy_table):
     model = request.getfixturevalue(name)
     table = toy_table if name == "toy" else queries_to_table(QUERIES)  # mixed prompt lengths
-    config = BackpatchConfig(include_embeddings=True, batch_rows=13)
+    # the tiny models: every cell; the 8-layer toy: a grid from the embeddings to the last layer
+    grid = "-1,0,3,7" if name == "toy" else None
+    config = BackpatchConfig(include_embeddings=True, batch_rows=13, source_layers=grid, target_layers=grid)
     cases = _cases(model, table)
     naive, fast = sweep_naive(model, cases, config), sweep(model, cases, config)
     n_cells = len(all_cells(model, config))

@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PUBLISHED = ROOT / "docs" / "notebooks"
-SIZES = {"quickstart": 300, "backpatching_deep_dive": 100, "real_model": 60}
+SIZES = {"quickstart": 300, "backpatching_deep_dive": 100, "real_model": 40}
 """Queries each notebook uses in the tests (``LATENT_HOPS_SIZE``): enough for every cell to show
 what it shows (incorrect cases to patch), far fewer than the published run."""
 
@@ -26,6 +26,7 @@ def _execute(book, path: Path) -> None:
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may reach the hub: every model here is local
     monkeypatch.setenv("LATENT_HOPS_SIZE", str(SIZES[path.stem]))
+    monkeypatch.setenv("LATENT_HOPS_GRID", "0,15,29")  # the real model's back-patching grid: 3 layers
     book = nbformat.read(path, as_version=4)
     assert not any(c.get("outputs") for c in book.cells if c.cell_type == "code"), "commit notebooks without outputs"
     _execute(book, path)

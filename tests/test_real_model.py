@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib.util
 import time
 
+import pandas as pd
 import pytest
 import torch
 
 from latent_hops import evaluate, load_dataset, load_model
 from latent_hops import gguf as gg
 from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
-from latent_hops.positions import parse_layers, resolve_positions, tokenize_prompts
+from latent_hops.positions import resolve_positions, tokenize_prompts
 from latent_hops.queries import PROMPT_KINDS, iter_queries
 
 pytestmark = [
@@ -60,7 +61,7 @@ def test_cache_hit_returns_the_same_weights(smol, cache):
     assert seconds < 30, f"a cached load took {seconds:.1f}s"
     conversions = [p for p in (cache / "gguf").iterdir() if p.name.startswith("SmolLM2")]
     assert len(conversions) == 1  # one conversion, keyed by the file's hash (Gemma's may sit beside it)
-    for (name, a), (_, b) in zip(smol.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(smol.parameters(), again.parameters()):
         assert torch.equal(a, b), name
 
 
@@ -70,7 +71,7 @@ def test_logits_equal_the_transformers_gguf_model(smol, hf_reference):
     for prompt in ["the capital of the country of Lyon is", "The capital of France is"]:
         tokens = tokenize_prompts(smol, [prompt]).tokens
         with torch.no_grad():
-            diff = (hf(input_ids=tokens).logits - smol(tokens)).abs().max().item()
+            diff = (hf(input_ids=tokens).logits - smol.tl(tokens)).abs().max().item()
         assert diff <= 1e-4, (prompt, diff)
 
 
@@ -91,15 +92,17 @@ def test_t1_is_found_for_every_world_query(smol, world):
 
 
 def test_fast_engine_equals_naive_on_smollm2(smol, world):
-    """Two queries x every s > t cell of a layer grid at t1 (the naive reference runs ~1 cell/s
-    on 2 CPU cores, so all 435 cells per query are left to scripts/bench_backpatch.py)."""
-    grid = parse_layers("every:6", smol.n_layers)  # 0, 6, 12, 18, 24, 29: 15 cells per query
+    """Two queries x every s > t cell of a 3-layer grid at t1: resuming from the first and a
+    middle layer, read from a middle and the last (the naive reference runs ~3 s per cell on 2
+    CPU cores, so all 435 cells per query are left to scripts/bench_backpatch.py)."""
+    grid = (0, 14, 29)  # 3 cells per query
     config = BackpatchConfig(positions=("t1",), kinds=("back",), source_layers=grid, target_layers=grid)
     cases, _ = prepare_cases(smol, world.iloc[[0, 1]], config)
     fast, naive = sweep(smol, cases, config), sweep_naive(smol, cases, config)
-    assert len(fast) == 2 * len(grid) * (len(grid) - 1) // 2
-    assert fast["generation"].tolist() == naive["generation"].tolist()
-    assert fast["e3_rank"].tolist() == naive["e3_rank"].tolist()
+    assert len(fast) == 2 * 3
+    pd.testing.assert_frame_equal(fast.drop(columns="e3_logprob"), naive.drop(columns="e3_logprob"))
+    torch.testing.assert_close(torch.tensor(fast.e3_logprob.values), torch.tensor(naive.e3_logprob.values),
+                               atol=1e-4, rtol=0, equal_nan=True)
 
 
 def test_patchscope_onto_itself_reproduces_the_clean_generation(smol):

@@ -13,7 +13,6 @@ cell):
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 
 import pandas as pd
@@ -33,7 +32,13 @@ from latent_hops.backend import GreedyOutput, Model, Site, free_memory_mb
 from latent_hops.cases import Case, case_batches
 from latent_hops.errors import InputError
 from latent_hops.generation import alias_match, decode
-from latent_hops.patching import PatchRow, generate_with_patches, hidden_states_at, patch_edit
+from latent_hops.patching import (
+    PatchRow,
+    generate_with_patches,
+    hidden_states_at,
+    patch_edit,
+    seeded_direction,
+)
 from latent_hops.positions import tokenize_prompts
 from latent_hops.ranks import best_rank
 from latent_hops.tables import rank_or_null
@@ -43,12 +48,7 @@ def random_direction(
     case_id: str, position: str, cell: Cell, like: torch.Tensor, seed: int
 ) -> torch.Tensor:
     """A random direction with the norm of ``like``, fixed by (query, position, cell, seed)."""
-    key = f"{seed}|{case_id}|{position}|{cell.source}|{cell.target}".encode()
-    gen = torch.Generator().manual_seed(zlib.crc32(key))
-    v = torch.randn(like.shape[-1], generator=gen, dtype=torch.float32).to(
-        like.device
-    )  # same draw on any device
-    return (v * (like.float().norm() / v.norm())).to(like.dtype)
+    return seeded_direction(f"{seed}|{case_id}|{position}|{cell.source}|{cell.target}", like)
 
 
 def _patch_value(
