@@ -64,6 +64,8 @@ def prepare_cases(
     if unknown:
         raise InputError(f"unknown positions {sorted(unknown)}; use {POSITIONS}")
     queries = iter_queries(table)
+    if not queries:
+        return [], pd.DataFrame(columns=SKIPPED.names)
     pos = resolve_positions(model, queries, suffix).set_index("id")
     too_long = dict(
         zip(

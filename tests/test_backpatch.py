@@ -96,6 +96,11 @@ def test_bad_layers_positions_and_kinds(tiny_gpt2):
         sweep(tiny_gpt2, cases, BackpatchConfig(kinds=("sideways",)))
 
 
+def test_no_queries_make_no_cases(tiny_gpt2):
+    cases, skipped = prepare_cases(tiny_gpt2, queries_to_table(QUERIES).iloc[:0])
+    assert cases == [] and list(skipped.columns) == ["id", "skip_reason"] and skipped.empty
+
+
 def test_unresolvable_case_is_skipped_with_reason(tiny_gpt2):
     bad = QUERIES[0].__class__(**{**QUERIES[0].__dict__, "id": "bad", "source_prompt": "nothing here is"})
     cases, skipped = prepare_cases(tiny_gpt2, queries_to_table([QUERIES[1], bad]))
