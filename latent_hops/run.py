@@ -308,11 +308,15 @@ class Run:
     # ------------------------------------------------------------------ evaluation
 
     def config(self, name: str) -> Any:
-        """The config of analysis ``name`` (``"evaluate"``: the evaluation's) in this run."""
-        if name == "evaluate":
-            default = EvaluationConfig(batch_size=self.batch_size, progress=self.progress)
-            return self.configs.get(name) or default
-        return self.configs.get(name) or get(name).config()
+        """The config of analysis ``name`` (``"evaluate"``: the evaluation's) in this run: the
+        one given, else its defaults with this run's batch size and progress bars (as the CLI
+        fills them from --batch-size)."""
+        if name in self.configs:
+            return self.configs[name]
+        kind = EvaluationConfig if name == "evaluate" else get(name).config
+        fields = {f.name for f in dataclasses.fields(kind)}
+        given = {"batch_size": self.batch_size, "progress": self.progress}
+        return kind(**{k: v for k, v in given.items() if k in fields})
 
     def evaluation(self, fresh: bool = False) -> pd.DataFrame:
         """``evaluation.parquet`` when it covers the queries and was made by this model on

@@ -144,6 +144,7 @@ def test_reuse_follows_what_made_the_table(tmp_path, toy, toy_queries, monkeypat
     out = tmp_path / "run"
     Run(toy, toy_queries, out, batch_size=8).table("logit_lens")
     assert calls == [len(Run(toy, toy_queries).cases()[0])]
+    assert Run(toy, toy_queries, batch_size=8).config("logit_lens").batch_size == 8  # as --batch-size
     Run(toy, toy_queries, out, batch_size=3).table("logit_lens")  # batch size: runtime only
     assert len(calls) == 1
     other = dataclasses.replace(get("logit_lens").config(), onset_k=3)
