@@ -137,7 +137,7 @@ def converted_checkpoint(gguf: Path) -> Path:
     digest = sha256(gguf)
     target = cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}"
     if (target / _DONE).is_file():
-        return target
+        return _up_to_date(target)
     if importlib.util.find_spec("gguf") is None:
         raise GGUFError(f"reading {gguf.name} needs the 'gguf' package: pip install gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,16 +146,30 @@ def converted_checkpoint(gguf: Path) -> Path:
     with open(target.parent / f".{target.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / _DONE).is_file():
-            return target
+            return _up_to_date(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             _convert(gguf, tmp)
-            (tmp / _DONE).write_text(json.dumps({"gguf": str(gguf), "sha256": digest}, indent=1))
+            done = {"gguf": str(gguf), "sha256": digest, "format": FORMAT}
+            (tmp / _DONE).write_text(json.dumps(done, indent=1))
             if target.exists():  # an incomplete earlier attempt (killed mid-way)
                 shutil.rmtree(target)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _up_to_date(target: Path) -> Path:
+    """A cached conversion, its files brought to the current ``FORMAT`` if older."""
+    done = json.loads((target / _DONE).read_text())
+    if done.get("format", 1) < FORMAT:
+        with open(target.parent / f".{target.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = json.loads((target / _DONE).read_text())
+            if done.get("format", 1) < FORMAT:
+                make_portable(target)
+                (target / _DONE).write_text(json.dumps({**done, "format": FORMAT}, indent=1))
     return target
 
 
@@ -183,3 +197,53 @@ def _convert(gguf: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_portable(out)
+
+
+FORMAT = 3
+"""Version of what a conversion writes (2: the fields older transformers read; 3: and BPE
+merges as strings, see ``make_portable``); a cached conversion of an older format is brought
+up to date in place."""
+
+TOKENIZER_INPUTS = ["input_ids", "attention_mask"]
+
+
+def make_portable(folder: Path) -> None:
+    """Write beside what this transformers wrote the fields older ones (4.40-4.57) read, so
+    the checkpoint loads the same model in either: ``rope_theta`` (and ``rope_scaling``, and
+    Gemma 3's ``rope_local_base_freq``) beside 5.x's ``rope_parameters`` -- 4.57 ignores
+    ``rope_parameters`` and would fall back to a RoPE base of 10,000, silently another model;
+    ``torch_dtype`` beside ``dtype``; a tokenizer class they know (``PreTrainedTokenizerFast``,
+    not 5.x's ``TokenizersBackend``) whose inputs are ``input_ids`` and ``attention_mask``
+    only (no ``token_type_ids``, which a Llama's ``generate`` refuses); and BPE merges as
+    ``"a b"`` strings, which tokenizers < 0.20 (transformers 4.40) need and later ones read."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):
+        full = params if "rope_theta" in params else params.get("full_attention", {})
+        local = {} if "rope_theta" in params else params.get("sliding_attention", {})
+        if "rope_theta" in full:
+            config.setdefault("rope_theta", full["rope_theta"])
+        if "rope_theta" in local:
+            config.setdefault("rope_local_base_freq", local["rope_theta"])
+        scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", scaling)
+    if "dtype" in config:
+        config.setdefault("torch_dtype", config["dtype"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    path = folder / "tokenizer_config.json"
+    tokenizer = json.loads(path.read_text())
+    if tokenizer.get("tokenizer_class") in (None, "TokenizersBackend"):
+        tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer["model_input_names"] = TOKENIZER_INPUTS
+    path.write_text(json.dumps(tokenizer, indent=2, sort_keys=True) + "\n")
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        spec = json.loads(path.read_text())
+        merges = (spec.get("model") or {}).get("merges") or []
+        pairs = bool(merges) and all(isinstance(m, list) for m in merges)
+        if pairs and not any(" " in piece for m in merges for piece in m):
+            spec["model"]["merges"] = [" ".join(m) for m in merges]
+            path.write_text(json.dumps(spec, ensure_ascii=False))

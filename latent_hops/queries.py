@@ -331,9 +331,13 @@ def save_dataset(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def write_paper_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a query table in the paper's ``two_hop.csv`` schema (aliases as list literals)."""
-    out = table.copy()
+    """Write a query table exactly in the layout of the paper's ``two_hop.csv``: a leading
+    unnamed index column (0, 1, ...), then ``id`` and the other columns, aliases as Python-list
+    literals -- the official code reads it with ``pd.read_csv(path, index_col=0)``, which
+    would take ``id`` as the index were the leading column missing. ``load_dataset`` reads it
+    back (the index column is ignored)."""
+    out = normalize_table(table, str(path))
     for column in ALIAS_COLUMNS:
         out[column] = [repr(list(v)) for v in out[column]]
-    out.to_csv(path, index=False)
+    out.reset_index(drop=True).to_csv(path, index=True)
     return Path(path)

@@ -313,9 +313,9 @@ class Run:
         fills them from --batch-size)."""
         if name in self.configs:
             return self.configs[name]
-        kind = EvaluationConfig if name == "evaluate" else get(name).config
+        kind: Any = EvaluationConfig if name == "evaluate" else get(name).config
         fields = {f.name for f in dataclasses.fields(kind)}
-        given = {"batch_size": self.batch_size, "progress": self.progress}
+        given: dict[str, Any] = {"batch_size": self.batch_size, "progress": self.progress}
         return kind(**{k: v for k, v in given.items() if k in fields})
 
     def evaluation(self, fresh: bool = False) -> pd.DataFrame:

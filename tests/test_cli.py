@@ -174,3 +174,29 @@ def test_probes_show_progress(tmp_path, capsys):
                  "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert all(f"probe {e} at {p}" in err for e, p in (("e2", "t1"), ("e2", "t2"), ("e3", "t2")))
+
+
+def test_ids_and_threads_select_and_are_recorded(tmp_path, capsys):
+    import torch
+
+    from latent_hops.queries import load_dataset
+
+    ids = list(load_dataset("toy").query("split == 'test_id'").id.iloc[[3, 7, 11]])
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["evaluate", "--out", str(out), "--ids", ",".join(ids), "--threads", "1", "--device", "cpu"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert list(pd.read_parquet(out / "evaluation.parquet").id) == ids
+    entry = json.loads((out / "manifest.json").read_text())["runs"][-1]
+    assert entry["config"]["ids"] == ",".join(ids) and entry["config"]["threads"] == 1
+    listed = tmp_path / "ids.txt"
+    listed.write_text("\n".join(ids[:2]) + "\n\n")
+    assert main(["evaluate", "--out", str(tmp_path / "two"), "--ids", f"@{listed}", "--device", "cpu"]) == 0
+    assert list(pd.read_parquet(tmp_path / "two" / "evaluation.parquet").id) == ids[:2]
+    assert main(["evaluate", "--out", str(tmp_path / "bad"), "--ids", f"{ids[0]},nope", "--device", "cpu"]) == 2
+    assert "--ids: 1 ids are not in the dataset: nope" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(tmp_path / "bad"), "--ids", "@missing.txt", "--device", "cpu"]) == 2
+    assert "cannot read missing.txt" in capsys.readouterr().err

@@ -112,15 +112,23 @@ def test_parts_are_resumed_not_recomputed(tmp_path):
 
 
 def test_a_dead_writers_temporary_files_are_removed_a_live_ones_kept(tmp_path):
-    dead = tmp_path / f".tmp-part-x-{rundir.HOST}-999999999"
-    live = tmp_path / f".tmp-part-y-{rundir.HOST}-{os.getppid()}"
-    other_host = tmp_path / ".tmp-part-z-elsewhere-1"
-    for f in (dead, live, other_host):
-        f.write_text("half")
-    rundir.remove_stale_temp(tmp_path)
-    assert not dead.exists() and live.exists() and other_host.exists()
-    rundir.remove_stale_temp(tmp_path, everyone=True)
-    assert not list(tmp_path.glob(".tmp-*"))
+    import subprocess
+
+    writer = subprocess.Popen(["sleep", "60"])  # a live writer of our own (signals hit only it)
+    try:
+        dead = tmp_path / f".tmp-part-x-{rundir.HOST}-999999999"
+        live = tmp_path / f".tmp-part-y-{rundir.HOST}-{writer.pid}"
+        mine = tmp_path / f".tmp-part-w-{rundir.HOST}-{os.getpid()}"  # this process starts afresh
+        other_host = tmp_path / ".tmp-part-z-elsewhere-1"
+        for f in (dead, live, mine, other_host):
+            f.write_text("half")
+        rundir.remove_stale_temp(tmp_path)
+        assert not dead.exists() and not mine.exists() and live.exists() and other_host.exists()
+        rundir.remove_stale_temp(tmp_path, everyone=True)
+        assert not list(tmp_path.glob(".tmp-*"))
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_shards_partition_the_ids():
@@ -310,3 +318,36 @@ def test_paired_permutation():
     strong = paired_permutation([1.0] * 12, [0.0] * 12)
     assert strong < 0.001 and paired_permutation([0.5, 0.4, 0.6, 0.5], [0.5, 0.5, 0.5, 0.5]) > 0.5
     assert strong == paired_permutation([1.0] * 12, [0.0] * 12)  # seeded: reproducible
+
+
+def test_a_converted_checkpoint_carries_what_older_transformers_read(tmp_path):
+    """transformers 4.40-4.57 read ``rope_theta`` (4.57 ignores 5.x's ``rope_parameters`` and falls
+    back to 10,000), ``rope_scaling``, Gemma 3's ``rope_local_base_freq`` and ``torch_dtype``; their
+    tokenizers know ``PreTrainedTokenizerFast``, not ``TokenizersBackend``; a Llama's generate
+    refuses ``token_type_ids``. The real model: tests/test_real_model.py."""
+    from latent_hops.gguf import make_portable
+
+    def convert(config: dict, tokenizer: dict) -> tuple[dict, dict]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+        make_portable(tmp_path)
+        return (json.loads((tmp_path / "config.json").read_text()),
+                json.loads((tmp_path / "tokenizer_config.json").read_text()))
+
+    config, tokenizer = convert({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+                                 "dtype": "float32"}, {"tokenizer_class": "TokenizersBackend"})
+    assert config["rope_theta"] == 100000.0 and "rope_scaling" not in config and config["torch_dtype"] == "float32"
+    assert config["rope_parameters"] == {"rope_theta": 100000.0, "rope_type": "default"}  # 5.x's own kept
+    assert tokenizer == {"tokenizer_class": "PreTrainedTokenizerFast", "model_input_names": ["input_ids", "attention_mask"]}
+    gemma = {"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                                 "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}}
+    config, _ = convert(gemma, {"tokenizer_class": "GemmaTokenizer"})
+    assert (config["rope_theta"], config["rope_local_base_freq"]) == (1e6, 1e4)
+    assert config["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    _, tokenizer = convert({}, {"tokenizer_class": "GemmaTokenizer"})
+    assert tokenizer["tokenizer_class"] == "GemmaTokenizer"  # a class older versions know is kept
+    # BPE merges as "a b" strings (tokenizers < 0.20, i.e. transformers 4.40, reads only those)
+    for merges, written in (([["a", "b"], ["ab", "c"]], ["a b", "ab c"]), ([["a", " "]], [["a", " "]])):
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": merges}}))
+        convert({}, {})
+        assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"] == written

@@ -138,3 +138,19 @@ def test_toy_dataset_is_reproduced_by_the_builder():
     kg = build_knowledge_graph()
     rebuilt = build_toy_dataset(kg, split_compositions(kg))
     pd.testing.assert_frame_equal(rebuilt, load_dataset("toy"))
+
+
+def test_the_paper_csv_layout_round_trips(tmp_path):
+    """The official code reads two_hop.csv with index_col=0: a leading index column, then id."""
+    import pandas as pd
+
+    from latent_hops.queries import write_paper_csv
+
+    table = load_dataset("toy").iloc[:5]
+    path = write_paper_csv(table, tmp_path / "two_hop.csv")
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[0] == "" and header[1] == "id"
+    as_the_paper_reads = pd.read_csv(path, index_col=0)
+    assert list(as_the_paper_reads.index) == [0, 1, 2, 3, 4] and list(as_the_paper_reads.id) == list(table.id)
+    assert as_the_paper_reads.e3_aliases.iloc[0] == repr(list(table.e3_aliases.iloc[0]))
+    pd.testing.assert_frame_equal(load_dataset(path), table.reset_index(drop=True))

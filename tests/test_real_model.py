@@ -65,6 +65,34 @@ def test_cache_hit_returns_the_same_weights(smol, cache):
         assert torch.equal(a, b), name
 
 
+def test_the_converted_checkpoint_is_the_same_model_from_its_legacy_fields(smol, cache, tmp_path):
+    """The conversion writes the fields transformers 4.40-4.57 read beside 5.x's own; the model
+    rebuilt from the legacy fields alone (no ``rope_parameters``, no ``dtype``) gives the same
+    logits, and its tokenizer (a class 4.x knows) the same tokens, without token_type_ids."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = next(p for p in (cache / "gguf").iterdir() if p.name.startswith("SmolLM2") and p.is_dir())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    (legacy / "config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if k not in ("rope_parameters", "dtype")}))
+    hf = AutoModelForCausalLM.from_pretrained(legacy).eval()
+    assert hf.config.rope_parameters["rope_theta"] == 100000.0
+    tokenizer = AutoTokenizer.from_pretrained(legacy)
+    encoded = tokenizer("the capital of the country of Lyon is")
+    assert "token_type_ids" not in encoded
+    tokens = torch.tensor([encoded["input_ids"]])
+    with torch.no_grad():
+        assert (hf(input_ids=tokens).logits - smol.tl(tokens)).abs().max().item() <= 1e-4
+
+
 def test_logits_equal_the_transformers_gguf_model(smol, hf_reference):
     hf, _ = hf_reference
     assert smol.n_layers == 30 and smol.tl.cfg.n_key_value_heads == 3
