@@ -19,8 +19,10 @@ if TYPE_CHECKING:
     from latent_hops.backend import Backend, Model, hidden_state_hook
     from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
     from latent_hops.models import ModelLoadError, load_model
+    from latent_hops.plots import save_png
     from latent_hops.positions import tokenize_prompts
     from latent_hops.queries import DatasetError, TwoHopQuery, load_dataset, save_dataset
+    from latent_hops.query_builder import BuilderConfig, build_queries
     from latent_hops.quick import BackpatchResult, run_backpatch
     from latent_hops.run import NoCasesError, Run, Selection
     from latent_hops.rundir import read_table
@@ -43,6 +45,9 @@ _EXPORTS = {
     "load_model": "latent_hops.models",
     "read_table": "latent_hops.rundir",
     "run_backpatch": "latent_hops.quick",
+    "save_png": "latent_hops.plots",
+    "build_queries": "latent_hops.query_builder",
+    "BuilderConfig": "latent_hops.query_builder",
     "save_dataset": "latent_hops.queries",
     "summarize": "latent_hops.evaluation",
     "tokenize_prompts": "latent_hops.positions",
@@ -52,6 +57,7 @@ __all__ = [
     "Backend",
     "BackpatchConfig",
     "BackpatchResult",
+    "BuilderConfig",
     "DatasetError",
     "EvaluationConfig",
     "Model",
@@ -60,6 +66,7 @@ __all__ = [
     "Run",
     "Selection",
     "TwoHopQuery",
+    "build_queries",
     "evaluate",
     "hidden_state_hook",
     "load_dataset",
@@ -67,6 +74,7 @@ __all__ = [
     "read_table",
     "run_backpatch",
     "save_dataset",
+    "save_png",
     "summarize",
     "tokenize_prompts",
 ]

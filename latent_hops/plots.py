@@ -5,12 +5,16 @@ the analysis that makes the table (the CLI and the report only save or embed the
 from __future__ import annotations
 
 import html
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 
+from latent_hops.errors import InputError
 from latent_hops.rundir import write_text
 
 GREY = "#d9d9d9"
@@ -47,6 +51,53 @@ def percent_heatmap(z: np.ndarray, x: list[str], y: list[str], text=None) -> go.
         hoverongaps=False,
         texttemplate="%{z:.0f}" if max(len(x), len(y)) <= 16 else None,
     )
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--hide-scrollbars",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def save_png(fig: go.Figure, path: str | Path, chromium: str | None = None) -> Path:
+    """A static PNG of a plotly figure at its own size, drawn offline by headless Chromium
+    (``chromium``, else the first of chromium / chromium-browser / google-chrome on PATH): no
+    kaleido needed. An InputError says what to install where none is found."""
+    browser = chromium or next(
+        (b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+    )
+    if browser is None or shutil.which(browser) is None:
+        raise InputError(
+            "save_png needs a Chromium browser (Debian: apt-get install chromium); or install "
+            "kaleido and use fig.write_image",
+            code="chromium",
+        )
+    png = Path(path)
+    width, height = fig.layout.width or 700, fig.layout.height or 500
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "figure.html"
+        page.write_text(fig.to_html(include_plotlyjs=True, config={"displayModeBar": False}))
+        png.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                browser,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={width + 40},{height + 20}",
+                f"--screenshot={png.resolve()}",
+                page.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    return png
 
 
 def save_html(

@@ -307,6 +307,7 @@ def load_dataset(spec: str | os.PathLike = "toy") -> pd.DataFrame:
     try:
         if suffix == ".csv":
             raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+            _check_delimiter(path, raw)
         elif suffix in (".parquet", ".pq"):
             raw = pd.read_parquet(path)
         elif suffix in (".jsonl", ".json"):
@@ -320,6 +321,25 @@ def load_dataset(spec: str | os.PathLike = "toy") -> pd.DataFrame:
             raise
         raise DatasetError(f"dataset {path}: cannot be parsed: {err}") from None
     return normalize_table(raw, str(path))
+
+
+DELIMITERS = ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"))
+
+
+def _check_delimiter(path: Path, raw: pd.DataFrame) -> None:
+    """A CSV whose header is split by another delimiter reads as one column: say so, rather
+    than list every required column as missing."""
+    if all(c in raw.columns for c in REQUIRED_COLUMNS):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    for sep, name in DELIMITERS:
+        if header.count(sep) > header.count(","):
+            raise DatasetError(
+                f"dataset {path}: its header is {name}-separated ({header.strip()[:60]!r}...); "
+                "latent_hops reads comma-separated CSV, like the paper's two_hop.csv: save it "
+                "with commas, or as .parquet / .jsonl"
+            )
 
 
 def save_dataset(table: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -336,8 +356,8 @@ def write_paper_csv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     literals -- the official code reads it with ``pd.read_csv(path, index_col=0)``, which
     would take ``id`` as the index were the leading column missing. ``load_dataset`` reads it
     back (the index column is ignored)."""
-    out = normalize_table(table, str(path))
+    out = table.reset_index(drop=True)
     for column in ALIAS_COLUMNS:
         out[column] = [repr(list(v)) for v in out[column]]
-    out.reset_index(drop=True).to_csv(path, index=True)
+    out.to_csv(path, index=True)
     return Path(path)

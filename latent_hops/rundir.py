@@ -103,6 +103,7 @@ def write_table(frame: pd.DataFrame, path: Path, made_by: dict | None = None) ->
     """Write a Parquet table atomically (a killed process never leaves half a file), with
     ``made_by`` -- what made it: model, dataset, analysis config, versions -- in its schema."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     if made_by is not None:
@@ -117,6 +118,7 @@ def write_table(frame: pd.DataFrame, path: Path, made_by: dict | None = None) ->
 def write_text(path: Path, text: str) -> Path:
     """Write a text file (JSON summary, HTML page) atomically, like ``write_table``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -312,13 +314,26 @@ def record_run(
 
 
 def check_run_dir(run: Path) -> None:
-    """A run directory that exists (or can be created) and can be written, or a clear error."""
+    """A run directory that exists and can be written, or could be created where its nearest
+    existing parent can be written; else a clear error. Nothing is created: a refused input
+    leaves no empty directory behind (the first table written creates it)."""
     run = Path(run)
     if run.exists() and not run.is_dir():
-        raise InputError(f"--out {run} is a file, not a run directory")
+        raise RunDirError(f"--out {run} is a file, not a run directory")
+    existing = next(p for p in (run, *run.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise RunDirError(f"--out {run}: {existing} is a file, not a directory")
     try:
-        run.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run, prefix=".write-check-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as err:
-        raise InputError(f"--out {run}: cannot write there ({err.strerror or err})") from None
+        raise RunDirError(f"--out {run}: cannot write there ({err.strerror or err})") from None
+
+
+def saved_since(run: Path, since: float) -> list[str]:
+    """What a command saved in ``run`` from ``since`` on: its tables and parts (for the
+    message of an interrupted command)."""
+    if not Path(run).is_dir():
+        return []
+    found = [*Path(run).glob("*.parquet"), *Path(run).glob("*/part-*.parquet")]
+    return sorted(str(p.relative_to(run)) for p in found if p.stat().st_mtime >= since)

@@ -14,7 +14,6 @@ import argparse
 import base64
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +22,7 @@ import nbformat
 import plotly.io as pio
 from nbclient import NotebookClient
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from readme_figure import save_png  # noqa: E402 -- a sibling script
+from latent_hops.plots import save_png
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOTLY = "application/vnd.plotly.v1+json"

@@ -6,49 +6,12 @@ python scripts/readme_figure.py runs/demo docs/backpatch_heatmap.png [--split te
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from latent_hops import plots
 from latent_hops.analyses import backpatch as bp
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--hide-scrollbars",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def save_png(fig, png: Path, chromium: str = "chromium") -> Path:
-    """A static PNG of a plotly figure, drawn by headless Chromium at the figure's own size
-    (no kaleido needed)."""
-    width, height = fig.layout.width or 700, fig.layout.height or 500
-    with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / "figure.html"
-        page.write_text(fig.to_html(include_plotlyjs=True, config={"displayModeBar": False}))
-        png.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                chromium,
-                *CHROMIUM_FLAGS,
-                f"--user-data-dir={tmp}/profile",
-                f"--window-size={width + 40},{height + 20}",
-                f"--screenshot={png.resolve()}",
-                page.as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    return png
+from latent_hops.plots import save_png
 
 
 def main() -> None:
@@ -66,7 +29,7 @@ def main() -> None:
         pd.read_parquet(args.run_dir / "backpatch.parquet"),
         pd.read_parquet(args.run_dir / "evaluation.parquet"),
     )
-    fig = plots.backpatch_heatmap(
+    fig = bp.backpatch_heatmap(
         bp.cell_rates(labelled),
         args.subset,
         args.position,

@@ -6,6 +6,7 @@ traceback and ask for a report."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pandas as pd
@@ -65,7 +66,7 @@ DATASETS = {
     "empty": (lambda p: toy_csv(p, lambda t: t.drop(t.index, inplace=True)), "empty"),
     "not UTF-8": (lambda p: (p.write_bytes(b"id,e1_label\n1,\xff\xfe\n"), p)[1], "cannot be parsed"),
     "wrong delimiter": (lambda p: (p.write_text(toy_csv(p).read_text().replace(",", ";")), p)[1],
-                        "missing required columns"),
+                        "its header is semicolon-separated"),
     "no such file": (lambda p: p, "no such file"),
 }
 
@@ -166,7 +167,12 @@ def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
     afile = tmp_path / "file"
     afile.write_text("x")
     fails(capsys, ["evaluate", "--out", str(afile)], "is a file, not a run directory")
-    fails(capsys, ["evaluate", "--out", str(afile / "below")], "cannot write there")
+    fails(capsys, ["evaluate", "--out", str(afile / "below")], "file is a file, not a directory")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: a read-only directory cannot be made
+        return
+    fails(capsys, ["evaluate", "--out", str(locked / "run")], "cannot write there")
 
 
 @pytest.mark.parametrize("toml, message", [
@@ -209,3 +215,56 @@ def test_debug_shows_input_errors_whole(tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path / "run"), "--device", "tpu", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "unknown device 'tpu'" in err
+
+
+@pytest.mark.parametrize("sep,name", [(";", "semicolon"), ("\t", "tab")])
+def test_a_csv_with_another_delimiter_is_named(tmp_path, sep, name):
+    path = tmp_path / "data.csv"
+    load_dataset("toy").iloc[:3].to_csv(path, sep=sep, index=False)
+    with pytest.raises(ValueError, match=f"its header is {name}-separated") as caught:
+        load_dataset(path)
+    assert "missing required columns" not in str(caught.value)
+
+
+def test_a_refused_input_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert main(["evaluate", "--out", str(out), "--dataset", str(tmp_path / "missing.csv")]) == 2
+    assert main(["logit_lens", "--out", str(out), "--subset", "nope"]) == 2
+    assert not (tmp_path / "new").exists()
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert main(["evaluate", "--out", str(afile / "run")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_an_interrupt_says_what_was_saved(tmp_path, capsys, monkeypatch):
+    import latent_hops.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "evaluate", interrupted)  # while evaluating: nothing saved yet
+    out = tmp_path / "run"
+    assert main(["backpatch", "--out", str(out), "--limit", "20", "--device", "cpu"]) == 130
+    assert "interrupted; nothing was saved" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["runs"][-1]["status"] == "interrupted"
+    monkeypatch.undo()
+
+    calls = []
+
+    def sweep_then_stop(model, cases, config=None):
+        from latent_hops.analyses.backpatch.engine import sweep as real
+
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(model, cases, config)
+
+    import latent_hops.analyses.backpatch as bp
+
+    monkeypatch.setattr(bp, "sweep", sweep_then_stop)  # the second part is interrupted
+    args = ["backpatch", "--out", str(out), "--limit", "40", "--split", "test_id", "--max-cases", "2",
+            "--chunk-cases", "1", "--device", "cpu", "--source-layers", "7", "--target-layers", "0"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "saved in" in err and "evaluation.parquet" in err and "1 parts in" in err and "resume" in err

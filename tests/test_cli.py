@@ -156,18 +156,39 @@ def test_a_narrower_request_summarises_exactly_its_cases(tmp_path, capsys):
     assert json.loads((out / "backpatch_summary.json").read_text())["cases"] == 6
 
 
-def test_help_does_not_wait_for_transformer_lens():
-    """`--help` builds every command's options from the analyses' configs; TransformerLens (about
-    7 of its 10 s of imports here) is loaded only when a model is."""
+def test_help_is_fast_and_imports_nothing_heavy():
+    """`--help` and `--version` need no torch, TransformerLens or pandas: the rendered help is
+    cached (keyed by the package's sources and the terminal width) after the first call."""
     import subprocess
     import sys
+    import time
 
-    code = ("import sys\nfrom latent_hops.cli import main\ntry:\n    main(['backpatch', '--help'])\n"
-            "except SystemExit:\n    pass\nprint(sorted(m for m in ('transformer_lens', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "--source-layers" in out and "(default: 50)" in out  # options with their defaults
-    assert out.strip().splitlines()[-1] == "[]"
+    code = ("import sys, time\nstart = time.perf_counter()\nfrom latent_hops.cli import main\n"
+            "main([*sys.argv[1:], '--help'])\nprint(round(time.perf_counter() - start, 3))\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'transformer_lens', 'pandas') if m in sys.modules))")
+    first = subprocess.run([sys.executable, "-c", code, "backpatch"], capture_output=True, text=True, check=True)
+    assert "--source-layers" in first.stdout and "(default: 50)" in first.stdout  # options, defaults once
+    assert "(default: None)" not in first.stdout and "all (default) " not in first.stdout.replace("\n", " ")
+    for command in ("backpatch", "report", "demo"):
+        start = time.perf_counter()
+        again = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - start
+        *text, seconds, heavy = again.stdout.strip().splitlines()
+        assert heavy == "[]" and float(seconds) < 1.5 and wall < 3, (command, seconds, wall)
+        assert "usage: latent-hops" in text[0]
+    top = subprocess.run([sys.executable, "-m", "latent_hops.cli", "--help"], capture_output=True, text=True)
+    assert "interchange" in top.stdout and "-> interchange.parquet" in top.stdout  # each command: what it writes
+    version = subprocess.run([sys.executable, "-m", "latent_hops.cli", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"latent-hops {__import__('latent_hops').__version__}"
 
+
+def test_every_command_says_what_it_reads_and_writes():
+    from latent_hops.commands import render_help
+
+    texts = render_help()
+    for command in ("evaluate", "backpatch", "logit_lens", "stages", "interchange", "report", "merge", "demo"):
+        assert "RUN_DIR" in texts[command] or ".parquet" in texts[command], command
+    assert "RUN_DIR/report.html" in texts["report"] and "no model is loaded" in texts["merge"]
 
 def test_probes_show_progress(tmp_path, capsys):
     assert main(["probe", "--out", str(tmp_path), "--split", "test_id", "--max-cases", "3", "--probe-train", "60",

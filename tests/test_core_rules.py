@@ -351,3 +351,38 @@ def test_a_converted_checkpoint_carries_what_older_transformers_read(tmp_path):
         (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": merges}}))
         convert({}, {})
         assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"] == written
+
+
+def test_probe_layers_count_only_where_the_probe_beats_its_control():
+    from latent_hops.analyses.probe import probe_accuracy, probe_layers
+
+    rows = []
+    for qid in ("a", "b", "c", "d"):
+        for layer in (0, 1, 2):
+            hit = layer >= (1 if qid in "ab" else 2)  # a, b from layer 1; c, d from layer 2
+            control = layer == 0  # the control hits everything at layer 0 only
+            rows.append(dict(id=qid, entity="e2", position="t2", hidden_layer=layer, token_match=hit,
+                             control_token_match=control, candidates=5))
+            rows.append(dict(id=qid, entity="e2", position="t1", hidden_layer=layer, token_match=layer == 2,
+                             control_token_match=layer == 2, candidates=5))  # never beats its control
+    probed = pd.DataFrame(rows)
+    acc = probe_accuracy(probed).set_index(["position", "hidden_layer"])
+    assert acc.loc[("t2", 1), ["cases", "accuracy", "control"]].tolist() == [4, 0.5, 0.0]
+    layers = probe_layers(probed, margin=0.10).set_index("id")
+    assert layers.e2_at_t2_layer.to_dict() == {"a": 1, "b": 1, "c": 2, "d": 2}
+    assert layers.first_hop_layer.isna().all() and layers.second_hop_layer.isna().all()
+    assert probe_layers(probed, margin=0.6).set_index("id").e2_at_t2_layer.to_dict() == {"a": 2, "b": 2, "c": 2,
+                                                                                           "d": 2}
+
+
+def test_knockout_edges_of_each_preset():
+    from latent_hops.analyses.knockout import edges
+    from latent_hops.cases import Case
+
+    case = Case("q", "", {"t1": 4, "t2": 7}, {}, r1_tokens=[1, 2])
+    assert edges(case, "last_to_t1") == ([7], [4])
+    assert edges(case, "all_to_t1") == ([5, 6, 7], [4])
+    assert edges(case, "last_to_r1") == ([7], [1, 2])
+    assert "unknown" in edges(Case("q", "", {"t1": 4, "t2": 7}, {}), "last_to_r1")
+    with pytest.raises(InputError, match="unknown knockout preset"):
+        edges(case, "sideways")

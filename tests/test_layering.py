@@ -90,12 +90,13 @@ def test_low_modules_import_nothing_above_them():
 def test_nothing_imports_the_cli_or_the_package_root():
     edges = graph()
     assert sorted(m for m, deps in edges.items() if "latent_hops.cli" in deps) == []
+    assert sorted(m for m, deps in edges.items() if "latent_hops.commands" in deps) == ["latent_hops.cli"]
     assert sorted(m for m, deps in edges.items() if "latent_hops" in deps) == []
 
 
 def test_analyses_do_not_reach_up_to_runs_or_executors():
     edges = graph()
-    up = {"latent_hops.run", "latent_hops.executors", "latent_hops.cli", "latent_hops.models"}
+    up = {"latent_hops.run", "latent_hops.executors", "latent_hops.cli", "latent_hops.commands", "latent_hops.models"}
     bad = {m: deps & up for m, deps in edges.items() if m.startswith("latent_hops.analyses") and deps & up}
     assert bad == {}
 

@@ -31,7 +31,8 @@ from latent_hops.analysis import (
     option,
     register,
 )
-from latent_hops.cli import build_parser, main
+from latent_hops.cli import main
+from latent_hops.commands import build_parser
 from latent_hops.config import config_from_dict
 from latent_hops.errors import InputError
 from latent_hops.evaluation import EvaluationConfig

@@ -194,3 +194,29 @@ def test_patchscope_heatmap_scale_follows_its_panel():
                            for i in range(20) for s in (-1, 1) for t in (0, 1)])
     trace = patchscope_heatmap(scopes, "t1", "e2").data[0]
     assert trace.zmax == 5.0 and list(trace.y) == ["emb", "1"] and trace.texttemplate == "%{z:.0f}"
+
+
+@pytest.mark.skipif(not CHROMIUM and os.environ.get("CI") != "true",
+                    reason="needs Debian chromium (.ci/run installs it)")
+def test_save_png_draws_a_figure_without_kaleido(tmp_path):
+    import plotly.graph_objects as go
+
+    import latent_hops as lh
+
+    fig = go.Figure(go.Heatmap(z=[[0, 1], [1, 0]]), layout={"width": 300, "height": 200})
+    png = lh.save_png(fig, tmp_path / "sub" / "figure.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (340, 220)  # the figure's own size (plus the window's margin)
+
+
+def test_save_png_without_a_browser_says_what_to_install(tmp_path):
+    import plotly.graph_objects as go
+
+    from latent_hops.errors import InputError
+    from latent_hops.plots import save_png
+
+    with pytest.raises(InputError, match="apt-get install chromium") as caught:
+        save_png(go.Figure(), tmp_path / "f.png", chromium="no-such-browser")
+    assert caught.value.code == "chromium"
