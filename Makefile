@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo demo-smollm2 test test-tl4 lint mutation clean
+.PHONY: setup demo demo-smollm2 test test-tl4 lint docs mutation clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,14 @@ lint: setup
 	$(BIN)/ruff format --check latent_hops scripts
 	$(BIN)/mypy
 
+# The documentation site: the guides (docs/guide/), the API reference from the docstrings
+# (mkdocstrings), the executed notebooks as tutorials (mkdocs-jupyter) and the column
+# dictionary, built offline into site/; --strict: a broken link or reference fails the build.
+docs: setup
+	$(BIN)/pip install --quiet -e ".[docs]"
+	$(BIN)/python scripts/docs_home.py
+	$(BIN)/mkdocs build --strict --site-dir site
+
 # Mutation testing of the core rules (not in CI: tens of minutes): mutmut mutates the modules
 # listed in pyproject.toml's [tool.mutmut] (only the lines the fast rule tests execute) and
 # runs those tests against each mutant; scripts/mutation_score.py prints the score and every
@@ -87,4 +95,4 @@ mutation: setup
 	$(BIN)/python scripts/mutation_score.py
 
 clean:
-	rm -rf $(VENV) $(VENV_TL4) runs mutants
+	rm -rf $(VENV) $(VENV_TL4) runs mutants site

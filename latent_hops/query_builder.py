@@ -1,7 +1,10 @@
 """Build two-hop queries from any knowledge base, the way the paper samples them.
 
-Input: a triples table (subject, relation, object ids), an entities table (id, label,
-aliases, type) and a relations table (id, template with one ``{}``, type). Paths are
+Input: a triples table (columns ``subject``, ``relation``, ``object``: a DataFrame or a CSV
+file), and optionally an entities table (``id``, ``label``; optional ``aliases``, ``type``)
+and a relations table (``id``, ``template`` with one ``{}``; optional ``type``). Without
+them an entity's label is its id and a relation's template is ``"the {relation} of {}"``.
+Paths are
 enumerated bridge first (e1 -r1-> e2 -r2-> e3), with e1, e2, e3 pairwise distinct, and
 deduplicated; optionally only (subject, relation) pairs with a unique object are used and
 the number of queries per bridge is capped. The toy dataset is built through this function.
@@ -10,6 +13,7 @@ the number of queries per bridge is capped. The toy dataset is built through thi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,16 +37,29 @@ def _check(table: pd.DataFrame, name: str, columns: tuple[str, ...]) -> None:
 
 
 def build_queries(
-    triples: pd.DataFrame,
-    entities: pd.DataFrame,
-    relations: pd.DataFrame,
+    triples: pd.DataFrame | str | Path,
+    entities: pd.DataFrame | None = None,
+    relations: pd.DataFrame | None = None,
     config: BuilderConfig = BuilderConfig(),
 ) -> pd.DataFrame:
-    """Every two-hop path of the knowledge base as a normalised query table.
+    """Every two-hop path of the knowledge base as a normalised query table (module
+    docstring for the inputs).
 
     Query ids are the path ``"{e1}|{r1}|{e2}|{r2}|{e3}"``, so that a query keeps its id
     whatever else the knowledge base contains.
     """
+    if not isinstance(triples, pd.DataFrame):
+        try:
+            triples = pd.read_csv(triples, dtype=str, keep_default_na=False)
+        except (OSError, pd.errors.ParserError) as err:
+            raise InputError(f"triples {triples}: cannot be read ({err})", code="dataset") from None
+    _check(triples, "triples", ("subject", "relation", "object"))
+    if entities is None:
+        ids = sorted(set(triples["subject"].astype(str)) | set(triples["object"].astype(str)))
+        entities = pd.DataFrame({"id": ids, "label": ids})
+    if relations is None:
+        names = sorted(set(triples["relation"].astype(str)))
+        relations = pd.DataFrame({"id": names, "template": [f"the {r} of {{}}" for r in names]})
     _check(triples, "triples", ("subject", "relation", "object"))
     _check(entities, "entities", ("id", "label"))
     _check(relations, "relations", ("id", "template"))

@@ -1,6 +1,7 @@
-"""The README's numbers on the toy models, produced by named commands and checked.
+"""The documentation's numbers on the toy models, produced by named commands and checked.
 
-Each block of the README between ``<!-- numbers: NAME -->`` and ``<!-- /numbers: NAME -->``
+Each block of docs/guide/toy-models.md (``README`` below: the page that holds the numbers)
+between ``<!-- numbers: NAME -->`` and ``<!-- /numbers: NAME -->``
 is rendered here from the run directory of the commands that BLOCKS names. Regenerate after a
 change that moves them, and let the test (tests/test_readme_numbers.py) hold them:
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "guide" / "toy-models.md"
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ spec.loader.exec_module(readme_numbers)
 @pytest.mark.parametrize("block", readme_numbers.BLOCKS, ids=[b.name for b in readme_numbers.BLOCKS])
 def test_readme_numbers_come_from_their_commands(block, tmp_path):
     rendered = readme_numbers.run_block(block, tmp_path / block.name)
-    assert readme_numbers.readme_block((ROOT / "README.md").read_text(), block.name) == rendered
+    assert readme_numbers.readme_block(readme_numbers.README.read_text(), block.name) == rendered
 
 
 def test_every_block_is_in_the_readme_and_names_its_command():
-    readme = (ROOT / "README.md").read_text()
+    readme = readme_numbers.README.read_text()
     for block in readme_numbers.BLOCKS:
         text = readme_numbers.readme_block(readme, block.name)
         assert block.shown_as in text and "%" in text  # the command is named, numbers follow
