@@ -386,3 +386,289 @@ def test_knockout_edges_of_each_preset():
     assert "unknown" in edges(Case("q", "", {"t1": 4, "t2": 7}, {}), "last_to_r1")
     with pytest.raises(InputError, match="unknown knockout preset"):
         edges(case, "sideways")
+
+
+# ---------------------------------------------------------------------------- edges the mutation run found
+
+
+def test_shard_bounds_and_messages():
+    assert rundir.parse_shard("0/1") == (0, 1) and rundir.parse_shard("0/3") == (0, 3)  # one shard; the first
+    with pytest.raises(InputError, match=r"must look like i/n \(e\.g\. 0/4\), got 'x'"):
+        rundir.parse_shard("x")
+    with pytest.raises(InputError, match="--shard 3/3: need 0 <= i < n"):
+        rundir.parse_shard("3/3")
+
+
+def test_provenance_differences_of_mixed_and_several_keys():
+    assert rundir.differences({"config": {"w": 1}}, {"config": 3}) == ["config: {'w': 1} != 3"]
+    old = {"a": 1, "config": {"w": 1, "k": 2}, "z": 0}
+    new = {"a": 2, "config": {"w": 2, "k": 3}, "z": 0}
+    assert rundir.differences(old, new) == ["a: 1 != 2", "config.k: 2 != 3", "config.w: 1 != 2"]
+
+
+def test_provenance_is_written_canonically_whatever_its_key_order(tmp_path):
+    """The same provenance in another key order (or holding a path) writes the same bytes, so
+    two runs made the same way give identical files."""
+    frame = pd.DataFrame({"id": ["a"], "x": [1]})
+    one = {"model": "toy", "data": Path("/d/x.csv"), "tables": SCHEMA_VERSION}
+    two = {"tables": SCHEMA_VERSION, "data": Path("/d/x.csv"), "model": "toy"}
+    for made_by, name in ((one, "1"), (two, "2")):
+        rundir.write_table(frame, tmp_path / f"{name}.parquet", made_by)
+        rundir.check_config(tmp_path / f"parts{name}" / "deep", made_by)  # parents made as needed
+    assert (tmp_path / "1.parquet").read_bytes() == (tmp_path / "2.parquet").read_bytes()
+    config_one = (tmp_path / "parts1" / "deep" / "config.json").read_text()
+    assert config_one == (tmp_path / "parts2" / "deep" / "config.json").read_text()
+    assert json.loads(config_one)["data"] == "/d/x.csv" and rundir.made_by_of(tmp_path / "1.parquet")["data"] == "/d/x.csv"
+    assert rundir.differences(one, two) == []
+
+
+def test_tables_keep_their_dtypes_and_drop_their_index(tmp_path):
+    frame = pd.DataFrame({"id": ["a", "b"], "rank": pd.array([1, None], dtype="Int64")}, index=[7, 9])
+    path = rundir.write_table(frame, tmp_path / "new" / "deeper" / "t.parquet", MADE_BY)
+    table = rundir.read_table(path)
+    assert list(table.columns) == ["id", "rank"] and list(table.index) == [0, 1]
+    assert str(table["rank"].dtype) == "Int64" and pd.isna(table["rank"][1])
+    assert rundir.made_by_of(rundir.write_table(frame, tmp_path / "plain.parquet")) is None  # no provenance
+    assert rundir.write_text(tmp_path / "x" / "y" / "z.txt", "hi").read_text() == "hi"
+    part = rundir.write_part(tmp_path / "p" / "q", frame.reset_index(drop=True), "a|b")
+    assert part.parent == tmp_path / "p" / "q" and part.name.startswith("part-")
+
+
+def test_refusals_name_where_and_why(tmp_path, caplog):
+    path = tmp_path / "t.parquet"
+    rundir.write_table(pd.DataFrame({"id": ["a", "b"]}), path, MADE_BY)
+    assert list(rundir.reusable_table(path, MADE_BY, {"a", "b"}).id) == ["a", "b"]  # exactly its ids
+    with caplog.at_level(logging.INFO, logger="latent_hops"):
+        rundir.reusable_table(path, {**MADE_BY, "model": "other", "seed": 1})
+    assert f"not reusing {path}: made differently (model: 'toy' != 'other'; seed: None != 1)" in caplog.text
+    with pytest.raises(InputError) as missing:
+        rundir.read_table(tmp_path / "nope.parquet")
+    assert missing.value.code == "run-dir"
+    old = tmp_path / "old.parquet"
+    rundir.write_table(pd.DataFrame({"id": ["a"]}), old, {"model": "toy"})
+    for refuse in (rundir.read_table, lambda p: rundir.reusable_table(p, MADE_BY)):
+        with pytest.raises(RunDirError, match=f"^{old} was written by an older"):
+            refuse(old)
+    folder = tmp_path / "parts"
+    rundir.check_config(folder, MADE_BY)
+    with pytest.raises(InputError, match=r"\(model: 'toy' != 'x'; seed: None != 2\)"):
+        rundir.check_config(folder, {**MADE_BY, "model": "x", "seed": 2})
+    (folder / "config.json").write_text(json.dumps({"model": "toy"}))
+    with pytest.raises(RunDirError, match=f"^{folder} was written by an older"):
+        rundir.check_config(folder, MADE_BY)
+
+
+def test_parts_one_case_at_a_time_merge_to_a_plain_table(tmp_path):
+    cases = [_Case("q0"), _Case("q1")]
+    compute = lambda part: pd.DataFrame({"id": [c.id for c in part], "v": [1] * len(part)})  # noqa: E731
+    assert rundir.run_in_parts(tmp_path / "s", cases, 1, compute, made_by=MADE_BY) == 0
+    assert len(list((tmp_path / "s").glob("part-*.parquet"))) == 2
+    for merged in (rundir.merge_parts(tmp_path / "s"), rundir.merge_parts(tmp_path / "s", order=["q1", "q0"])):
+        assert list(merged.columns) == ["id", "v"] and list(merged.index) == [0, 1]
+
+
+def test_stale_temporary_files_of_other_hosts_are_left_and_live_writers_untouched(tmp_path):
+    import subprocess
+
+    writer = subprocess.Popen(["sleep", "60"])
+    try:
+        live = tmp_path / f".tmp-part-y-{rundir.HOST}-{writer.pid}"
+        elsewhere = tmp_path / ".tmp-part-z-elsewhere-999999999"  # a dead pid, but another host's
+        for f in (live, elsewhere):
+            f.write_text("half")
+        rundir.remove_stale_temp(tmp_path)
+        assert live.exists() and elsewhere.exists()
+        assert writer.poll() is None  # asking whether it lives sends it no signal
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_the_manifest_records_versions_and_utc_times(tmp_path):
+    from latent_hops._version import __version__
+
+    rundir.record_run(tmp_path, "evaluate", {"dataset": Path("/d/x.csv")}, None, 0.0)
+    text = (tmp_path / "manifest.json").read_text()
+    entry = json.loads(text)["runs"][0]
+    assert entry["started"] == "1970-01-01T00:00:00+00:00" and entry["finished"].endswith("+00:00")
+    assert entry["package_version"] == __version__ and entry["config"] == {"dataset": "/d/x.csv"}
+    assert set(entry["versions"]) == {"torch", "transformer-lens", "transformers", "tokenizers"}
+    assert all(entry["versions"].values())  # all four installed here
+    assert len(text.splitlines()) > 5  # indented: a person reads it
+
+
+def test_an_existing_run_directory_is_accepted(tmp_path):
+    rundir.check_run_dir(tmp_path)
+    (tmp_path / "run").mkdir()
+    rundir.check_run_dir(tmp_path / "run")
+    assert not list(tmp_path.rglob(".write-check-*"))  # the probe file is gone
+
+
+def test_bootstrap_is_the_percentile_interval_of_resampled_means():
+    values = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    for seed, level in ((0, 0.95), (7, 0.8)):
+        rng = np.random.default_rng(seed)
+        means = values[rng.integers(0, len(values), size=(1000, len(values)))].mean(1)
+        expected = (np.quantile(means, (1 - level) / 2), np.quantile(means, (1 + level) / 2))
+        assert bootstrap_ci(values, seed=seed, level=level) == pytest.approx(expected, abs=0)
+    assert bootstrap_ci(values) == bootstrap_ci(values, n_boot=1000, seed=0)  # the documented defaults
+    assert bootstrap_ci([0.25]) == (0.25, 0.25)  # one value: no spread
+
+
+def _labelled(rows):
+    return pd.DataFrame(rows, columns=["id", "position", "source_layer", "target_layer", "kind", "alias_match",
+                                       "subset", "split"]).astype({"alias_match": "boolean"})
+
+
+def test_rates_of_a_table_already_pooled_are_not_pooled_twice():
+    rows = [("a", "t2", 1, 0, "back", True, "incorrect", "all"), ("b", "t2", 1, 0, "back", False, "incorrect", "all")]
+    rates = cell_rates(_labelled(rows))
+    assert rates[["split", "cases", "successes"]].values.tolist() == [["all", 2, 1]]
+
+
+def test_oracle_intervals_use_the_seed_given():
+    from latent_hops.analyses.backpatch import oracle_rates
+
+    rows = [(f"q{i}", "t2", 1, 0, "back", i % 3 == 0, "incorrect", "x") for i in range(12)]
+    for seed in (0, 5):
+        rate = oracle_rates(_labelled(rows), seed=seed).query("split == 'x'").iloc[0]
+        assert (rate.ci_low, rate.ci_high) == bootstrap_ci([i % 3 == 0 for i in range(12)], seed=seed)
+    assert oracle_rates(_labelled(rows)).equals(oracle_rates(_labelled(rows), seed=0))
+
+
+def test_non_oracle_reports_every_column_and_empty_halves():
+    from latent_hops.analyses.backpatch import non_oracle
+
+    rows = []
+    for i in range(8):  # incorrect q0..q7: cell (2, 0) rescues the even ones; correct c0..c3: (2, 0) breaks c0
+        rows += [(f"q{i}", "t2", 2, 0, "back", i % 2 == 0, "incorrect", "x"),
+                 (f"q{i}", "t2", 1, 0, "back", False, "incorrect", "x")]
+    for i in range(4):
+        rows += [(f"c{i}", "t2", 2, 0, "back", i != 0, "correct", "x"), (f"c{i}", "t2", 1, 0, "back", True, "correct", "x")]
+    labelled = _labelled(rows)
+    for seed in (0, 3):
+        row = non_oracle(labelled, seed=seed).query("split == 'x'").iloc[0]
+        inc = np.array(sorted(f"q{i}" for i in range(8)))
+        np.random.default_rng(seed).shuffle(inc)
+        held = sorted(inc[4:])
+        gain = [int(h[1:]) % 2 == 0 for h in held]
+        assert (row.source_layer, row.target_layer, row.train_cases, row.heldout_incorrect) == (2, 0, 4, 4)
+        assert row.gain == np.mean(gain) and (row.gain_ci_low, row.gain_ci_high) == bootstrap_ci(
+            np.array(gain, dtype=float), seed=seed)
+        assert row.damage == 0.25 and (row.damage_ci_low, row.damage_ci_high) == bootstrap_ci(
+            [1.0, 0.0, 0.0, 0.0], seed=seed)
+    assert non_oracle(labelled).equals(non_oracle(labelled, seed=0))
+    everything = non_oracle(labelled[labelled.subset == "incorrect"], train_fraction=1.0).query("split == 'x'").iloc[0]
+    assert everything.heldout_incorrect == 0 and np.isnan(everything.gain) and np.isnan(everything.gain_ci_low)
+    assert everything.correct_cases == 0 and np.isnan(everything.damage) and np.isnan(everything.damage_ci_high)
+
+
+def test_success_samples_order_and_defaults():
+    from latent_hops.analyses.backpatch import success_samples
+
+    rows = []
+    for position, kind, cells in (("t2", "back", {(3, 1): 3, (2, 1): 1}), ("t1", "back", {(3, 0): 1, (2, 0): 2}),
+                                  ("t1", "random", {(1, 0): 1})):
+        for (s, t), n in cells.items():
+            rows += [dict(id=f"{position}{kind}{s}{t}{i}", position=position, kind=kind, source_layer=s, target_layer=t,
+                          generation=f"g{i}", alias_match=True, subset="incorrect") for i in range(n)]
+    sample = success_samples(pd.DataFrame(rows))
+    assert list(sample.columns) == ["position", "kind", "source_layer", "target_layer", "rescued", "id", "generation"]
+    assert list(sample.index) == list(range(len(sample)))
+    got = sample[["position", "kind", "source_layer", "rescued"]].values.tolist()
+    assert got == [["t1", "back", 2, 2], ["t1", "back", 2, 2], ["t1", "back", 3, 1], ["t1", "random", 1, 1],
+                   ["t2", "back", 3, 3], ["t2", "back", 3, 3], ["t2", "back", 2, 1]]  # 2 per cell by default
+    many = [dict(id=f"m{s}{i}", position="t2", kind="back", source_layer=s, target_layer=0, generation="g",
+                 alias_match=True, subset="incorrect") for s in range(7) for i in range(s + 1)]
+    assert sorted(set(success_samples(pd.DataFrame(many)).source_layer)) == [2, 3, 4, 5, 6]  # the 5 best cells
+
+
+def test_mcnemar_of_both_kinds_of_discordant_pairs():
+    from latent_hops.stats import mcnemar
+
+    test = mcnemar([1.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0])  # 0/1 values are outcomes too
+    assert (test.only_a, test.only_b) == (3, 1) and test.p_value == pytest.approx(0.625)  # 2 * P(X >= 3), n = 4
+    with pytest.raises(ValueError, match="two outcomes per case"):
+        mcnemar([True], [True, False])
+
+
+def test_rate_interval_level_and_paired_permutation_exactly():
+    from latent_hops.stats import paired_permutation, rate_interval
+
+    wide, narrow = rate_interval(3, 10, level=0.99), rate_interval(3, 10, level=0.8)
+    assert wide[0] < rate_interval(3, 10)[0] < narrow[0] and narrow[1] < rate_interval(3, 10)[1] < wide[1]
+    # four pairs, every difference +1: of the 16 sign flips, 2 have |mean| >= 1
+    assert paired_permutation([1, 2, 3, 4], [0, 1, 2, 3]) == pytest.approx(2 / 16)
+    a, b = np.linspace(0, 1, 20), np.linspace(0, 1, 20)[::-1] * 0.9  # 2^20 flips: resampled
+    p = paired_permutation(a, b)
+    assert p == paired_permutation(a, b) == paired_permutation(a, b, seed=0) != paired_permutation(a, b, seed=1)
+
+
+def test_best_rank_over_a_batch_of_positions():
+    import torch
+
+    from latent_hops.ranks import best_rank
+
+    logprobs = torch.tensor([[[-1.0, -3.0, -0.5], [-2.0, -1.0, -3.0]], [[-0.25, -0.5, -0.75], [-3.0, -2.0, -1.0]]])
+    rank, best = best_rank(logprobs, [1])
+    assert rank.tolist() == [[2, 0], [1, 1]] and best.tolist() == [[-3.0, -1.0], [-0.5, -2.0]]
+    rank, best = best_rank(logprobs, [])
+    assert rank.shape == (2, 2) and rank.dtype == torch.long and (rank == -1).all() and best.isnan().all()
+
+
+def test_onset_and_resolution_thresholds():
+    from latent_hops.analyses.logit_lens import LogitLensConfig, onset_layer, resolution_layers
+    from latent_hops.analysis import get
+
+    rows = [("a", "t1", 0, 1, 50), ("a", "t1", 1, 0, 50), ("a", "t2", 0, 2, 11), ("a", "t2", 1, 1, 2),
+            ("a", "t2", 2, 0, 0), ("b", "t1", 0, 0, 50), ("b", "t2", 0, 9, 3), ("b", "t2", 1, 9, None)]
+    lens = pd.DataFrame(rows, columns=["id", "position", "hidden_layer", "e2_rank", "e3_rank"]).astype(
+        {"e2_rank": "Int64", "e3_rank": "Int64"})
+    loose = resolution_layers(lens, second_hop_k=2).set_index("id")
+    assert loose.loc["a", "second_hop_layer"] == 1 and loose.loc["a", "e2_at_t2_layer"] == 2  # k is e3's only
+    assert loose.loc["a", "first_hop_layer"] == 1 and pd.isna(loose.loc["b", "second_hop_layer"])
+    assert onset_layer(lens)["a"] == 1 and onset_layer(lens, k=11)["a"] == 0  # the default k is 10
+    assert pd.isna(onset_layer(lens, k=50)["b"])  # an unknown token at the last layer is not "inside"
+    stage = get("logit_lens")
+    assert stage.measured_layers(lens, LogitLensConfig(onset_k=11)).loc["a", "second_hop_onset_layer"] == 0
+
+
+def test_reducers_keep_every_case_in_order_of_appearance():
+    """A case whose measure never holds (or has no rows of the preset) is a missing value, in
+    the order the table lists its cases -- never dropped, never re-sorted."""
+    from latent_hops.analyses.knockout import knockout_layer
+    from latent_hops.analyses.probe import probe_accuracy, probe_layers
+
+    ko = pd.DataFrame({"id": ["z", "z", "m", "a", "a"], "preset": ["last_to_t1"] * 2 + ["all_to_t1"] + ["last_to_t1"] * 2,
+                       "window_center": [0, 1, 0, 0, 1], "changed": [False, False, True, False, True]})
+    layers = knockout_layer(ko)
+    assert list(layers.index) == ["z", "m", "a"] and pd.isna(layers["z"]) and pd.isna(layers["m"]) and layers["a"] == 1
+    rows = [dict(id=i, entity="e2", position="t2", hidden_layer=layer, token_match=(i == "a" and layer == 1),
+                 control_token_match=False, candidates=3 + layer) for i in ("z", "a") for layer in (0, 1)]
+    probed = pd.DataFrame(rows)
+    assert probe_accuracy(probed).candidates.tolist() == [3, 4]
+    assert probe_layers(probed, margin=0.5).id.tolist() == ["z", "a"]  # accuracy 0.5 = control + 0.5 counts
+    assert probe_layers(probed, margin=0.5).e2_at_t2_layer.tolist()[1] == 1
+    assert probe_layers(probed, margin=0.51).e2_at_t2_layer.isna().all()
+    projection = pd.DataFrame([("z", b, s, 5, 5) for b in range(2) for s in ("attn", "mlp")]
+                              + [("a", b, s, 0, 0) for b in range(2) for s in ("attn", "mlp")],
+                              columns=["id", "block", "sublayer", "e2_rank", "prediction_rank"])
+    assert projection_layers(projection).id.tolist() == ["z", "a"]
+    table = pd.DataFrame({"id": ["z", "a"], "position": "t1", "source_layer": 0, "decoded": ["none", "e2"]})
+    assert decoded_layers(table, lambda r, e: r.decoded == e, "source_layer").id.tolist() == ["z", "a"]
+
+
+def test_an_analysis_registers_under_its_name_once():
+    from dataclasses import replace
+
+    from latent_hops.analysis import REGISTRY, register
+
+    model = get("projection")
+    mine = replace(model, name="projection_twin", aliases=(), schema=replace(model.schema, file="projection_twin.parquet"))
+    try:
+        assert register(mine) is mine and get("projection_twin") is mine
+        assert register(mine) is mine  # the same analysis again (a module imported twice) is fine
+        with pytest.raises(ValueError, match="two analyses are named 'projection_twin'"):
+            register(replace(mine, run=lambda context, config: pd.DataFrame()))
+    finally:
+        REGISTRY.pop("projection_twin", None)

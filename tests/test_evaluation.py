@@ -164,3 +164,29 @@ def test_cli_evaluate_writes_parquet(tmp_path, capsys):
 def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["evaluate", "--dataset", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_the_datasets_own_two_hop_prompt_is_the_composition_prompt():
+    """A query with a ``source_prompt`` (the paper's datasets) is asked that, not the template."""
+    tok = bpe_tokenizer("gpt2")
+    query = _query("own", source_prompt="Who is the spouse of the performer of Imagine? It is")
+    model = ScriptedModel(tok, {**_script(), "Who is the spouse of the performer of Imagine? It is": " Paul"})
+    row = evaluate(model, queries_to_table([query])).iloc[0]
+    assert row.composition_generation == " Paul" and row.subset == "incorrect"
+    assert "the spouse of the performer of Imagine is" not in model.generated
+
+
+def test_an_over_long_reason_names_the_first_prompt_kind():
+    tok = bpe_tokenizer("gpt2")
+    model = ScriptedModel(tok, _script(), context=20)  # even the first hop (16 + 10 tokens) is too long
+    ev = evaluate(model, queries_to_table([_query("long", e1="Imagine " * 12)]), EvaluationConfig(max_new_tokens=10))
+    assert ev.skip_reason.iloc[0].startswith("first hop: prompt of ")
+
+
+def test_summary_counts_every_subset_per_split():
+    ev = pd.DataFrame({"id": list("abcd"), "split": ["x", "x", "y", "y"], "subset": ["correct", "incorrect", "correct", "correct"],
+                       **{f"{k}_alias_match": pd.array([True, False, True, True], dtype="boolean") for k in PROMPT_KINDS}})
+    summary = summarize(ev)
+    assert list(summary.columns) == ["queries", *PROMPT_KINDS, "correct", "incorrect", "excluded"]
+    assert summary.loc["y", ["queries", "correct", "incorrect", "excluded"]].tolist() == [2, 2, 0, 0]
+    assert summary.loc["x", "composition"] == 0.5

@@ -318,3 +318,19 @@ def test_the_column_dictionary_is_current():
     for name in ("evaluation.parquet", "backpatch.parquet", "backpatch_cells.parquet", "backpatch_summary.json",
                  "manifest.json", "skipped", "queries"):
         assert f"## {name}" in text or f"`{name}`" in text, name
+
+
+def test_stage_table_without_the_logit_lens_and_of_analysed_cases_only():
+    """Patchscopes alone decode; the knockout before it in the registry is used too; a case of
+    the evaluation that no table holds is not a row; an unknown table name is refused."""
+    evaluation = pd.DataFrame({"id": ["unanalysed", "a"], "subset": ["correct", "incorrect"], "split": "test"})
+    scopes = pd.DataFrame([("a", "t1", 1, "e2"), ("a", "t2", 2, "e2"), ("a", "t2", 3, "e3")],
+                          columns=["id", "position", "source_layer", "decoded"])
+    ko = _ko(["a"], "last_to_t1", {"a": 1})
+    stages = stage_table(evaluation, {"logit_lens": None, "knockout": ko, "patchscope": scopes})
+    assert list(stages.id) == ["a"] and list(stages.method) == ["patchscope"]
+    row = stages.iloc[0]
+    assert (row.first_hop_layer, row.second_hop_layer, row.info_propagation_layer) == (1, 3, 1.5)
+    assert row.info_propagation_measures == "knockout,e2_at_t2" and row.subset == "incorrect"
+    with pytest.raises(InputError, match=r"no stage analysis named \['nope'\]"):
+        stage_table(evaluation, {"nope": scopes, "patchscope": scopes})
