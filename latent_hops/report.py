@@ -30,12 +30,15 @@ EVALUATION_NOTE = (
 IDENTITY = ("model", "weights_sha256", "dataset", "dataset_sha256")
 
 
+def _number(x: float) -> str:
+    """A whole number (a layer, a count) as such; other values to 3 decimals."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.3f}"
+
+
 def _table(frame: pd.DataFrame) -> str:
     """A table; a plain row number index is not shown."""
     plain = isinstance(frame.index, pd.RangeIndex)
-    return frame.to_html(
-        float_format=lambda x: f"{x:.3f}", border=0, classes="table", index=not plain
-    )
+    return frame.to_html(float_format=_number, border=0, classes="table", index=not plain)
 
 
 def _section(title: str, note: str, body: str) -> str:

@@ -117,9 +117,14 @@ def test_version(capsys):
 
     from latent_hops import __version__
 
-    with pytest.raises(SystemExit):
-        main(["--version"])
-    assert __version__ in capsys.readouterr().out
+    assert main(["--version"]) == 0  # the light entry point answers without argparse
+    assert capsys.readouterr().out == f"latent-hops {__version__}\n"
+    from latent_hops.commands import main as full_main
+
+    with pytest.raises(SystemExit) as exit_:  # the full parser says the same
+        full_main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"latent-hops {__version__}\n"
 
 
 def test_bfloat16_end_to_end(tmp_path):

@@ -34,6 +34,15 @@ def test_report_is_self_contained(report):
         assert heading in page
 
 
+def test_report_tables_print_layers_as_whole_numbers():
+    import pandas as pd
+
+    from latent_hops.report import _table
+
+    page = _table(pd.DataFrame({"first_hop_layer": [6.0, 2.5], "rate": [0.125, 1.0]}))
+    assert "<td>6</td>" in page and "<td>2.500</td>" in page and "<td>0.125</td>" in page and "6.000" not in page
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and DRIVER) and os.environ.get("CI") != "true",
                     reason="needs Debian chromium + chromium-driver (.ci/run installs them)")
