@@ -111,6 +111,18 @@ def test_parts_are_resumed_not_recomputed(tmp_path):
         rundir.merge_parts(tmp_path / "empty")
 
 
+def test_merged_parts_keep_each_cases_rows_in_order(tmp_path):
+    """A case's rows (its layers, cells...) come back in the order they were written, whatever
+    order the cases are asked for: a stable sort, also for many rows per case."""
+    folder = tmp_path / "rows"
+    for key, ids in (("first", ["b", "a"]), ("second", ["c"])):
+        frame = pd.DataFrame({"id": [i for i in ids for _ in range(40)], "row": [r for _ in ids for r in range(40)]})
+        rundir.write_part(folder, frame, key)
+    merged = rundir.merge_parts(folder, order=["c", "a", "b"])
+    assert list(merged.id) == ["c"] * 40 + ["a"] * 40 + ["b"] * 40
+    assert list(merged.row) == list(range(40)) * 3
+
+
 def test_a_dead_writers_temporary_files_are_removed_a_live_ones_kept(tmp_path):
     import subprocess
 
@@ -160,6 +172,9 @@ def test_run_directories_are_checked(tmp_path):
     with pytest.raises(InputError, match="is a file"):
         rundir.check_run_dir(afile)
     rundir.check_run_dir(tmp_path / "new")
+    if Path("/proc/self").is_dir():  # a directory nobody can write to, root included
+        with pytest.raises(RunDirError, match="cannot write there"):
+            rundir.check_run_dir(Path("/proc/self/run"))
     assert rundir.file_hash(afile) == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
 
 
@@ -243,6 +258,9 @@ def test_cells_of_each_kind():
     assert len(cells) == 18
     with_emb = all_cells(_Model(), BackpatchConfig(kinds=("back",), include_embeddings=True))
     assert len(with_emb) == 10 and Cell(0, -1, "back") in with_emb
+    every = all_cells(_Model(), BackpatchConfig(kinds=("forward",), include_embeddings=True,
+                                                source_layers="every:2", target_layers="every:2"))
+    assert every == [Cell(-1, 1, "forward"), Cell(-1, 3, "forward"), Cell(1, 3, "forward")]  # from the embedding
     grid = all_cells(_Model(), BackpatchConfig(kinds=("back", "forward"), source_layers="0,3", target_layers=(1,)))
     assert grid == [Cell(3, 1, "back"), Cell(0, 1, "forward")]
     explicit = (Cell(1, 1, "back"),)
@@ -318,6 +336,22 @@ def test_paired_permutation():
     strong = paired_permutation([1.0] * 12, [0.0] * 12)
     assert strong < 0.001 and paired_permutation([0.5, 0.4, 0.6, 0.5], [0.5, 0.5, 0.5, 0.5]) > 0.5
     assert strong == paired_permutation([1.0] * 12, [0.0] * 12)  # seeded: reproducible
+
+
+def test_paired_permutation_of_success_flags_and_its_resamples():
+    """Success flags (booleans) are compared as numbers, and ``n_resamples`` sets the
+    resolution of a randomized p-value: (hits + 1) / (n_resamples + 1)."""
+    from latent_hops.stats import paired_permutation
+
+    wins = [True] * 9 + [False] * 3
+    assert paired_permutation(wins, [False] * 12) == paired_permutation([1.0] * 9 + [0.0] * 3, [0.0] * 12)
+    assert paired_permutation([False] * 12, wins) == paired_permutation([0.0] * 12, [1.0] * 9 + [0.0] * 3)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=40)
+    b = a + rng.normal(0.2, 1.0, size=40)  # 2**40 sign patterns: randomized, not exact
+    coarse = paired_permutation(a, b, n_resamples=99)
+    assert coarse * 100 == pytest.approx(round(coarse * 100)) and 0 < coarse < 1
+    assert coarse != paired_permutation(a, b)
 
 
 def test_a_converted_checkpoint_carries_what_older_transformers_read(tmp_path):
@@ -581,6 +615,9 @@ def test_success_samples_order_and_defaults():
     many = [dict(id=f"m{s}{i}", position="t2", kind="back", source_layer=s, target_layer=0, generation="g",
                  alias_match=True, subset="incorrect") for s in range(7) for i in range(s + 1)]
     assert sorted(set(success_samples(pd.DataFrame(many)).source_layer)) == [2, 3, 4, 5, 6]  # the 5 best cells
+    ties = [dict(id=f"t{s}-{i}", position="t2", kind="back", source_layer=s, target_layer=0, generation="g",
+                 alias_match=True, subset="incorrect") for s in range(40) for i in range(1 + s % 2)]
+    assert sorted(set(success_samples(pd.DataFrame(ties)).source_layer)) == [1, 3, 5, 7, 9]  # ties: layer order
 
 
 def test_mcnemar_of_both_kinds_of_discordant_pairs():
@@ -672,3 +709,34 @@ def test_an_analysis_registers_under_its_name_once():
             register(replace(mine, run=lambda context, config: pd.DataFrame()))
     finally:
         REGISTRY.pop("projection_twin", None)
+
+
+def test_a_live_writer_is_asked_about_never_signalled():
+    """Whether a part's writer still runs is asked with signal 0, which delivers nothing."""
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert rundir._alive(proc.pid) and not rundir._alive(os.getpid())
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)  # still running after being asked
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not rundir._alive(proc.pid)
+
+
+def test_rebalance_is_a_seeded_random_sample_per_subset_and_type():
+    from latent_hops.evaluation import rebalance
+
+    ids = [f"q{i:03d}" for i in range(140)]
+    evaluation = pd.DataFrame({"id": ids, "subset": ["correct"] * 120 + ["incorrect"] * 20})
+    table = pd.DataFrame({"id": ids[::-1], "e2_type": (["city"] * 20 + ["person"] * 120)})  # other order
+    kept = rebalance(evaluation, table)  # default: 100 per subset and type
+    types = kept.merge(table, on="id").groupby(["subset", "e2_type"]).size().to_dict()
+    assert types == {("correct", "person"): 100, ("incorrect", "city"): 20}
+    assert list(kept.columns) == ["id", "subset"] and kept.index.is_monotonic_increasing
+    few = rebalance(evaluation, table, max_per_type=10)
+    assert few.equals(rebalance(evaluation, table, max_per_type=10, seed=0))  # the default seed is 0
+    assert set(few.id) != set(rebalance(evaluation, table, max_per_type=10, seed=1).id)
+    assert set(few.id[few.subset == "incorrect"]) != set(ids[120:130])  # random, not the first ten

@@ -190,3 +190,18 @@ def test_summary_counts_every_subset_per_split():
     assert list(summary.columns) == ["queries", *PROMPT_KINDS, "correct", "incorrect", "excluded"]
     assert summary.loc["y", ["queries", "correct", "incorrect", "excluded"]].tolist() == [2, 2, 0, 0]
     assert summary.loc["x", "composition"] == 0.5
+
+
+def test_a_prompt_suffix_reaches_generation_and_positions():
+    """``suffix`` ends every prompt: the generations asked are the suffixed prompts, and t2
+    (the prompt's last token) moves with it, as t1 does not."""
+    tok = bpe_tokenizer("gpt2")
+    table = queries_to_table([_query("q")])
+    plain = evaluate(ScriptedModel(tok, _script()), table).iloc[0]
+    suffix = " is, in a word,"
+    script = {p.removesuffix(" is") + suffix: a for p, a in _script().items()}
+    model = ScriptedModel(tok, script)
+    row = evaluate(model, table, EvaluationConfig(suffix=suffix)).iloc[0]
+    assert row.subset == "correct" and all(p.endswith(suffix) for p in model.generated)
+    extra = len(tok(suffix)["input_ids"]) - len(tok(" is")["input_ids"])
+    assert (row.t1, row.t2) == (plain.t1, plain.t2 + extra) and extra > 0
