@@ -35,13 +35,15 @@ demo: setup
 
 # The paper's pipeline on a real LLM (SmolLM2-135M, world dataset) on 2 CPU cores. The knob
 # that trades cases for time: SMOL_LIMIT (queries evaluated) and SMOL_CASES (cases analysed
-# per subset); the layer grids keep every 3rd (back-patching) / 6th (Patchscopes) layer.
+# per subset); the layer grids keep every 3rd (back-patching, bridge swap) / 6th (Patchscopes)
+# layer. Causal tracing is left out, as in every demo (`latent-hops causal_tracing` runs it).
 SMOL_LIMIT ?= 500
 SMOL_CASES ?= 3
 demo-smollm2: setup
 	$(BIN)/latent-hops demo --model smollm2-135m --dataset world --out runs/demo-smollm2 \
 	  --limit $(SMOL_LIMIT) --max-cases $(SMOL_CASES) --source-layers every:3 --target-layers every:3 \
-	  --target paper --patchscope-source-layers every:6 --patchscope-target-layers every:6
+	  --target paper --patchscope-source-layers every:6 --patchscope-target-layers every:6 \
+	  --swap-layers every:3
 
 # The suite on two pytest-xdist workers (one per core, one torch thread each; a test file stays
 # on one worker, so its fixtures are built once); the 15 slowest tests are listed at the end.

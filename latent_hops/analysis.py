@@ -224,7 +224,7 @@ class Analysis(Generic[C]):
     stage_measures: tuple[StageMeasure, ...] = ()  # what it gives the stage table
     stage_layers: Callable[[pd.DataFrame, C], pd.DataFrame] | None = None  # table -> one row
     # per id (index), a column per stage measure
-    reads_nothing_on: Callable[[Model], str | None] | None = None  # why the demo skips it
+    demo_skip: Callable[[Model], str | None] | None = None  # why --skip auto (demo) leaves it out
     report: Callable[[ReportInput[C]], str] | None = None  # HTML body of its report section
     summary: Callable[[Results[C]], str] | None = None  # what the CLI prints after a run (and
     # files it writes beside the table)

@@ -41,7 +41,8 @@ from latent_hops.rundir import file_hash, record_run, remove_stale_temp, saved_s
 
 DEMO_DEFAULTS: dict[str, Any] = {"max_cases": 60, "skip": ("auto",)}
 """What ``demo`` does unless told otherwise: 60 cases per split x subset, and the stage
-analyses known to read nothing on the model left out."""
+analyses that read nothing on the model, or cost far more than the rest, left out
+(``Analysis.demo_skip``)."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -34,10 +34,14 @@ def layer_ticks(values) -> dict:
     return {"tickvals": ticks, "ticktext": [layer_name(t) for t in ticks]}
 
 
-def percent_heatmap(z: np.ndarray, x: list[str], y: list[str], text=None) -> go.Heatmap:
-    """A heatmap of percentages whose scale spans the panel's own range (a 0-7% panel is not
-    one colour), stated on the colour bar; grids up to 16 layers also print each cell's value."""
-    top = max(float(np.nanmax(z)) if np.isfinite(z).any() else 0.0, 1.0)
+def percent_heatmap(
+    z: np.ndarray, x: list[str], y: list[str], text=None, zmax: float | None = None
+) -> go.Heatmap:
+    """A heatmap of percentages on the scale 0 to ``zmax`` (default: the panel's own maximum),
+    stated on the colour bar: panels shown side by side pass one ``zmax`` so one colour means
+    one rate. Grids up to 16 layers also print each cell's value."""
+    own = float(np.nanmax(z)) if np.isfinite(z).any() else 0.0
+    top = max(own if zmax is None else zmax, 1.0)
     return go.Heatmap(
         z=z,
         x=x,

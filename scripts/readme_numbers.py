@@ -25,6 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 README = Path(__file__).resolve().parents[1] / "docs" / "guide" / "toy-models.md"
+REAL_PAGE = README.with_name("real-models.md")
+"""Where the real-model blocks (``REAL_BLOCKS``) live: rendered with ``--real`` from a run of
+their (slow) commands, which the test suite does not repeat; it checks they are there."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Block:
     commands: tuple[tuple[str, ...], ...]
     shown_as: str
     render: Callable[[Path], str]
+    checked: bool = True  # the suite re-runs the commands and compares (the toys' blocks)
 
 
 def _pct(x: float) -> str:
@@ -43,7 +47,7 @@ def _pct(x: float) -> str:
 
 
 def _ci(r) -> str:
-    """``45% (38–53)``: a rate with its bootstrap 95% interval."""
+    """``45% (38–53)``: a rate with its Wilson 95% interval."""
     return f"{_pct(r.rate)} ({100 * r.ci_low:.0f}–{100 * r.ci_high:.0f})"
 
 
@@ -71,6 +75,24 @@ def _oracle_table(oracle: pd.DataFrame, split: str) -> str:
         cells = [_rate(rows.loc[(position, kind)]) for kind in ("back", "forward", "random")]
         lines.append(f"| {position} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return f"p = {p:.2g}" if p >= 1e-4 else "p < 0.0001"
+
+
+def _paired(tests: pd.DataFrame) -> str:
+    """Back-patching against each control on the same incorrect cases (McNemar's exact test
+    of the oracles), one sentence."""
+    rows = tests.query("split == 'all' and subset == 'incorrect'")
+    parts = [
+        f"{r.position} vs {r.control} {int(r.back_only)}:{int(r.control_only)} ({_p(r.oracle_p)})"
+        for r in rows.itertuples()
+    ]
+    return (
+        "Case by case (cases rescued by back-patching only : by the control only, McNemar's "
+        f"exact test; {len(parts)} tests, uncorrected): " + ", ".join(parts) + "."
+    )
 
 
 def _hops(evaluation: pd.DataFrame, split: str) -> str:
@@ -102,9 +124,11 @@ def render_demo(run: Path) -> str:
         [
             f"The toy's {_hops(evaluation, 'test_id')}. Back-patching the demo's "
             f"{len(incorrect)} incorrect cases ({per_split}), oracle (at least one of the "
-            f"{cells} cells of a kind gives e3), with 95% bootstrap intervals and counts:",
+            f"{cells} cells of a kind gives e3), with Wilson 95% intervals and counts:",
             "",
             _oracle_table(oracle, "all"),
+            "",
+            _paired(bp.oracle_tests(labelled)),
             "",
             f"The single best back-patching cell chosen on {int(best.train_cases)} incorrect "
             f"cases ({best.position}, {int(best.source_layer)} → {int(best.target_layer)}) "
@@ -187,7 +211,7 @@ def render_gpt2(run: Path) -> str:
         f"{_pct(acc.xs('correct').max())} / {_pct(acc.xs('incorrect').max())}); back-patching "
         f"at t1 rescues {_ci(t1.loc['back'])} of {int(t1.cases.max())} incorrect cases against "
         f"{_ci(t1.loc['forward'])} for forward patches and {_ci(t1.loc['random'])} for random "
-        "directions (oracle, 95% bootstrap intervals)."
+        "directions (oracle, Wilson 95% intervals)."
     )
 
 
@@ -243,6 +267,88 @@ BLOCKS = (
 )
 
 
+def _wall(run: Path) -> str:
+    """The wall time of the run's first complete command, from its manifest (a later command
+    that reused its tables is not counted)."""
+    from datetime import datetime
+
+    runs = json.loads((run / "manifest.json").read_text())["runs"]
+    first = next(r for r in runs if r["status"] == "ok")
+    end, start = (datetime.fromisoformat(first[k]) for k in ("finished", "started"))
+    seconds = int((end - start).total_seconds())
+    return f"{seconds // 60} min {seconds % 60} s"
+
+
+def render_smollm2_demo(run: Path) -> str:
+    from latent_hops.analyses import backpatch as bp
+
+    labelled, evaluation = _labelled(run)
+    oracle = bp.oracle_rates(labelled)
+    cases = labelled.drop_duplicates("id").subset.value_counts()
+    cells = int(oracle.cells.max())
+    stages = pd.read_parquet(run / "stages.parquet")
+    medians = stages.groupby(["method", "subset"])[["first_hop_layer", "second_hop_layer"]]
+    medians = medians.median().round(1)
+    stage_text = "; ".join(
+        f"{method} {subset}: first hop {r.first_hop_layer:g}, second hop {r.second_hop_layer:g}"
+        for (method, subset), r in medians.iterrows()
+    )
+    return "\n".join(
+        [
+            f"SmolLM2-135M's {_hops(evaluation, 'all')}; the whole demo took {_wall(run)} "
+            "(wall, from its manifest). Back-patching "
+            f"{cases.get('incorrect', 0)} incorrect and {cases.get('correct', 0)} correct cases "
+            f"(oracle over the {cells} cells of a kind on the every-3 grid), Wilson 95% "
+            "intervals and counts, incorrect cases:",
+            "",
+            _oracle_table(oracle, "all"),
+            "",
+            _paired(bp.oracle_tests(labelled)),
+            "",
+            f"Median stage layers (NaN: no case reached it): {stage_text}. With 3 cases per "
+            "subset these are a smoke test of the pipeline on a real model, not a finding.",
+        ]
+    )
+
+
+REAL_BLOCKS = (
+    Block(
+        "smollm2-demo",
+        (
+            (
+                "demo",
+                "--model",
+                "smollm2-135m",
+                "--dataset",
+                "world",
+                "--limit",
+                "500",
+                "--max-cases",
+                "3",
+                "--source-layers",
+                "every:3",
+                "--target-layers",
+                "every:3",
+                "--target",
+                "paper",
+                "--patchscope-source-layers",
+                "every:6",
+                "--patchscope-target-layers",
+                "every:6",
+                "--swap-layers",
+                "every:3",
+            ),
+        ),
+        "`make demo-smollm2` (= `latent-hops demo --model smollm2-135m --dataset world --limit "
+        "500 --max-cases 3 --source-layers every:3 --target-layers every:3 --target paper "
+        "--patchscope-source-layers every:6 --patchscope-target-layers every:6 --swap-layers "
+        "every:3 --out runs/demo-smollm2`)",
+        render_smollm2_demo,
+        checked=False,
+    ),
+)
+
+
 def run_block(block: Block, run: Path) -> str:
     """Run the block's commands into ``run`` (their tables are reused when made the same way)
     and render it."""
@@ -259,9 +365,14 @@ def run_block(block: Block, run: Path) -> str:
 
 def block_text(block: Block, body: str) -> str:
     """The README's text of a block, markers included."""
+    how = (
+        "a test checks them"
+        if block.checked
+        else "the test suite does not repeat the run (`--real` does)"
+    )
     return (
         f"<!-- numbers: {block.name} -->\n*Numbers from {block.shown_as}; "
-        "`scripts/readme_numbers.py` renders them and a test checks them.*\n\n"
+        f"`scripts/readme_numbers.py` renders them and {how}.*\n\n"
         f"{body}\n<!-- /numbers: {block.name} -->"
     )
 
@@ -287,10 +398,14 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/readme"))
     parser.add_argument("--write", action="store_true", help="rewrite the README's blocks")
     parser.add_argument("--only", nargs="*", help="block names (default: all)")
+    parser.add_argument(
+        "--real", action="store_true", help="the real-model blocks (slow) of REAL_PAGE instead"
+    )
     args = parser.parse_args()
-    readme = README.read_text()
+    page, blocks = (REAL_PAGE, REAL_BLOCKS) if args.real else (README, BLOCKS)
+    readme = page.read_text()
     failed = False
-    for block in BLOCKS:
+    for block in blocks:
         if args.only and block.name not in args.only:
             continue
         text = run_block(block, args.runs / block.name)
@@ -306,8 +421,8 @@ def main() -> int:
                 )
             )
     if args.write:
-        README.write_text(readme)
-        print(json.dumps({"written": [b.name for b in BLOCKS]}))
+        page.write_text(readme)
+        print(json.dumps({"written": [b.name for b in blocks]}))
     return 1 if failed else 0
 
 

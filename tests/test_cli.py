@@ -23,7 +23,7 @@ def test_backpatch_then_stages(tmp_path):
     back = table[table.kind == "back"]
     assert (back.source_layer > back.target_layer).all()
     summary = json.loads((out / "backpatch_summary.json").read_text())
-    assert summary["cases"] == 6 and {"oracle", "non_oracle"} <= set(summary)
+    assert summary["cases"] == 6 and {"oracle", "non_oracle", "oracle_tests"} <= set(summary)
     assert (out / "backpatch_heatmaps.html").stat().st_size > 100_000  # plotly.js embedded: offline
     assert main(["stages", *common, "--probe-train", "200"]) == 0
     stages = pd.read_parquet(out / "stages.parquet")

@@ -20,7 +20,6 @@ from latent_hops.analyses.backpatch import (
     BackpatchConfig,
     Cell,
     all_cells,
-    bootstrap_ci,
     cell_rates,
 )
 from latent_hops.analyses.projection import projection_layers
@@ -280,14 +279,6 @@ def test_cell_rates_hand_computed():
     assert rates.loc["all", ["cases", "successes"]].tolist() == [3, 2]  # every split pooled
 
 
-def test_bootstrap_interval():
-    low, high = bootstrap_ci([])
-    assert np.isnan(low) and np.isnan(high)
-    assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)
-    low, high = bootstrap_ci([0, 1] * 20)
-    assert 0.3 < low < 0.5 < high < 0.7
-
-
 def test_evaluation_subset_columns_mean_what_they_say():
     """The vocabulary's own words (documented and checked on every write)."""
     from latent_hops.evaluation import EVALUATION
@@ -538,17 +529,6 @@ def test_an_existing_run_directory_is_accepted(tmp_path):
     assert not list(tmp_path.rglob(".write-check-*"))  # the probe file is gone
 
 
-def test_bootstrap_is_the_percentile_interval_of_resampled_means():
-    values = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    for seed, level in ((0, 0.95), (7, 0.8)):
-        rng = np.random.default_rng(seed)
-        means = values[rng.integers(0, len(values), size=(1000, len(values)))].mean(1)
-        expected = (np.quantile(means, (1 - level) / 2), np.quantile(means, (1 + level) / 2))
-        assert bootstrap_ci(values, seed=seed, level=level) == pytest.approx(expected, abs=0)
-    assert bootstrap_ci(values) == bootstrap_ci(values, n_boot=1000, seed=0)  # the documented defaults
-    assert bootstrap_ci([0.25]) == (0.25, 0.25)  # one value: no spread
-
-
 def _labelled(rows):
     return pd.DataFrame(rows, columns=["id", "position", "source_layer", "target_layer", "kind", "alias_match",
                                        "subset", "split"]).astype({"alias_match": "boolean"})
@@ -560,18 +540,44 @@ def test_rates_of_a_table_already_pooled_are_not_pooled_twice():
     assert rates[["split", "cases", "successes"]].values.tolist() == [["all", 2, 1]]
 
 
-def test_oracle_intervals_use_the_seed_given():
+def test_oracle_rates_carry_wilson_intervals_of_their_counts():
     from latent_hops.analyses.backpatch import oracle_rates
+    from latent_hops.stats import rate_interval
 
-    rows = [(f"q{i}", "t2", 1, 0, "back", i % 3 == 0, "incorrect", "x") for i in range(12)]
-    for seed in (0, 5):
-        rate = oracle_rates(_labelled(rows), seed=seed).query("split == 'x'").iloc[0]
-        assert (rate.ci_low, rate.ci_high) == bootstrap_ci([i % 3 == 0 for i in range(12)], seed=seed)
-    assert oracle_rates(_labelled(rows)).equals(oracle_rates(_labelled(rows), seed=0))
+    rows = [(f"q{i}", "t2", s, 0, "back", i % 3 == 0 and s == 1, "incorrect", "x") for i in range(12) for s in (1, 2)]
+    rate = oracle_rates(_labelled(rows)).query("split == 'x'").iloc[0]
+    assert (rate.cases, rate.cells, rate.successes, rate.rate) == (12, 2, 4, 4 / 12)
+    assert (rate.ci_low, rate.ci_high) == rate_interval(4, 12) and 0.1 < rate.ci_low < 0.2 < 0.6 < rate.ci_high < 0.7
+    none = oracle_rates(_labelled([(f"q{i}", "t2", 1, 0, "back", False, "incorrect", "x") for i in range(5)]))
+    assert none.ci_low.iloc[0] == 0 and none.ci_high.iloc[0] > 0.4  # no success: (0, 0.43), not (0, 0)
+
+
+def test_oracle_tests_pair_back_patching_with_each_control_case_by_case():
+    from latent_hops.analyses.backpatch import oracle_tests
+    from latent_hops.stats import mcnemar, paired_permutation
+
+    rows = []
+    for i in range(10):  # back: q0..q7 rescued by cell (2, 0); forward: q0 only; random: q8 only
+        rows += [(f"q{i}", "t2", 2, 0, "back", i < 8, "incorrect", "x"), (f"q{i}", "t2", 3, 0, "back", False, "incorrect", "x"),
+                 (f"q{i}", "t2", 0, 2, "forward", i == 0, "incorrect", "x"),
+                 (f"q{i}", "t2", 2, 0, "random", i == 8, "incorrect", "x")]
+    rows += [("q10", "t2", 2, 0, "back", True, "incorrect", "x")]  # no control cells: not paired
+    tests = oracle_tests(_labelled(rows)).query("split == 'x'").set_index("control")
+    assert list(tests.index) == ["forward", "random"] and (tests.cases == 10).all()
+    back = [i < 8 for i in range(10)]
+    forward = mcnemar(back, [i == 0 for i in range(10)])
+    assert tests.loc["forward", ["back_only", "control_only"]].tolist() == [7, 0]
+    assert tests.loc["forward", "oracle_p"] == forward.p_value == pytest.approx(2 * 0.5 ** 7)
+    assert tests.loc["random", ["back_only", "control_only"]].tolist() == [8, 1]
+    assert tests.loc["random", "back_cell_rate"] == 0.4 and tests.loc["random", "control_cell_rate"] == 0.1
+    shares = [0.5 if b else 0.0 for b in back]
+    assert tests.loc["random", "cell_rate_p"] == paired_permutation(shares, [float(i == 8) for i in range(10)])
+    assert set(oracle_tests(_labelled(rows)).split) == {"x", "all"}
 
 
 def test_non_oracle_reports_every_column_and_empty_halves():
     from latent_hops.analyses.backpatch import non_oracle
+    from latent_hops.stats import rate_interval
 
     rows = []
     for i in range(8):  # incorrect q0..q7: cell (2, 0) rescues the even ones; correct c0..c3: (2, 0) breaks c0
@@ -587,10 +593,8 @@ def test_non_oracle_reports_every_column_and_empty_halves():
         held = sorted(inc[4:])
         gain = [int(h[1:]) % 2 == 0 for h in held]
         assert (row.source_layer, row.target_layer, row.train_cases, row.heldout_incorrect) == (2, 0, 4, 4)
-        assert row.gain == np.mean(gain) and (row.gain_ci_low, row.gain_ci_high) == bootstrap_ci(
-            np.array(gain, dtype=float), seed=seed)
-        assert row.damage == 0.25 and (row.damage_ci_low, row.damage_ci_high) == bootstrap_ci(
-            [1.0, 0.0, 0.0, 0.0], seed=seed)
+        assert row.gain == np.mean(gain) and (row.gain_ci_low, row.gain_ci_high) == rate_interval(sum(gain), 4)
+        assert row.damage == 0.25 and (row.damage_ci_low, row.damage_ci_high) == rate_interval(1, 4)
     assert non_oracle(labelled).equals(non_oracle(labelled, seed=0))
     everything = non_oracle(labelled[labelled.subset == "incorrect"], train_fraction=1.0).query("split == 'x'").iloc[0]
     assert everything.heldout_incorrect == 0 and np.isnan(everything.gain) and np.isnan(everything.gain_ci_low)
@@ -740,3 +744,20 @@ def test_rebalance_is_a_seeded_random_sample_per_subset_and_type():
     assert few.equals(rebalance(evaluation, table, max_per_type=10, seed=0))  # the default seed is 0
     assert set(few.id) != set(rebalance(evaluation, table, max_per_type=10, seed=1).id)
     assert set(few.id[few.subset == "incorrect"]) != set(ids[120:130])  # random, not the first ten
+
+
+def test_heatmaps_shown_together_share_one_colour_scale():
+    """Two back-patching heatmaps of one page (0-3% beside 0-25%) get the same scale, 0 to
+    the highest rate of any back cell; alone, a heatmap spans its own range."""
+    from latent_hops.analyses.backpatch import backpatch_heatmap
+    from latent_hops.analyses.backpatch.report import shared_zmax
+
+    rows = [("all", "incorrect", "t1", "back", 1, 0, 100, 3, 0.03), ("all", "incorrect", "t2", "back", 1, 0, 100, 25, 0.25),
+            ("all", "incorrect", "t2", "random", 1, 0, 100, 60, 0.60)]
+    cells = pd.DataFrame(rows, columns=["split", "subset", "position", "kind", "source_layer", "target_layer", "cases",
+                                        "successes", "rate"])
+    assert shared_zmax(cells) == 25.0 and shared_zmax(cells.iloc[:0]) == 0.0  # random cells are not drawn
+    low = backpatch_heatmap(cells, "incorrect", "t1", zmax=shared_zmax(cells)).data[0]
+    high = backpatch_heatmap(cells, "incorrect", "t2", zmax=shared_zmax(cells)).data[0]
+    assert low.zmax == high.zmax == 25.0 and "0–25" in low.colorbar.title.text
+    assert backpatch_heatmap(cells, "incorrect", "t1").data[0].zmax == 3.0

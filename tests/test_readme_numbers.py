@@ -28,3 +28,14 @@ def test_every_block_is_in_the_readme_and_names_its_command():
     for block in readme_numbers.BLOCKS:
         text = readme_numbers.readme_block(readme, block.name)
         assert block.shown_as in text and "%" in text  # the command is named, numbers follow
+
+
+def test_real_model_blocks_are_on_their_page_and_name_their_command():
+    """The real-model blocks are rendered from runs too slow for the suite
+    (``scripts/readme_numbers.py --real --write``); they must be there, naming the command."""
+    page = readme_numbers.REAL_PAGE.read_text()
+    for block in readme_numbers.REAL_BLOCKS:
+        text = readme_numbers.readme_block(page, block.name)
+        assert block.shown_as in text and "%" in text
+    makefile = (ROOT / "Makefile").read_text()
+    assert "SMOL_LIMIT ?= 500" in makefile and "SMOL_CASES ?= 3" in makefile  # what the block names

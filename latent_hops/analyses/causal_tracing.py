@@ -487,6 +487,10 @@ register(
         summary=_summary,
         report=_report,
         uses_positions=lambda config: ("t1", "t2"),
+        demo_skip=lambda model: (
+            "a forward pass per restored state (every token x layer x draw): run `latent-hops "
+            "causal_tracing` for it"
+        ),
         note=lambda config: (
             f"Causal tracing: e1's embeddings get Gaussian noise of {config.noise_scale} x "
             f"their std ({config.noise_samples} draws); restoring one clean "

@@ -373,7 +373,7 @@ register(
         report=_report,
         stage_measures=DECODED_MEASURES,
         stage_layers=lambda table, config: patchscope_layers(table).set_index("id"),
-        reads_nothing_on=_reads_nothing_on,
+        demo_skip=_reads_nothing_on,
         note=lambda config: (
             "Patchscopes: the source hidden state is written into the target prompt's "
             f"placeholder (target: {config.target}) at the target layer; "

@@ -83,10 +83,11 @@ def stage_analyses() -> list[Analysis[Any]]:
 
 
 def demo_skips(model: Any) -> tuple[str, ...]:
-    """Stage analyses known to read nothing on ``model`` (``Analysis.reads_nothing_on``)."""
+    """Stage analyses ``--skip auto`` leaves out on ``model`` (``Analysis.demo_skip``): those
+    that read nothing there, or cost far more than the others."""
     out = []
     for analysis in stage_analyses():
-        why = analysis.reads_nothing_on(model) if analysis.reads_nothing_on else None
+        why = analysis.demo_skip(model) if analysis.demo_skip else None
         if why:
             logger.info("skipping %s: %s", analysis.name, why)
             out.append(analysis.name)
@@ -98,7 +99,8 @@ class StagesConfig:
     skip: tuple[str, ...] = option(
         (),
         "comma-separated analyses not to run (their stage columns stay empty); 'auto' skips "
-        "those known to read nothing on the model (Patchscopes on the toys)",
+        "those that read nothing on the model (Patchscopes on the toys) or cost far more than "
+        "the rest (causal tracing)",
     )
 
 

@@ -39,10 +39,10 @@ from latent_hops.analyses.backpatch.report import (
     summary,
 )
 from latent_hops.analyses.backpatch.stats import (
-    bootstrap_ci,
     cell_rates,
     non_oracle,
     oracle_rates,
+    oracle_tests,
     success_samples,
     with_labels,
 )
@@ -56,10 +56,10 @@ __all__ = [
     "Cell",
     "all_cells",
     "backpatch_heatmap",
-    "bootstrap_ci",
     "cell_rates",
     "non_oracle",
     "oracle_rates",
+    "oracle_tests",
     "prepare_cases",
     "random_direction",
     "rows_per_batch",

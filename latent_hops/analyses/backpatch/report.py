@@ -14,6 +14,7 @@ from latent_hops.analyses.backpatch.stats import (
     cell_rates,
     non_oracle,
     oracle_rates,
+    oracle_tests,
     success_samples,
     with_labels,
 )
@@ -31,12 +32,14 @@ def backpatch_heatmap(
     split: str = "all",
     kind: str = "back",
     oracle: pd.DataFrame | None = None,
+    zmax: float | None = None,
 ) -> go.Figure:
     """Source layer (y) x target layer (x): % of cases for which the cell gives e3.
 
     ``cells`` is ``backpatch.cell_rates(...)``. Cells outside the kind's region (s <= t for
     back-patches) are grey; hovering shows the counts. With ``oracle``
-    (``backpatch.oracle_rates``), the title carries the oracle rate of every kind.
+    (``backpatch.oracle_rates``), the title carries the oracle rate of every kind. ``zmax``
+    (in %) fixes the colour scale, so heatmaps shown together share one (``shared_zmax``).
     """
     data = cells[(cells.subset == subset) & (cells.position == position) & (cells.split == split)]
     if data.empty:
@@ -53,7 +56,7 @@ def backpatch_heatmap(
             f"{r.successes}/{r.cases} cases ({100 * r.rate:.0f}%)"
         )
     names = [layer_name(layer) for layer in layers]
-    fig = go.Figure(percent_heatmap(z, names, names, text))
+    fig = go.Figure(percent_heatmap(z, names, names, text, zmax))
     title = f"Back-patching at {position}: {subset} cases ({split})"
     if oracle is not None:
         o = oracle[
@@ -76,6 +79,13 @@ def backpatch_heatmap(
     return fig
 
 
+def shared_zmax(cells: pd.DataFrame, kind: str = "back") -> float:
+    """The colour scale's top (in %) for heatmaps of ``cells`` shown together: the highest
+    rate of any of their cells of ``kind``."""
+    rates = cells.loc[cells.kind == kind, "rate"]
+    return 100 * float(rates.max()) if len(rates) else 0.0
+
+
 def summarize(
     run_dir: Path,
     results: pd.DataFrame,
@@ -88,6 +98,7 @@ def summarize(
     function for a run, ``merge`` and the report's inputs."""
     labelled = with_labels(results, evaluation)
     oracle, cells, beyond = oracle_rates(labelled), cell_rates(labelled), non_oracle(labelled)
+    tests = oracle_tests(labelled)
     write_table(cells, run_dir / "backpatch_cells.parquet", made_by)
     made_by = made_by or {}
     summary = {
@@ -99,10 +110,12 @@ def summarize(
         "skipped": [] if skipped is None else skipped.to_dict("records"),
         "oracle": oracle.to_dict("records"),
         "non_oracle": beyond.to_dict("records"),
+        "oracle_tests": tests.to_dict("records"),
     }
     write_text(run_dir / "backpatch_summary.json", json.dumps(summary, indent=1, default=str))
+    top = shared_zmax(cells[cells.split == "all"])
     figures = [
-        backpatch_heatmap(cells, subset, position, oracle=oracle)
+        backpatch_heatmap(cells, subset, position, oracle=oracle, zmax=top)
         for subset in ("incorrect", "correct")
         if subset in set(oracle.subset)
         for position in sorted(set(oracle.position))
@@ -117,6 +130,8 @@ def summarize(
         text = oracle[oracle.split == "all"].to_string(index=False)
         if not beyond.empty:
             text += "\n" + beyond[beyond.split == "all"].to_string(index=False)
+        if not tests.empty:
+            text += "\n" + tests[tests.split == "all"].to_string(index=False)
     return text
 
 
@@ -142,8 +157,9 @@ def report(section: ReportInput[BackpatchConfig]) -> str:
     labelled = with_labels(section.table, section.evaluation)
     oracle, cells = oracle_rates(labelled), cell_rates(labelled)
     splits = sorted(set(oracle.split) - {"all"}) or ["all"]  # per split: ID and OOD differ
+    top = shared_zmax(cells[cells.split.isin(splits)])
     heatmaps = [
-        section.figure(backpatch_heatmap(cells, subset, position, split, oracle=oracle))
+        section.figure(backpatch_heatmap(cells, subset, position, split, oracle=oracle, zmax=top))
         for split in splits
         for subset in ("incorrect", "correct")
         if subset in set(oracle.subset)
@@ -157,15 +173,22 @@ def report(section: ReportInput[BackpatchConfig]) -> str:
             "ci_high": "ci_high %",
         }
     )
+    tests = oracle_tests(labelled)
     return (
         "<div class='grid'>"
         + "".join(heatmaps)
-        + "</div><p class='note'>Oracle rates; successes = cases rescued (incorrect) or kept "
-        "correct (correct).</p>"
+        + "</div><p class='note'>Oracle rates with Wilson 95% intervals; successes = cases "
+        "rescued (incorrect) or kept correct (correct).</p>"
         + section.html_table(shown)
+        + "<h3>Against the controls, case by case</h3><p class='note'>Back-patching against "
+        "the forward and random controls on the same cases: McNemar's exact test of the two "
+        "oracles and a paired permutation test of the per-case share of successful cells. "
+        f"{2 * len(tests)} tests in this table (two per row), uncorrected: read single "
+        "p-values with that many in mind.</p>"
+        + section.html_table(tests)
         + "<h3>Without the oracle</h3><p class='note'>The best (position, s, t) of each kind "
         "is chosen on half of the incorrect cases; gain = share of the other half rescued, "
-        "damage = share of correct cases broken (bootstrap 95% intervals).</p>"
+        "damage = share of correct cases broken (Wilson 95% intervals).</p>"
         + section.html_table(non_oracle(labelled))
         + "<h3>What counted as a rescue</h3><p class='note'>Successful generations of the "
         "cells that rescue most incorrect cases (per position and kind): success is an alias "

@@ -1,14 +1,17 @@
 """Back-patching statistics: the paper's oracle (a case counts if any cell gives e3), per-cell
-rates (heatmap input), what counted as a rescue, and the best single cell chosen on held-out
-cases (beyond the oracle)."""
+rates (heatmap input), what counted as a rescue, the best single cell chosen on held-out
+cases (beyond the oracle), and back-patching against its controls on the same cases.
+
+Every interval is a Wilson 95% interval of a count (``latent_hops.stats.rate_interval``);
+the comparisons are paired: McNemar's exact test of the oracle, a paired permutation test of
+the per-case share of successful cells (``latent_hops.stats``)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
+from latent_hops.stats import mcnemar, paired_permutation, rate_interval
 from latent_hops.tables import (
     POSITION,
     SOURCE_LAYER,
@@ -54,23 +57,11 @@ ORACLE = register_schema(
             ),
             Column("successes", "int", "cases with at least one successful cell"),
             Column("rate", "float", "successes / cases"),
-            Column("ci_low", "float", "95% interval of the rate, low end"),
-            Column("ci_high", "float", "95% interval of the rate, high end"),
+            Column("ci_low", "float", "Wilson 95% interval of the rate, low end"),
+            Column("ci_high", "float", "Wilson 95% interval of the rate, high end"),
         ),
     )
 )
-
-
-def bootstrap_ci(
-    values: Iterable[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
-    x = np.asarray(list(values), dtype=float)
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
-    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
 def with_labels(results: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataFrame:
@@ -88,9 +79,9 @@ def _with_all_splits(labelled: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([labelled, labelled.assign(split="all")], ignore_index=True)
 
 
-def oracle_rates(labelled: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+def oracle_rates(labelled: pd.DataFrame) -> pd.DataFrame:
     """Share of cases with at least one successful cell (``alias_match``), per split x subset x
-    position x kind, with bootstrap 95% intervals; ``successes`` counts those cases (rescued
+    position x kind, with Wilson 95% intervals; ``successes`` counts those cases (rescued
     incorrect ones, or correct ones kept correct). A "split" of ``all`` pools the splits.
 
     ``cells`` is the number of cells each case had: an oracle over a coarser layer grid
@@ -103,13 +94,14 @@ def oracle_rates(labelled: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     )
     rows = []
     for key, g in per_case.groupby(GROUP):
-        low, high = bootstrap_ci(g["success"], seed=seed)
+        successes = int(g["success"].sum())
+        low, high = rate_interval(successes, len(g))
         rows.append(
             dict(
                 zip(GROUP, key),
                 cases=len(g),
                 cells=int(g["cells"].max()),
-                successes=int(g["success"].sum()),
+                successes=successes,
                 rate=float(g["success"].mean()),
                 ci_low=low,
                 ci_high=high,
@@ -134,12 +126,12 @@ NON_ORACLE = register_schema(
             Column("train_cases", "int", "incorrect cases it was chosen on"),
             Column("heldout_incorrect", "int", "the other incorrect cases"),
             Column("gain", "float", "share of the held-out incorrect cases it rescues"),
-            Column("gain_ci_low", "float", "95% interval of the gain, low end"),
-            Column("gain_ci_high", "float", "95% interval of the gain, high end"),
+            Column("gain_ci_low", "float", "Wilson 95% interval of the gain, low end"),
+            Column("gain_ci_high", "float", "Wilson 95% interval of the gain, high end"),
             Column("correct_cases", "int", "correct cases"),
             Column("damage", "float", "share of the correct cases it breaks"),
-            Column("damage_ci_low", "float", "95% interval of the damage, low end"),
-            Column("damage_ci_high", "float", "95% interval of the damage, high end"),
+            Column("damage_ci_low", "float", "Wilson 95% interval of the damage, low end"),
+            Column("damage_ci_high", "float", "Wilson 95% interval of the damage, high end"),
         ),
     )
 )
@@ -192,10 +184,10 @@ def non_oracle(labelled: pd.DataFrame, train_fraction: float = 0.5, seed: int = 
                 continue
             best = tr.groupby(key)["alias_match"].mean().idxmax()
             cell = d.set_index(key).loc[best].reset_index()
-            gain = cell.loc[cell.id.isin(held), "alias_match"].astype(float)
-            damage = 1.0 - cell.loc[cell.subset == "correct", "alias_match"].astype(float)
-            g_lo, g_hi = bootstrap_ci(gain, seed=seed)
-            d_lo, d_hi = bootstrap_ci(damage, seed=seed)
+            gain = cell.loc[cell.id.isin(held), "alias_match"].astype(bool)
+            damage = ~cell.loc[cell.subset == "correct", "alias_match"].astype(bool)
+            g_lo, g_hi = rate_interval(int(gain.sum()), len(gain))
+            d_lo, d_hi = rate_interval(int(damage.sum()), len(damage))
             rows.append(
                 {
                     "split": split,
@@ -217,4 +209,71 @@ def non_oracle(labelled: pd.DataFrame, train_fraction: float = 0.5, seed: int = 
             )
     out = pd.DataFrame(rows, columns=NON_ORACLE.names)
     NON_ORACLE.check(out)
+    return out
+
+
+ORACLE_TESTS = register_schema(
+    TableSchema(
+        "backpatch_summary.json: oracle_tests",
+        "a split x subset x position x control: back-patching against a control, paired",
+        (
+            SPLIT.described("a dataset split, or 'all'"),
+            SUBSET.described("correct or incorrect"),
+            POSITION,
+            Column("control", "str", "forward or random: the kind back-patching is compared with"),
+            Column("cases", "int", "cases with cells of both kinds"),
+            Column("back_only", "int", "cases only the back-patching oracle counts"),
+            Column("control_only", "int", "cases only the control's oracle counts"),
+            Column("oracle_p", "float", "McNemar's exact test of the two oracles (two-sided)"),
+            Column("back_cell_rate", "float", "mean per-case share of successful back cells"),
+            Column("control_cell_rate", "float", "the same for the control's cells"),
+            Column(
+                "cell_rate_p",
+                "float",
+                "paired permutation test of the per-case shares (two-sided, seed 0)",
+            ),
+        ),
+    )
+)
+
+
+def oracle_tests(labelled: pd.DataFrame) -> pd.DataFrame:
+    """Back-patching against each control (forward, random) on the same cases, per split x
+    subset x position: McNemar's exact test of the oracle (a case counts if any cell gives
+    e3) and a paired permutation test of the per-case share of successful cells."""
+    data = _with_all_splits(labelled).astype({"alias_match": bool})
+    keys = ["split", "subset", "position"]
+    per_case = (
+        data.groupby([*keys, "kind", "id"])["alias_match"]
+        .agg(oracle="any", cell_rate="mean")
+        .reset_index()
+    )
+    rows = []
+    for key, g in per_case.groupby(keys):
+        wide = g.pivot(index="id", columns="kind", values=["oracle", "cell_rate"])
+        for control in ("forward", "random"):
+            if "back" not in wide["oracle"] or control not in wide["oracle"]:
+                continue
+            both = wide.dropna(subset=[("oracle", "back"), ("oracle", control)])
+            if both.empty:
+                continue
+            test = mcnemar(
+                both["oracle", "back"].astype(bool), both["oracle", control].astype(bool)
+            )
+            back, other = both["cell_rate", "back"], both["cell_rate", control]
+            rows.append(
+                dict(zip(keys, key))
+                | {
+                    "control": control,
+                    "cases": len(both),
+                    "back_only": test.only_a,
+                    "control_only": test.only_b,
+                    "oracle_p": test.p_value,
+                    "back_cell_rate": float(back.mean()),
+                    "control_cell_rate": float(other.mean()),
+                    "cell_rate_p": paired_permutation(back.tolist(), other.tolist()),
+                }
+            )
+    out = pd.DataFrame(rows, columns=ORACLE_TESTS.names)
+    ORACLE_TESTS.check(out)
     return out
