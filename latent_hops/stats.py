@@ -55,11 +55,12 @@ def paired_permutation(
     a: Sequence[float], b: Sequence[float], n_resamples: int = 9999, seed: int = 0
 ) -> float:
     """Two-sided p-value of the mean paired difference a - b (signs of the differences
-    permuted); 1.0 when every difference is zero."""
+    permuted); 1.0 when every difference is zero, or for a single case (its two sign
+    patterns are equally extreme)."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape:
         raise ValueError("a paired test needs one value of each per case")
-    if not np.any(x != y):
+    if not np.any(x != y) or len(x) < 2:
         return 1.0
     result = stats.permutation_test(
         (x, y),

@@ -324,6 +324,8 @@ def test_paired_permutation():
     from latent_hops.stats import paired_permutation
 
     assert paired_permutation([1.0, 2.0], [1.0, 2.0]) == 1.0
+    assert paired_permutation([1.0], [0.0]) == 1.0  # one case: +d and -d are equally extreme
+    assert paired_permutation([1.0, 1.0], [0.0, 0.0]) == 0.5  # exact: 2 of the 4 sign patterns
     strong = paired_permutation([1.0] * 12, [0.0] * 12)
     assert strong < 0.001 and paired_permutation([0.5, 0.4, 0.6, 0.5], [0.5, 0.5, 0.5, 0.5]) > 0.5
     assert strong == paired_permutation([1.0] * 12, [0.0] * 12)  # seeded: reproducible

@@ -91,16 +91,22 @@ def test_local_processes_equal_one_process(tmp_path, single):
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A local Ray cluster for the module: no token auth (Ray 2.60 would write ~/.ray/auth_token),
-    its session files under pytest's temporary directory, a small object store."""
+    its session files in a short temporary directory (its sockets' paths must stay under 108
+    bytes, which pytest's numbered directories outgrow), a small object store."""
+    import shutil
+    import tempfile
+
     ray = _extra("ray")
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     start = time.time()
+    session = tempfile.mkdtemp(prefix="lh-ray-", dir="/tmp")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+             _temp_dir=session)
     print(f"ray: local cluster started in {time.time() - start:.1f}s")
     yield ray
     ray.shutdown()
+    shutil.rmtree(session, ignore_errors=True)
     if old is None:
         os.environ.pop("RAY_AUTH_MODE")
     else:

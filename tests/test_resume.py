@@ -112,8 +112,12 @@ def test_config_file_mirrors_flags(tmp_path, capsys):
 
 
 def test_shards_are_for_the_shardable_sweeps_only(tmp_path, capsys):
+    from latent_hops.analysis import analyses
+
     assert main(["logit_lens", "--out", str(tmp_path), "--shard", "0/2", "--device", "cpu"]) == 2
-    assert "splits only the sweeps backpatch, patchscope, not `logit_lens`" in capsys.readouterr().err
+    sweeps = ", ".join(sorted(a.name for a in analyses() if a.shardable))
+    assert "backpatch" in sweeps and "logit_lens" not in sweeps
+    assert f"splits only the sweeps {sweeps}, not `logit_lens`" in capsys.readouterr().err
 
 
 def test_bad_shard_spec(tmp_path, capsys):
