@@ -103,7 +103,9 @@ def interchange(run: Path) -> str:
         "swap vs same bridge (McNemar) |",
         "|---|---|---|---|---|---|",
     ]
-    tests = paired_tests(table).set_index(["position", "hidden_layer"])
+    tests = paired_tests(table)  # empty when no case has a same-bridge donor
+    if len(tests):
+        tests = tests.set_index(["position", "hidden_layer"])
     done = table[table.skip_reason.isna()]
     for (position, layer), g in done.groupby(["position", "hidden_layer"]):
         cells = []
@@ -114,7 +116,11 @@ def interchange(run: Path) -> str:
                 cells.append(_rate(int((k.outcome == outcome).sum()), len(k)))
             else:  # the controls: answer kept
                 cells.append("kept " + _rate(int((k.outcome == "own").sum()), len(k)))
-        test = tests.loc[(position, layer)] if (position, layer) in tests.index else None
+        test = (
+            tests.loc[(position, layer)]
+            if len(tests) and (position, layer) in tests.index
+            else None
+        )
         paired = (
             f"{int(test.swap_only)}:{int(test.control_only)}, p = {test.p_value:.2g}"
             if test is not None

@@ -575,6 +575,13 @@ def test_oracle_tests_pair_back_patching_with_each_control_case_by_case():
     shares = [0.5 if b else 0.0 for b in back]
     assert tests.loc["random", "cell_rate_p"] == paired_permutation(shares, [float(i == 8) for i in range(10)])
     assert set(oracle_tests(_labelled(rows)).split) == {"x", "all"}
+    partial = [(f"p{i}", "t1", 2, 0, kind, i == 0 and kind == "back", "incorrect", "x")
+               for i in range(3) for kind in ("back", "forward")]
+    partial += [("p0", "t1", 2, 0, "random", False, "incorrect", "x")]  # one case has a random cell too
+    only = oracle_tests(_labelled(partial)).query("split == 'x'").set_index("control")
+    assert only.loc["forward", "cases"] == 3 and only.loc["random", "cases"] == 1  # pairs per control
+    no_random = oracle_tests(_labelled(partial[:-1])).query("split == 'x'")
+    assert no_random.control.tolist() == ["forward"]  # a control that was not run: no row
 
 
 def test_non_oracle_reports_every_column_and_empty_halves():
