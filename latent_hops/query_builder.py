@@ -60,7 +60,6 @@ def build_queries(
     if relations is None:
         names = sorted(set(triples["relation"].astype(str)))
         relations = pd.DataFrame({"id": names, "template": [f"the {r} of {{}}" for r in names]})
-    _check(triples, "triples", ("subject", "relation", "object"))
     _check(entities, "entities", ("id", "label"))
     _check(relations, "relations", ("id", "template"))
     facts = triples[["subject", "relation", "object"]].astype(str).drop_duplicates()

@@ -31,6 +31,18 @@ from transformers import (
 
 from latent_hops import load_model
 
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (scripts are not a package), registered in
+    ``sys.modules`` so its dataclasses resolve."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:  # two workers on two cores: one thread each, for torch and for the processes started
     os.environ["OMP_NUM_THREADS"] = "1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from conftest import load_script
 
 from latent_hops.analyses.causal_tracing import (
     CausalTracingConfig,
@@ -168,16 +169,5 @@ def test_the_analysis_end_to_end(tmp_path):
     assert both.notna().any() and (both - expected.reindex(both.index)).abs().max() < 1e-9
     assert main(["report", str(out)]) == 0
     assert "Causal tracing" in (out / "report.html").read_text()
-    numbers = _script("causal_numbers").tracing(out)  # what the docs quote for SmolLM2
+    numbers = load_script("causal_numbers").tracing(out)  # what the docs quote for SmolLM2
     assert "| prompt | layer | t1 | t2 | McNemar |" in numbers and "composition" in numbers
-
-
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

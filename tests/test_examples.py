@@ -45,11 +45,9 @@ def test_every_block_runs_or_says_why_not():
 
 
 def test_the_site_home_is_the_readme():
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("docs_home", ROOT / "scripts" / "docs_home.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("docs_home")
     assert module.OUT.read_text() == module.render(), "python scripts/docs_home.py"
 
 

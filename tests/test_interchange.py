@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import load_script
 
 from latent_hops.analyses.interchange import (
     InterchangeConfig,
@@ -120,12 +121,5 @@ def test_the_analysis_end_to_end(tmp_path):
     assert stages.info_propagation_measures.str.contains("swap").any()
     assert main(["report", str(out)]) == 0
     assert "Bridge-swap interchange" in (out / "report.html").read_text()
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "causal_numbers.py"
-    spec = importlib.util.spec_from_file_location("causal_numbers", path)
-    numbers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(numbers)
-    text = numbers.interchange(out)  # what the docs quote for SmolLM2
+    text = load_script("causal_numbers").interchange(out)  # what the docs quote for SmolLM2
     assert "swap → donor's answer" in text and "Without a swap" in text

@@ -4,16 +4,13 @@ Each ``<!-- numbers: NAME -->`` block of the README is rendered by scripts/readm
 a fresh run of the commands it names; a change that moves a number fails here until the README
 is regenerated (``python scripts/readme_numbers.py --write``)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "scripts" / "readme_numbers.py")
-readme_numbers = sys.modules["readme_numbers"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(readme_numbers)
+readme_numbers = load_script("readme_numbers")
 
 
 @pytest.mark.slow

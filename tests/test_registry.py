@@ -305,14 +305,9 @@ def test_report_notes_come_from_the_configs_that_made_the_tables(tmp_path):
 
 def test_the_column_dictionary_is_current():
     """docs/columns.md is generated from the declared schemas (which check every table written)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "column_docs.py"
-    spec = importlib.util.spec_from_file_location("column_docs", path)
-    module = sys.modules["column_docs"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("column_docs")
     assert module.OUT.read_text() == module.render(), "python scripts/column_docs.py"
     text = module.render()
     for name in ("evaluation.parquet", "backpatch.parquet", "backpatch_cells.parquet", "backpatch_summary.json",

@@ -51,7 +51,13 @@ from latent_hops.cases import Case
 from latent_hops.errors import InputError
 from latent_hops.patching import write_positions
 from latent_hops.plots import layer_ticks
-from latent_hops.positions import GRID_HELP, answer_first_tokens, parse_layers, tokenize_prompts
+from latent_hops.positions import (
+    GRID_HELP,
+    TokenizedPrompts,
+    answer_first_tokens,
+    parse_layers,
+    tokenize_prompts,
+)
 from latent_hops.queries import PROMPT_SUFFIX, TwoHopQuery, e1_span_in_composition, iter_queries
 from latent_hops.tables import ID, POSITION, SKIP_REASON, Column, TableSchema
 
@@ -128,6 +134,7 @@ class TracedPromptInput:
     id: str
     prompt: TracedPrompt
     text: str
+    tok: TokenizedPrompts  # one prompt, unpadded: its columns are token indices
     e1_columns: list[int]
     answer_tokens: list[int]
 
@@ -158,7 +165,7 @@ def traced_prompt(
     answers = answer_first_tokens(model, text, query.names(ANSWER[prompt]))
     if not answers:
         return f"{ANSWER[prompt]} has no first token"
-    return TracedPromptInput(query.id, prompt, text, columns, answers)
+    return TracedPromptInput(query.id, prompt, text, tok, columns, answers)
 
 
 def trace_noise(
@@ -230,8 +237,7 @@ def trace_prompt(
 ) -> list[dict]:
     """The rows of one prompt's trace (module docstring): every restoration of every site
     at every token, batched ``config.batch_rows`` rows per forward pass."""
-    tok = tokenize_prompts(model, [item.text])
-    tokens, mask = tok.tokens, tok.attention_mask
+    tokens, mask = item.tok.tokens, item.tok.attention_mask
     n, n_layers = tokens.shape[1], model.n_layers
     blocks = sorted({b for c in layers for b in window_blocks(c, config.trace_window, n_layers)})
     wanted = [Site("resid", EMBEDDINGS)] + [
@@ -290,7 +296,7 @@ def trace_prompt(
         rows.append(
             {"id": item.id, "prompt": item.prompt, "site": kind, "token_index": i,
              "token": text[i], "token_role": role,
-             "position": "t2" if i == last else ("t1" if i == item.e1_columns[-1] else None),
+             "position": role if role in ("t1", "t2") else None,
              "hidden_layer": layer if kind == "resid" else None,
              "window_center": None if kind == "resid" else layer,
              "clean_prob": clean_prob, "corrupted_prob": corrupted, "restored_prob": restored,
