@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from latent_hops.backend import EMBEDDINGS, Edit, GreedyOutput, Model, Sampler, Site
+from latent_hops.backend import Edit, GreedyOutput, Model, Sampler, Site
 
 
 def write_positions(
@@ -91,25 +91,50 @@ def generate_with_patches(
 
     The batch's clean forward is walked block by block (``model.walk_prompt``); at each
     layer l the rows patching l are written into the clean residual (``write_positions``)
-    and resumed from block l + 1. On the hooked backend layers <= l are never recomputed
-    (their keys/values are shared); the bridge reruns them (``capabilities``).
-    ``values(chunk)`` gives the patch vectors, ``on_output(chunk, out)`` takes the results;
-    decoding is greedy unless a ``sampler`` is given. ``keep(chunk, first_logits)`` screens
-    rows after the prompt pass (``PromptWalk.resume``).
-    Equivalent to one ``patch_edit`` generation per row (tests check it).
+    and join a batch of resumed rows (``ResumedRows``) that grows as the layers rise: every
+    row shares its forward passes and its decoding with up to ``max_rows`` rows of any layer
+    and prompt. Rows patching the last column and rows patching earlier columns are batched
+    apart, so that the former recompute one column only. On the hooked backend layers <= l
+    are never recomputed, nor columns before the earliest patched one (their keys/values
+    are shared); the bridge reruns them (``capabilities``).
+    ``values(chunk)`` gives the patch vectors, ``on_output(chunk, out)`` takes the results
+    (one call per batch of rows); decoding is greedy unless a ``sampler`` is given, and then
+    each layer's rows are decoded apart, in chunks of ``max_rows``, so that the draws do not
+    depend on the other layers' rows. ``keep(chunk, first_logits)`` screens rows after the
+    prompt pass (``PromptWalk.resume``). Equivalent to one ``patch_edit`` generation per row
+    (tests check it).
     """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     layers = model.check_layers({r.layer for r in rows})
-    by_layer: dict[int, list[PatchRow]] = {layer: [] for layer in layers}
-    for r in rows:
-        by_layer[r.layer].append(r)
+    if not layers:
+        return
     walk = model.walk_prompt(tokens, attention_mask, max(layers))
-    for layer in range(EMBEDDINGS, max(layers) + 1):
-        resid = walk.hidden(layer)
-        todo = by_layer.get(layer, [])
-        for start in range(0, len(todo), max_rows):
-            chunk = todo[start : start + max_rows]
-            base = torch.tensor([r.base for r in chunk], device=resid.device)
-            cols = torch.tensor([r.position for r in chunk], device=resid.device)
-            patched = write_positions(resid[base].clone(), cols, values(chunk))
-            screen = None if keep is None else (lambda logits, chunk=chunk: keep(chunk, logits))
-            on_output(chunk, walk.resume(base, patched, layer, max_new_tokens, sampler, screen))
+    last = tokens.shape[1] - 1
+    for part in ([r for r in rows if r.position == last], [r for r in rows if r.position != last]):
+        if not part:
+            continue
+        start = min(r.position for r in part)
+        group, pending = walk.resumed(start), list[PatchRow]()
+
+        def flush() -> None:
+            nonlocal group, pending
+            if pending:
+                screen = None if keep is None else (lambda lg, c=pending: keep(c, lg))
+                on_output(pending, group.finish(max_new_tokens, sampler, screen))
+                group, pending = walk.resumed(start), []
+
+        for layer in sorted({r.layer for r in part}):
+            todo = [r for r in part if r.layer == layer]
+            resid = walk.hidden(layer)
+            while todo:
+                if len(pending) == max_rows:
+                    flush()
+                chunk, todo = todo[: max_rows - len(pending)], todo[max_rows - len(pending) :]
+                base = torch.tensor([r.base for r in chunk], device=resid.device)
+                cols = torch.tensor([r.position for r in chunk], device=resid.device)
+                group.join(base, write_positions(resid[base].clone(), cols, values(chunk)), layer)
+                pending += chunk
+            if sampler is not None:
+                flush()
+        flush()

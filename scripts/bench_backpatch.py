@@ -1,244 +1,233 @@
-"""Fast back-patching engine vs the naive reference, side by side on the same queries.
+"""The back-patching engine measured against the hardware: one table per run, one row per
+workload and engine, so that every ratio is read side by side.
 
-    python scripts/bench_backpatch.py [--model toy] [--cases 8] [--threads 1]
-    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 1 \
-        --positions t1 --kinds back
-    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --cases 2 \
-        --layers every:3
-    python scripts/bench_backpatch.py --random llama-7b --dtype bfloat16 --device cuda \
-        --layers every:4
+    python scripts/bench_backpatch.py --model smollm2-135m --dataset world --threads 2 \\
+        --workload small cases=1 layers=every:3 positions=t1 kinds=back \\
+        --workload full cases=4 --baseline 94a8045
+    python scripts/bench_backpatch.py --naive                    # the toy: fast == naive
+    python scripts/bench_backpatch.py --random llama-7b --dtype bfloat16 --device cuda \\
+        --cases 64 --no-count
 
-``--backend hooked,bridge`` times the fast engine on each TransformerLens backend, side by
-side on the same cells (alternating, best of ``--repeats``), checks that their generations are
-identical and prints the bridge / hooked time ratio; the naive reference runs on the first.
+Workloads: ``--workload NAME key=value ...`` (keys: cases, layers, positions, kinds;
+naive=yes / baseline=no to add or leave out those engines; repeatable), else one from ``--cases``,
+``--layers``, ``--positions`` and ``--kinds``. Engines: the fast engine (``sweep``);
+with ``--baseline REF`` the fast engine of git commit REF, run in a subprocess
+(``time_sweep.py`` with that commit's package) on the same workload, timed only; with
+``--naive`` the reference, whose generations must equal the fast engine's (exactly in
+float32: the run fails otherwise); with ``--backend hooked,bridge`` the fast engine on each
+backend (the first measured in full), generations compared with the first's.
 
-    python scripts/bench_backpatch.py --backend hooked,bridge --threads 1
-
-``--random SHAPE`` times a randomly initialised model of a published shape (built on the
-device, no download; the toy dataset and tokenizer supply the prompts): generations are
-meaningless, cells/s and memory are not.
-
-Runs both engines over every (source, target) cell of the chosen kinds and positions, checks
-that their generations are identical, and prints cells/second, the speedup and peak
-memory (process RSS; on CUDA also torch's peak allocation).
+Columns: generations; seconds (best of ``--repeats``); cells/s; ms per cell; executed
+TFLOP (counted while the fast engine runs: tokens actually run, padding included); the
+protocol's minimum (``backpatch.cost.minimum_work``); work efficiency = minimum /
+executed; achieved GFLOP/s (executed / seconds) and MFU = that / the device's matmul rate,
+measured in this process just before the workload (float32 on CPU, the model's dtype on
+CUDA; a shared CPU's rate varies from minute to minute, so it is measured each time and
+shown); peak memory (CUDA:
+torch's peak allocation in the run; CPU: the process's peak RSS so far).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
+import pandas as pd
 import torch
-from transformers import AutoTokenizer, LlamaConfig
+from time_sweep import add_workload_arguments, load, synchronize, workload_cases, workload_config
 
-from latent_hops import backend, load_dataset, load_model
-from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep, sweep_naive
-from latent_hops.models import toy_checkpoint_dir
-from latent_hops.positions import parse_layers
+from latent_hops.analyses.backpatch import all_cells, sweep, sweep_naive
+from latent_hops.analyses.backpatch.cost import minimum_work
+from latent_hops.backend.work import WorkCount, matmul_flops_per_s
 
-# published shapes (Llama-2-7B, Llama-3-8B, Llama-3.2-1B), for --random
-SHAPES = {
-    "llama-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    ),
-    "llama3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-    "llama3-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-}
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {"cases", "layers", "positions", "kinds", "baseline", "naive"}
 
 
-def random_model(shape: str, device: str | None, dtype: str | None, backend_name: str):
-    hf_config = LlamaConfig(**SHAPES[shape], architectures=["LlamaForCausalLM"])
-    tokenizer = AutoTokenizer.from_pretrained(toy_checkpoint_dir("toy"))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_ = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        dtype or "float32", torch.float32
-    )
-    return backend.random_model(hf_config, tokenizer, dtype_, device, backend=backend_name)
+def workloads(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """(name, arguments) per ``--workload``; the command line's own when none."""
+    if not args.workload:
+        return [("workload", args)]
+    found = []
+    for name, *pairs in args.workload:
+        settings = dict(pair.split("=", 1) for pair in pairs)
+        unknown = set(settings) - KEYS
+        if unknown:
+            raise SystemExit(f"--workload {name}: unknown keys {sorted(unknown)}; use {KEYS}")
+        if "cases" in settings:
+            settings["cases"] = int(settings["cases"])  # type: ignore[assignment]
+        for flag in ("naive", "baseline"):  # per workload: naive=yes, baseline=no
+            if flag in settings:
+                on = settings.pop(flag) == "yes"
+                settings[flag] = (args.baseline if on else None) if flag == "baseline" else on
+        found.append((name, argparse.Namespace(**{**vars(args), **settings})))
+    return found
 
 
-def peak_rss_mb() -> float:
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, model, cases, config):
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn(model, cases, config)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return result, time.perf_counter() - start, gpu
-
-
-def compare_backends(models: dict, table, config: BackpatchConfig, repeats: int) -> None:
-    """The fast engine on each backend, alternating, best of ``repeats``; generations must
-    be identical across backends."""
-    cases = {name: prepare_cases(m, table, config)[0] for name, m in models.items()}
-    for name, m in models.items():
-        sweep(m, cases[name][:1], config)  # warm-up
-    best: dict[str, float] = {}
-    results = {}
+def timed(fn, model, cases, config, repeats: int):
+    best, result = float("inf"), None
     for _ in range(repeats):
-        for name, m in models.items():
-            results[name], seconds, _ = timed(sweep, m, cases[name], config)
-            best[name] = min(best.get(name, float("inf")), seconds)
-    first, *others = models
-    n = len(results[first])
-    for name in others:
-        same = int((results[name].generation.values == results[first].generation.values).sum())
-        print(
-            f"backend {name}: {best[name]:.2f}s vs {first}: {best[first]:.2f}s (best of "
-            f"{repeats}) -> ratio {best[name] / best[first]:.2f}x; identical generations "
-            f"{same}/{n}"
-        )
-        if same < n:
-            raise SystemExit(f"{name} and {first} generations differ in {n - same} of {n} rows")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        synchronize()
+        start = time.perf_counter()
+        result = fn(model, cases, config)
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def baseline(ref: str, args: argparse.Namespace, tree: Path) -> dict:
+    """The fast engine of commit ``ref`` on this workload, in a subprocess."""
+    if not (tree / "latent_hops").exists():
+        archive = subprocess.run(
+            ["git", "archive", ref, "latent_hops"], cwd=REPO, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    command = [sys.executable, str(REPO / "scripts" / "time_sweep.py"), "--repeats", "1"]
+    for key in ("model", "random", "dataset", "split", "positions", "kinds", "layers", "cases",
+                "threads", "device", "dtype", "memory_budget_mb"):  # fmt: skip
+        value = getattr(args, key)
+        if value is not None:
+            command += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="toy")
-    parser.add_argument(
-        "--random",
-        choices=sorted(SHAPES),
-        default=None,
-        help="time a random model of this shape instead of --model (toy dataset and tokenizer)",
-    )
-    parser.add_argument("--dataset", default="toy")
-    parser.add_argument(
-        "--split", default=None, help="default: test_id for the toy dataset, all for others"
-    )
-    parser.add_argument("--positions", default="t1,t2")
-    parser.add_argument("--kinds", default="back,forward,random")
-    parser.add_argument(
-        "--layers", default=None, help="a layer grid for sources and targets (e.g. every:3)"
-    )
-    parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    add_workload_arguments(parser)
+    parser.add_argument("--workload", nargs="+", action="append", metavar="NAME KEY=VALUE")
+    parser.add_argument("--repeats", type=int, default=1, help="timings per engine (best)")
+    parser.add_argument("--baseline", default=None, help="a git commit whose engine to time too")
+    parser.add_argument("--naive", action="store_true", help="run the reference and compare")
     parser.add_argument(
         "--backend",
         default="auto",
-        help="auto, hooked, bridge, or a list (hooked,bridge) to time side by side",
+        help="auto, hooked, bridge, or a list (hooked,bridge): the first is measured in full, "
+        "the others' fast engine is timed on the same cells and must give the same generations",
     )
-    parser.add_argument("--repeats", type=int, default=2, help="timings per backend (best)")
+    parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
     parser.add_argument(
-        "--no-naive",
-        action="store_true",
-        help="time the fast engine only (best of --repeats), e.g. to compare environments",
-    )
-    parser.add_argument(
-        "--memory-budget-mb",
-        type=float,
-        default=None,
-        help="default: half the free CUDA memory, 1024 MB on CPU",
+        "--no-count", action="store_true", help="skip the work count (executed FLOPs, MFU)"
     )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [backend.resolve_backend(b) for b in args.backend.split(",")]
-    models = {}
-    for name in names:
-        if args.random:
-            models[name] = random_model(args.random, args.device, args.dtype, name)
-        else:
-            models[name] = load_model(
-                args.model, device=args.device, dtype=args.dtype, backend=name
-            )
-    if args.random:
-        args.model, args.dataset = f"random {args.random}", "toy"
-    model = models[names[0]]
-    table = load_dataset(args.dataset)
-    split = args.split or ("test_id" if args.dataset == "toy" else None)
-    if split:
-        table = table[table.split == split]
-    positions, kinds = tuple(args.positions.split(",")), tuple(args.kinds.split(","))
-    grid = parse_layers(args.layers, model.cfg.n_layers)
-    config = BackpatchConfig(
-        positions=positions,
-        kinds=kinds,
-        memory_budget_mb=args.memory_budget_mb,
-        source_layers=grid,
-        target_layers=grid,
-    )
-    cases, _ = prepare_cases(model, table.iloc[: args.cases], config)
-    sweep(model, cases[:1], config)  # warm-up
-    fast, t_fast, gpu_fast = timed(sweep, model, cases, config)
-    rss_fast = peak_rss_mb()
-    if args.no_naive:
-        for _ in range(args.repeats - 1):
-            t_fast = min(t_fast, timed(sweep, model, cases, config)[1])
-        print(
-            f"{backend.backend_of(model)} backend, {len(fast)} patched generations: fast engine "
-            f"{t_fast:.2f}s (best of {args.repeats}), {len(fast) / t_fast:.1f} cells/s"
-        )
-        return
-    naive, t_naive, gpu_naive = timed(sweep_naive, model, cases, config)
-    same_rows = int((fast.generation.values == naive.generation.values).sum())
-    n = len(fast)
+    first, *others = args.backend.split(",")
+    model = load(args, first)
+    other_models = {name: load(args, name) for name in others}
     print(
-        f"model {args.model} ({backend.backend_of(model)} backend): "
-        f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
-        f"{model.cfg.device}, "
-        f"{model.cfg.dtype}, torch threads {torch.get_num_threads()}"
+        f"model {args.random or args.model} ({model.name} backend): {model.n_layers} "
+        f"layers, d_model {model.d_model}, {model.device}, {model.dtype}, torch threads "
+        f"{torch.get_num_threads()}"
     )
-    print(
-        f"{len(cases)} cases x {len(positions)} positions x "
-        f"{n // max(1, len(positions) * len(cases))} cells "
-        f"({','.join(kinds)}) = {n} patched generations"
-    )
-    print(
-        f"naive: {t_naive:8.2f}s  {n / t_naive:9.1f} cells/s"
-        + (f"  peak GPU {gpu_naive:.0f} MB" if gpu_naive else "")
-    )
-    print(
-        f"fast:  {t_fast:8.2f}s  {n / t_fast:9.1f} cells/s"
-        + (f"  peak GPU {gpu_fast:.0f} MB" if gpu_fast else "")
-    )
-    print(
-        f"speedup {t_naive / t_fast:.1f}x; identical generations: {same_rows}/{n}; peak RSS "
-        f"{peak_rss_mb():.0f} MB "
-        f"(after the fast engine: {rss_fast:.0f} MB)"
-    )
-    if len(names) > 1:
-        compare_backends(models, table.iloc[: args.cases], config, args.repeats)
-    if same_rows < n:
-        # fp32 must match exactly; bf16/fp16 kernels round differently at different batch sizes, and
-        # a random model's near-flat logits turn that into different greedy tokens
-        message = f"fast and naive generations differ in {n - same_rows} of {n} rows"
-        if model.cfg.dtype == torch.float32:
+    cuda = torch.device(model.device).type == "cuda"
+    matmul_dtype = model.dtype if cuda else torch.float32
+    shape, rows = model.shape, []
+    with tempfile.TemporaryDirectory(prefix="baseline-") as tree:
+        for name, wl in workloads(args):
+            config = workload_config(model, wl)
+            cases = workload_cases(model, wl, config)
+            one_cell = replace(config, cells=(all_cells(model, config)[0],))
+            sweep(model, cases[:1], one_cell)  # warm-up
+            work = WorkCount()
+            peak = matmul_flops_per_s(model.device, matmul_dtype)  # just before: clocks vary
+            if args.no_count:
+                fast, seconds = timed(sweep, model, cases, config, args.repeats)
+            else:
+                with model.count_work() as counted:  # counted on the first timing
+                    fast, seconds = timed(sweep, model, cases, config, 1)
+                work = counted
+                if args.repeats > 1:
+                    seconds = min(seconds, timed(sweep, model, cases, config, args.repeats - 1)[1])
+            memory = peak_memory_mb()
+            executed = work.flops(shape)
+            minimum = minimum_work(model, cases, config, fast).flops(shape)
+            n = len(fast)
+            row = {
+                "workload": name,
+                "engine": "fast",
+                "cases": len(cases),
+                "generations": n,
+                "seconds": seconds,
+                "cells/s": n / seconds,
+                "ms/cell": 1000 * seconds / n,
+                "executed TFLOP": executed / 1e12 if executed else None,
+                "minimum TFLOP": minimum / 1e12,
+                "work efficiency": minimum / executed if executed else None,
+                "GFLOP/s": executed / seconds / 1e9 if executed else None,
+                "MFU": executed / seconds / peak if executed else None,
+                "matmul GFLOP/s": peak / 1e9,
+                "peak MB": memory,
+                "identical": None,
+            }
+            rows.append(row)
+            if wl.naive:
+                naive, t_naive = timed(sweep_naive, model, cases, config, 1)
+                same = int((fast.generation.values == naive.generation.values).sum())
+                rows.append({**row, "engine": "naive", "seconds": t_naive, "cells/s": n / t_naive,
+                             "ms/cell": 1000 * t_naive / n, "executed TFLOP": None,
+                             "work efficiency": None, "GFLOP/s": None, "MFU": None,
+                             "peak MB": peak_memory_mb(), "identical": f"{same}/{n}"})  # fmt: skip
+                row["identical"] = f"{same}/{n}"
+            for other in other_models.values():
+                other_cases = workload_cases(other, wl, config)
+                sweep(other, other_cases[:1], one_cell)  # warm-up
+                theirs, t_other = timed(sweep, other, other_cases, config, args.repeats)
+                same = int((theirs.generation.values == fast.generation.values).sum())
+                rows.append({**row, "engine": f"fast[{other.name}]", "seconds": t_other,
+                             "cells/s": n / t_other, "ms/cell": 1000 * t_other / n,
+                             "executed TFLOP": None, "work efficiency": None, "GFLOP/s": None,
+                             "MFU": None, "peak MB": None, "identical": f"{same}/{n}"})  # fmt: skip
+            if wl.baseline:
+                old = baseline(wl.baseline, wl, Path(tree))
+                rows.append({**row, "engine": f"fast@{args.baseline}", "seconds": old["seconds"],
+                             "cells/s": old["generations"] / old["seconds"],
+                             "ms/cell": 1000 * old["seconds"] / old["generations"],
+                             "executed TFLOP": None, "work efficiency": None, "GFLOP/s": None,
+                             "MFU": None, "peak MB": None, "identical": None})  # fmt: skip
+    table = pd.DataFrame(rows)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(table.to_string(index=False, float_format=lambda x: f"{x:,.3g}"))
+    fast_rows = table[table.engine == "fast"]
+    if len(fast_rows) > 1:
+        per_cell = fast_rows["ms/cell"]
+        print(f"cost per cell, dearest / cheapest workload: {per_cell.max() / per_cell.min():.2f}x")
+    if args.baseline:
+        for name in fast_rows.workload:
+            t = table[table.workload == name].set_index("engine")["seconds"]
+            old = f"fast@{args.baseline}"
+            if old in t:
+                print(f"{name}: {old} / fast = {t[old] / t['fast']:.2f}x")
+    differ = [r for r in rows if r["identical"] and r["engine"] != "naive"
+              and r["identical"].split("/")[0] != r["identical"].split("/")[1]]  # fmt: skip
+    if differ:
+        # fp32 must match exactly; bf16/fp16 kernels round differently at different batch
+        # sizes, and a random model's near-flat logits turn that into different greedy tokens
+        message = f"fast and naive generations differ: {[r['identical'] for r in differ]}"
+        if model.dtype == torch.float32:
             raise SystemExit(message)
-        print(f"warning: {message} ({model.cfg.dtype}: batch-dependent rounding)")
+        print(f"warning: {message} ({model.dtype}: batch-dependent rounding)")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main() -> None:
     n_prompts = len(table) * 5
     print(summarize(result).round(3).to_string())
     print(
-        f"\nmodel {args.model} ({model.cfg.n_layers} layers) on {model.cfg.device}, "
+        f"\nmodel {args.model} ({model.n_layers} layers) on {model.device}, "
         f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}"
     )
     print(

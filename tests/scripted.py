@@ -48,3 +48,4 @@ class ScriptedModel(Backend):
 
     read_sites = read_attention = unembedding_vectors = project_to_vocab = _unused
     last_logits = walk_prompt = bytes_per_patched_row = parameters = _unused
+    shape = property(_unused)

@@ -19,6 +19,7 @@ Conventions the contract fixes:
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from latent_hops.backend.decoding import GreedyOutput, Sampler, Step, argmax, greedy_loop
+from latent_hops.backend.work import ModelShape, WorkCount
 from latent_hops.errors import InputError
 
 EMBEDDINGS = -1
@@ -101,6 +103,81 @@ class PromptWalk(abc.ABC):
         ``resid``: the prompt pass finished from block ``layer + 1``, then decoded (greedy
         unless ``sampler``). ``keep(first_logits) -> bool[rows]`` screens rows after the
         prompt pass: only kept rows are decoded, the others get padding only."""
+
+    def resumed(self, from_column: int = 0) -> ResumedRows:
+        """A batch of patched rows that share their passes (``ResumedRows``); here each join
+        resumes on its own, a backend that can share passes overrides this."""
+        return RowsResumedOneByOne(self, from_column)
+
+
+class ResumedRows(abc.ABC):
+    """Patched rows of one ``PromptWalk`` that finish their prompt pass and decode as one
+    batch, whatever layer each was patched at: walking up the layers, a row joins (``join``) at the
+    layer it patches (rows join in order of their layers), and ``finish`` completes every
+    joined row together. Columns before ``from_column`` are patched in no row, so a backend
+    may share their clean keys/values instead of recomputing them."""
+
+    def __init__(self, from_column: int):
+        self.from_column = from_column
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Rows joined so far."""
+
+    @abc.abstractmethod
+    def join(
+        self,
+        rows: Int[torch.Tensor, " rows"],
+        resid: Float[torch.Tensor, "rows pos d_model"],
+        layer: int,
+    ) -> None:
+        """Rows ``rows`` of the batch join with the hidden state of ``layer`` replaced by
+        ``resid`` (``layer`` never below an earlier join's)."""
+
+    @abc.abstractmethod
+    def finish(
+        self,
+        max_new_tokens: int,
+        sampler: Sampler | None = None,
+        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> GreedyOutput:
+        """Every joined row, in join order: its prompt pass finished, then decoded (greedy
+        unless ``sampler``); ``keep`` screens rows as in ``PromptWalk.resume``."""
+
+
+class RowsResumedOneByOne(ResumedRows):
+    """``ResumedRows`` for a walk without shared passes: each join is resumed on its own
+    (``PromptWalk.resume``) when the rows finish."""
+
+    def __init__(self, walk: PromptWalk, from_column: int):
+        super().__init__(from_column)
+        self.walk = walk
+        self.joins: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows, _, _ in self.joins)
+
+    def join(
+        self,
+        rows: Int[torch.Tensor, " rows"],
+        resid: Float[torch.Tensor, "rows pos d_model"],
+        layer: int,
+    ) -> None:
+        self.joins.append((rows, resid, layer))
+
+    def finish(
+        self,
+        max_new_tokens: int,
+        sampler: Sampler | None = None,
+        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> GreedyOutput:
+        outs = [
+            self.walk.resume(rows, resid, layer, max_new_tokens, sampler, keep)
+            for rows, resid, layer in self.joins
+        ]
+        return GreedyOutput(
+            torch.cat([o.tokens for o in outs]), torch.cat([o.first_logits for o in outs])
+        )
 
 
 class Backend(abc.ABC):
@@ -255,6 +332,16 @@ class Backend(abc.ABC):
         last_layer: int,
     ) -> PromptWalk:
         """A clean pass of ``tokens`` to walk up to ``last_layer`` (``PromptWalk``)."""
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> ModelShape:
+        """The sizes that set its FLOPs (``work.ModelShape``)."""
+
+    def count_work(self) -> contextlib.AbstractContextManager[WorkCount]:
+        """A context counting the work its forward passes do inside it (``WorkCount``):
+        for benchmarks (work efficiency, MFU). Backends that cannot count refuse."""
+        raise InputError(f"the {self.name} backend does not count its work; use --backend hooked")
 
     @abc.abstractmethod
     def bytes_per_patched_row(self, seq_len: int, new_tokens: int) -> int:

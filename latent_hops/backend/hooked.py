@@ -7,8 +7,9 @@ patch are never recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +21,15 @@ from latent_hops.backend.architectures import (
     family,
     tl_config_fields,
 )
-from latent_hops.backend.base import Capabilities, Edit, PromptWalk, tokenizer_adds_bos
+from latent_hops.backend.base import (
+    EMBEDDINGS,
+    Capabilities,
+    Edit,
+    PromptWalk,
+    ResumedRows,
+    Site,
+    tokenizer_adds_bos,
+)
 from latent_hops.backend.decoding import (
     GreedyOutput,
     Sampler,
@@ -29,7 +38,8 @@ from latent_hops.backend.decoding import (
     recompute_step,
     screened,
 )
-from latent_hops.backend.tl import TransformerLensBackend, as_hooks
+from latent_hops.backend.tl import Hook, TransformerLensBackend, as_hooks, hook_name
+from latent_hops.backend.work import WorkCount
 
 if TYPE_CHECKING:
     from transformer_lens import (
@@ -72,12 +82,42 @@ def _new_hooked(cfg: HookedTransformerConfig, tokenizer: Any) -> HookedTransform
         return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
 
 
+def _store_as(param: Any, order: tuple[int, ...]) -> None:
+    """Keeps ``param``'s values but stores them so that ``param.permute(order)`` is
+    contiguous."""
+    stored = param.data.permute(order).contiguous()
+    param.data = stored.permute(tuple(sorted(range(len(order)), key=order.__getitem__)))
+
+
+def lay_out_weights(model: HookedTransformer) -> None:
+    """Stores the weights in the layout TransformerLens' forward rearranges them into. TL 3.9
+    copies the projections into ``F.linear``'s layout on every call (``W_U.T.contiguous()``:
+    113 MB for SmolLM2's unembedding, per decoding step; the gated MLP's three matrices and
+    the attention's per block); stored that way, each copy is a no-op and returns the same
+    layout as before, so every number is unchanged (the products see identical operands)."""
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # [head, d_model, d_head]
+            if name in attn._parameters:
+                _store_as(attn._parameters[name], (0, 2, 1))  # read as [(head d_head), d_model]
+        _store_as(attn.W_O, (2, 0, 1))  # [head, d_head, d_model] read as [d_model, (head d_head)]
+        if "W_gate" in mlp._parameters:  # gated MLPs read [in, out] weights as .T.contiguous()
+            for name in ("W_gate", "W_in", "W_out"):
+                _store_as(mlp._parameters[name], (1, 0))
+    _store_as(model.unembed.W_U, (1, 0))
+
+
 class HookedBackend(TransformerLensBackend):
     """TransformerLens' ``HookedTransformer``: resumes from any layer without recomputing the
     layers below (TL's own KV cache)."""
 
     name = "hooked"
     tl: HookedTransformer
+    _work: WorkCount | None = None  # counting (count_work) while set
+
+    def __init__(self, tl: HookedTransformer, tokenizer: Any, spec: str):
+        super().__init__(tl, tokenizer, spec)
+        lay_out_weights(tl)
 
     # ------------------------------------------------------------------ loading
 
@@ -169,6 +209,27 @@ class HookedBackend(TransformerLensBackend):
             attention_edits=True, exact_kv_cache=True, resume_skips_lower_layers=True
         )
 
+    @contextlib.contextmanager
+    def count_work(self) -> Iterator[WorkCount]:
+        """Counts every block's queries and (query, key) pairs at its attention scores
+        (padding included) and every position ``_unembed`` reads."""
+        work = WorkCount()
+
+        def count(scores: torch.Tensor, hook: Any) -> None:  # [batch, head, query, key]
+            batch, _, queries, keys = scores.shape
+            work.block_tokens += batch * queries
+            work.attention_pairs += batch * queries * keys
+
+        hooks: list[Hook] = [
+            (hook_name(Site("attn_scores", layer)), count) for layer in range(self.n_layers)
+        ]
+        self._work = work
+        try:
+            with self.tl.hooks(fwd_hooks=hooks):
+                yield work
+        finally:
+            self._work = None
+
     # ------------------------------------------------------------------ logits
 
     @torch.no_grad()
@@ -186,6 +247,8 @@ class HookedBackend(TransformerLensBackend):
         """Final norm, unembedding (in float32 if ``fp32``) and final soft-cap: what the
         forward pass does after the last block, for the residual vectors given."""
         tl = self.tl
+        if self._work is not None:
+            self._work.unembedded += resid.shape[0] * resid.shape[1]
         normed = tl.ln_final(resid) if tl.cfg.normalization_type is not None else resid
         logits = normed.float() @ tl.W_U.float() + tl.b_U.float() if fp32 else tl.unembed(normed)
         cap = tl.cfg.output_logits_soft_cap
@@ -273,8 +336,8 @@ def select_cache(
 
 
 class HookedWalk(PromptWalk):
-    """A clean prompt pass walked block by block: the residual stream after the last block
-    run, and the keys/values of the blocks run so far (which resumed rows share)."""
+    """A clean prompt pass walked block by block, keeping each layer's hidden state and the
+    keys/values of the blocks run so far, which resumed rows share (``HookedRows``)."""
 
     def __init__(
         self,
@@ -289,24 +352,29 @@ class HookedWalk(PromptWalk):
             attention_mask,
             cache,
         )
-        self.resid: torch.Tensor | None = None
+        self.states: list[torch.Tensor] = []  # hidden states of layers -1, 0, 1, ... so far
 
     @torch.no_grad()
     def hidden(self, layer: int) -> Float[torch.Tensor, "batch pos d_model"]:
-        """Runs block ``layer`` on the previous hidden state, appending its keys/values."""
+        """The clean hidden state of ``layer``, running the blocks up to it not yet run."""
         tl = self.model.tl
-        if layer < 0:
-            self.resid = tl(self.tokens, attention_mask=self.attention_mask, stop_at_layer=0)
-        else:
-            self.resid = tl(
-                self.resid,
-                start_at_layer=layer,
-                stop_at_layer=layer + 1,
-                attention_mask=self.attention_mask,
-                past_kv_cache=self.cache,
-            )
-        assert self.resid is not None
-        return self.resid
+        while len(self.states) <= layer + 1:
+            block = len(self.states) - 1  # the next block to run (-1: the embeddings)
+            if block < 0:
+                resid = tl(self.tokens, attention_mask=self.attention_mask, stop_at_layer=0)
+            else:
+                resid = tl(
+                    self.states[-1],
+                    start_at_layer=block,
+                    stop_at_layer=block + 1,
+                    attention_mask=self.attention_mask,
+                    past_kv_cache=self.cache,
+                )
+            self.states.append(resid)
+        return self.states[layer + 1]
+
+    def resumed(self, from_column: int = 0) -> HookedRows:
+        return HookedRows(self, from_column)
 
     @torch.no_grad()
     def resume(
@@ -318,16 +386,107 @@ class HookedWalk(PromptWalk):
         sampler: Sampler | None = None,
         keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> GreedyOutput:
-        model, start = self.model, layer + 1
-        mask = self.attention_mask[rows]
-        cache = select_cache(self.cache, rows, start, mask)
-        logits = model._logits(
-            resid, start_at_layer=start, attention_mask=mask, past_kv_cache=cache
-        )
-        cache.previous_attention_mask = mask  # start_at_layer skips TL's own bookkeeping
+        group = self.resumed()
+        group.join(rows, resid, layer)
+        return group.finish(max_new_tokens, sampler, keep)
+
+
+class HookedRows(ResumedRows):
+    """Patched rows that share forward passes: a row joined at layer t runs blocks t+1, t+2,
+    ... in one batch with every row joined before it, on columns ``from_column`` onwards only
+    (the columns before are unpatched in every row, so their keys/values are the clean
+    ones, read from the walk's cache); all rows then decode together. A row's keys/values are
+    the clean ones up to its patched layer and its own above it."""
+
+    def __init__(self, walk: HookedWalk, from_column: int):
+        super().__init__(from_column)
+        self.walk = walk
+        device = walk.tokens.device
+        self.base = torch.zeros(0, dtype=torch.long, device=device)  # rows of the walk's batch
+        self.resid: torch.Tensor | None = None  # [rows, columns from from_column, d_model]
+        self.layer = EMBEDDINGS - 1  # the layer self.resid is the hidden state of
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> rows that ran it
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @torch.no_grad()
+    def join(
+        self,
+        rows: Int[torch.Tensor, " rows"],
+        resid: Float[torch.Tensor, "rows pos d_model"],
+        layer: int,
+    ) -> None:
+        if layer < self.layer:
+            raise ValueError(f"rows join in order of layers: {layer} after {self.layer}")
+        self._run_up_to(layer)
+        tail = resid[:, self.from_column :]
+        self.resid = tail if self.resid is None else torch.cat([self.resid, tail])
+        self.base = torch.cat([self.base, rows.to(self.base.device)])
+        self.layer = layer
+
+    def _run_up_to(self, layer: int) -> None:
+        """Blocks self.layer + 1 .. ``layer`` on the rows joined so far."""
+        if self.resid is None:
+            self.layer = layer
+            return
+        from transformer_lens import TransformerLensKeyValueCache
+
+        tl, mask = self.walk.model.tl, self.walk.attention_mask[self.base]
+        for block in range(self.layer + 1, layer + 1):
+            self.walk.hidden(block)  # the clean keys/values of this block
+            clean = self.walk.cache.entries[block]
+            entry = type(clean)(
+                past_keys=clean.past_keys[self.base, : self.from_column],
+                past_values=clean.past_values[self.base, : self.from_column],
+            )
+            cache = TransformerLensKeyValueCache(
+                entries=[entry] * len(self.walk.cache.entries), previous_attention_mask=mask
+            )  # only block `block` runs, and reads its entry
+            self.resid = tl(
+                self.resid,
+                start_at_layer=block,
+                stop_at_layer=block + 1,
+                attention_mask=mask,
+                past_kv_cache=cache,
+            )
+            self.kv[block] = (entry.past_keys, entry.past_values)
+        self.layer = layer
+
+    def _decoding_cache(self) -> TransformerLensKeyValueCache:
+        """Every row's keys/values: its own for the blocks it ran, the clean ones below."""
+        from transformer_lens import TransformerLensKeyValueCache
+
+        walk = self.walk
+        walk.hidden(walk.model.n_layers - 1)
+        entries = []
+        for block, clean in enumerate(walk.cache.entries):
+            ran = self.kv.get(block)
+            n = 0 if ran is None else len(ran[0])  # rows joined below `block` come first
+            keys, values = clean.past_keys[self.base[n:]], clean.past_values[self.base[n:]]
+            if ran is not None:
+                keys, values = torch.cat([ran[0], keys]), torch.cat([ran[1], values])
+            entries.append(type(clean)(past_keys=keys, past_values=values))
+        mask = walk.attention_mask[self.base]
+        return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
+
+    @torch.no_grad()
+    def finish(
+        self,
+        max_new_tokens: int,
+        sampler: Sampler | None = None,
+        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> GreedyOutput:
+        if self.resid is None:
+            raise ValueError("no rows joined")
+        model = self.walk.model
+        self._run_up_to(model.n_layers - 1)
+        logits = model._unembed(self.resid[:, -1:])[:, 0]
+        cache = self._decoding_cache()
         choose = sampler or argmax
         if keep is None:
             return model.decode_loop(logits, model._cached_step(cache), max_new_tokens, choose)
+        mask = cache.previous_attention_mask
 
         def decode(kept: torch.Tensor) -> torch.Tensor:
             sub = select_cache(cache, kept, len(cache.entries), mask[kept])

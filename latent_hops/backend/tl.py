@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float, Int
 
 from latent_hops.backend.base import EMBEDDINGS, PER_POSITION, Backend, Edit, Site
+from latent_hops.backend.work import ModelShape
 from latent_hops.errors import InputError
 
 Hook = tuple[str | Callable[..., Any], Callable[..., Any]]
@@ -77,6 +78,20 @@ class TransformerLensBackend(Backend):
     @property
     def context_length(self) -> int:
         return int(self.tl.cfg.n_ctx)
+
+    @property
+    def shape(self) -> ModelShape:
+        cfg = self.tl.cfg
+        return ModelShape(
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_key_value_heads or cfg.n_heads,
+            d_head=cfg.d_head,
+            d_mlp=cfg.d_mlp or 0,
+            gated_mlp=bool(cfg.gated_mlp),
+            d_vocab=cfg.d_vocab,
+        )
 
     def bytes_per_patched_row(self, seq_len: int, new_tokens: int) -> int:
         """Its KV cache, live activations and last-position logits."""

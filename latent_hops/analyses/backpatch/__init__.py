@@ -8,11 +8,14 @@ Success = an e3 alias in the greedy generation (10 tokens).
 
 - ``cells``: the configuration and the cells of a sweep;
 - ``engine``: the naive reference and the fast engine (identical generations);
+- ``cost``: a sweep's generations, its least work and its time estimated beforehand;
 - ``stats``: oracle and non-oracle rates, per-cell rates, what counted as a rescue;
 - ``report``: the heatmap, the summary files and the report section.
 """
 
 from __future__ import annotations
+
+import logging
 
 import pandas as pd
 
@@ -25,6 +28,7 @@ from latent_hops.analyses.backpatch.cells import (
     all_cells,
     prepare_cases,
 )
+from latent_hops.analyses.backpatch.cost import Estimate, estimate, minimum_work
 from latent_hops.analyses.backpatch.engine import (
     random_direction,
     rows_per_batch,
@@ -48,8 +52,11 @@ from latent_hops.analyses.backpatch.stats import (
 )
 from latent_hops.analysis import Analysis, Context, register
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "KINDS",
+    "Estimate",
     "RESULT_COLUMNS",
     "TABLE",
     "BackpatchConfig",
@@ -57,6 +64,8 @@ __all__ = [
     "all_cells",
     "backpatch_heatmap",
     "cell_rates",
+    "estimate",
+    "minimum_work",
     "non_oracle",
     "oracle_rates",
     "oracle_tests",
@@ -74,6 +83,9 @@ __all__ = [
 def _run(context: Context, config: BackpatchConfig) -> pd.DataFrame:
     """The sweep, resumable: chunks of cases written as parts of RUN_DIR/backpatch/."""
     all_cells(context.model, config)  # a bad layer grid fails here, before any work
+    if context.progress and context.cases:  # interactive: say what it will cost first
+        cost = estimate(context.model, context.cases, config)
+        logger.info("backpatch: %s; --workers / --executor ray share it", cost)
     return context.in_parts(
         "backpatch", lambda part: sweep(context.model, part, config), config, "backpatch"
     )

@@ -5,10 +5,13 @@ cell):
   oracle);
 - ``sweep``: the fast engine. The clean hidden states are read at the needed positions
   only; the clean forward is then walked block by block, and at each target layer t every
-  (query, position, source) row is patched into the clean residual of layer t and resumed
-  from block t + 1 -- on the hooked backend layers <= t are never recomputed, their
-  keys/values are shared from the clean run (``patching.generate_with_patches``, which
-  Patchscopes uses too).
+  (query, position, source) row is patched into the clean residual of layer t and joins a
+  batch of rows that grows as the layers rise: rows of every target layer and every case
+  of a batch share their forward passes and their decoding
+  (``patching.generate_with_patches``, which Patchscopes uses too). On the hooked backend
+  layers <= t are never recomputed, nor the columns before the patched one: their
+  keys/values are shared from the clean run. What it costs against the protocol's least
+  work: ``cost``.
 """
 
 from __future__ import annotations
@@ -159,10 +162,9 @@ def sweep(
         return _frame([])
     layers = sorted({c.source for c in cells} | {c.target for c in cells})
     layer_index = {layer: i for i, layer in enumerate(layers)}
-    n_targets = len({c.target for c in cells})
     lengths = [len(model.tokenizer(c.prompt, add_special_tokens=False)["input_ids"]) for c in cases]
     max_rows = rows_per_batch(model, max(lengths) + 1, config)
-    per_case = len(config.positions) * -(-len(cells) // n_targets)  # rows per case and target layer
+    per_case = len(config.positions) * len(cells)  # rows per case
     records: list[dict] = []
     bar = tqdm(
         total=len(cases) * len(config.positions) * len(cells),

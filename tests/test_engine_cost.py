@@ -1,0 +1,160 @@
+"""What the fast engine executes and what the protocol needs: the work counter against
+forward passes of known shape, the engine's executed work against the protocol's minimum
+plus its known overhead, the weight layout that leaves every number unchanged, rows that
+share passes across layers, the pre-sweep estimate and the benchmark script."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from latent_hops.analyses.backpatch import (
+    BackpatchConfig,
+    Cell,
+    all_cells,
+    estimate,
+    minimum_work,
+    prepare_cases,
+    sweep,
+)
+from latent_hops.backend.hooked import lay_out_weights
+from latent_hops.backend.work import ModelShape, WorkCount, matmul_flops_per_s
+from latent_hops.positions import tokenize_prompts
+from latent_hops.queries import load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_cases(toy):
+    data = load_dataset("toy")
+    cases, skipped = prepare_cases(toy, data[data.split == "test_id"].iloc[:3])
+    assert skipped.empty
+    return cases
+
+
+def test_count_work_on_a_prompt_pass_and_cached_decoding(tiny_llama):
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]])
+    mask = (tokens != 0).long()
+    n = tiny_llama.n_layers
+    with tiny_llama.count_work() as work:
+        tiny_llama.last_logits(tokens, mask)
+    assert (work.block_tokens, work.attention_pairs, work.unembedded) == (n * 10, n * 2 * 25, 2)
+    with tiny_llama.count_work() as work:
+        out = tiny_llama.greedy_generate(tokens, mask, max_new_tokens=3)
+    assert out.tokens.shape == (2, 3)
+    # the prompt (5 x 5 pairs per row), then two steps of one token over 6 and 7 keys
+    assert work.block_tokens == n * (10 + 2 + 2)
+    assert work.attention_pairs == n * (2 * 25 + 2 * 6 + 2 * 7)
+    assert work.unembedded == 2 + 2 + 2
+    with tiny_llama.count_work() as work:  # counting stops with the context
+        pass
+    tiny_llama.last_logits(tokens, mask)
+    assert work == WorkCount()
+
+
+def test_flops_from_shape_by_hand():
+    shape = ModelShape(n_layers=2, d_model=4, n_heads=2, n_kv_heads=1, d_head=2, d_mlp=8,
+                       gated_mlp=True, d_vocab=10)  # fmt: skip
+    # q and out: 2 * 4*4; k and v: 2 * 4*2; gated MLP: 3 * 4*8; x2 for multiply-add
+    assert shape.block_flops_per_token == 2 * (32 + 16 + 96)
+    assert shape.flops_per_attention_pair == 4 * 2 * 2
+    assert WorkCount(3, 5, 7).flops(shape) == 3 * 288 + 5 * 16 + 7 * 80
+
+
+def test_the_engine_executes_the_minimum_plus_its_one_known_overhead(toy, toy_cases):
+    """One case, one cell at t2 (the last column): the engine runs the protocol's minimum
+    exactly, plus one more clean pass (the read of the source states, full n x n scores)."""
+    case, target = toy_cases[0], 2
+    config = BackpatchConfig(positions=("t2",), cells=(Cell(5, target, "back"),))
+    with toy.count_work() as executed:
+        result = sweep(toy, [case], config)
+    need = minimum_work(toy, [case], config, result)
+    n, layers = len(tokenize_prompts(toy, [case.prompt]).tokens[0]), toy.n_layers
+    assert executed.block_tokens == need.block_tokens + layers * n
+    assert executed.attention_pairs == need.attention_pairs + 2 * layers * n * n - layers * n * (n + 1) // 2
+    assert executed.unembedded == need.unembedded
+    # without the result, every row decodes max_new_tokens: the toy's answers end sooner
+    assert minimum_work(toy, [case], config).block_tokens > need.block_tokens
+
+
+def test_work_efficiency_of_a_sweep_is_high_and_never_above_one(toy, toy_cases):
+    config = BackpatchConfig(source_layers="every:2", target_layers="every:2")
+    with toy.count_work() as executed:
+        result = sweep(toy, toy_cases, config)
+    efficiency = minimum_work(toy, toy_cases, config, result).flops(toy.shape) / executed.flops(toy.shape)
+    assert 0.8 < efficiency <= 1.0
+
+
+def test_weight_layout_changes_no_number_and_removes_the_copies(tiny_llama, tiny_gpt2):
+    for model in (tiny_llama, tiny_gpt2):
+        plain = copy.deepcopy(model.tl)
+        for param in plain.parameters():
+            param.data = param.data.contiguous()  # TransformerLens' own layout
+        tokens = torch.tensor([[3, 4, 5, 6, 7, 8]])
+        with torch.no_grad():
+            laid_out, before = model.tl(tokens), plain(tokens)
+            lay_out_weights(plain)
+            after = plain(tokens)
+        assert torch.equal(laid_out, before) and torch.equal(after, before)
+    block = tiny_llama.tl.blocks[0]
+    assert block.mlp.W_gate.T.is_contiguous() and tiny_llama.tl.W_U.T.is_contiguous()
+
+
+def test_rows_join_in_order_of_layers(tiny_llama):
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    walk = tiny_llama.walk_prompt(tokens, torch.ones_like(tokens), 2)
+    group = walk.resumed(0)
+    group.join(torch.tensor([0]), walk.hidden(2).clone(), 2)
+    with pytest.raises(ValueError, match="order of layers"):
+        group.join(torch.tensor([0]), walk.hidden(1).clone(), 1)
+
+
+def test_rows_of_many_layers_share_passes_and_equal_rows_resumed_alone(tiny_llama):
+    """Rows joined at layers -1, 0 and 2, from column 2 on, finished together, equal each
+    resumed on its own from the whole prompt."""
+    tokens = torch.tensor([[0, 5, 6, 7, 8], [9, 4, 3, 2, 1]])
+    mask = (tokens != 0).long()
+    walk = tiny_llama.walk_prompt(tokens, mask, 2)
+    group, alone = walk.resumed(2), []
+    for layer, row, column in [(-1, 0, 3), (0, 1, 2), (0, 0, 4), (2, 1, 4)]:
+        resid = walk.hidden(layer)[[row]].clone()
+        resid[0, column] = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(layer + 2))
+        group.join(torch.tensor([row]), resid, layer)
+        alone.append(tiny_llama.walk_prompt(tokens, mask, 2).resume(torch.tensor([row]), resid, layer, 4))
+    together = group.finish(4)
+    assert len(group) == 4
+    assert torch.equal(together.tokens, torch.cat([o.tokens for o in alone]))
+    torch.testing.assert_close(together.first_logits, torch.cat([o.first_logits for o in alone]))
+
+
+def test_estimate_counts_the_sweep_and_times_a_sample(toy, toy_cases):
+    config = BackpatchConfig(kinds=("back",))
+    found = estimate(toy, toy_cases, config, sample=8)
+    assert found.generations == len(toy_cases) * 2 * len(all_cells(toy, config))
+    assert found.cells_per_s > 0 and found.seconds == found.generations / found.cells_per_s
+    assert f"{found.generations:,} patched generations" in str(found)
+
+
+def test_matmul_rate_is_measured():
+    assert 1e8 < matmul_flops_per_s("cpu", torch.float32, size=256, seconds=0.05) < 1e14
+
+
+def test_bench_prints_one_table_with_every_engine(tmp_path):
+    """The toy, one case: fast equals naive, the baseline (this commit's engine, from git)
+    runs too, and the efficiency columns are filled."""
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_backpatch.py", "--threads", "1", "--cases", "1",
+         "--layers", "0,3,7", "--naive", "--baseline", "HEAD", "--csv", str(tmp_path / "t.csv")],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    table = pd.read_csv(tmp_path / "t.csv").set_index("engine")
+    assert list(table.index) == ["fast", "naive", "fast@HEAD"]
+    assert table.loc["fast", "identical"] == "18/18"  # 1 case x 2 positions x 9 cells
+    assert 0.5 < table.loc["fast", "work efficiency"] <= 1.0
+    assert 0 < table.loc["fast", "MFU"] < 1
+    assert "fast@HEAD / fast" in out and "work efficiency" in out
