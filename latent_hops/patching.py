@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from latent_hops.backend import Edit, GreedyOutput, Model, Sampler, Site
+from latent_hops.backend import Edit, GreedyOutput, Model, PromptWalk, Sampler, Site
 
 
 def write_positions(
@@ -86,6 +86,7 @@ def generate_with_patches(
     max_rows: int,
     sampler: Sampler | None = None,
     keep: Callable[[Sequence[PatchRow], torch.Tensor], torch.Tensor] | None = None,
+    walk: PromptWalk | None = None,
 ) -> None:
     """Greedy generation for many single-position patches of one prompt batch, fast.
 
@@ -101,15 +102,16 @@ def generate_with_patches(
     (one call per batch of rows); decoding is greedy unless a ``sampler`` is given, and then
     each layer's rows are decoded apart, in chunks of ``max_rows``, so that the draws do not
     depend on the other layers' rows. ``keep(chunk, first_logits)`` screens rows after the
-    prompt pass (``PromptWalk.resume``). Equivalent to one ``patch_edit`` generation per row
-    (tests check it).
+    prompt pass (``PromptWalk.resume``). ``walk``: the batch's walk, if the caller has
+    already read clean states off it (it must reach the rows' layers). Equivalent to one
+    ``patch_edit`` generation per row (tests check it).
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     layers = model.check_layers({r.layer for r in rows})
     if not layers:
         return
-    walk = model.walk_prompt(tokens, attention_mask, max(layers))
+    walk = walk or model.walk_prompt(tokens, attention_mask, max(layers))
     last = tokens.shape[1] - 1
     for part in ([r for r in rows if r.position == last], [r for r in rows if r.position != last]):
         if not part:

@@ -38,7 +38,6 @@ from latent_hops.generation import alias_match, decode
 from latent_hops.patching import (
     PatchRow,
     generate_with_patches,
-    hidden_states_at,
     patch_edit,
     seeded_direction,
 )
@@ -174,9 +173,11 @@ def sweep(
     )
     for b in case_batches(model, cases, max(1, max_rows // per_case), config.positions, lengths):
         batch, tok, cols = b.cases, b.tok, b.columns
-        states = hidden_states_at(
-            model, tok.tokens, tok.attention_mask, cols, layers
-        )  # [q, P, layers, d]
+        walk = model.walk_prompt(tok.tokens, tok.attention_mask, max(layers))
+        here = torch.arange(len(batch), device=tok.tokens.device)[:, None]
+        states = torch.stack(  # the clean states to patch in, read off the walk: [q, P, layers, d]
+            [walk.hidden(layer)[here, cols.to(here.device)] for layer in layers], dim=2
+        )
         rows = [
             PatchRow(qi, int(cols[qi, pi]), cell.target, (pi, cell))
             for qi in range(len(batch))
@@ -232,6 +233,7 @@ def sweep(
             config.max_new_tokens,
             max_rows,
             keep=None if config.screen is None else keep,
+            walk=walk,
         )
     bar.close()
     order = {c.id: i for i, c in enumerate(cases)}
