@@ -3,8 +3,8 @@ cell):
 
 - ``sweep_naive``: per query and cell, one generation with the patch as an edit (the test
   oracle);
-- ``sweep``: the fast engine. The clean hidden states are read at the needed positions
-  only; the clean forward is then walked block by block, and at each target layer t every
+- ``sweep``: the fast engine. The clean forward is walked block by block (the source
+  states are read off it at the needed positions), and at each target layer t every
   (query, position, source) row is patched into the clean residual of layer t and joins a
   batch of rows that grows as the layers rise: rows of every target layer and every case
   of a batch share their forward passes and their decoding
