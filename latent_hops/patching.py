@@ -126,8 +126,10 @@ def generate_with_patches(
                 on_output(pending, group.finish(max_new_tokens, sampler, screen))
                 group, pending = walk.resumed(start), []
 
-        for layer in sorted({r.layer for r in part}):
-            todo = [r for r in part if r.layer == layer]
+        by_layer: dict[int, list[PatchRow]] = {}
+        for r in part:
+            by_layer.setdefault(r.layer, []).append(r)
+        for layer, todo in sorted(by_layer.items()):
             resid = walk.hidden(layer)
             while todo:
                 if len(pending) == max_rows:

@@ -313,28 +313,6 @@ class HookedBackend(TransformerLensBackend):
         return HookedWalk(self, tokens, attention_mask, self._new_cache(tokens.shape[0]))
 
 
-def select_cache(
-    cache: TransformerLensKeyValueCache,
-    rows: torch.Tensor,
-    n_layers: int,
-    attention_mask: torch.Tensor,
-) -> TransformerLensKeyValueCache:
-    """A cache for ``rows`` of a prompt batch holding the first ``n_layers`` layers' keys and
-    values (shared with a clean run), the later layers empty, ready to resume from there."""
-    entries = []
-    for i, entry in enumerate(cache.entries):
-        keys, values = (
-            (entry.past_keys, entry.past_values)
-            if i < n_layers
-            else (entry.past_keys[:, :0], entry.past_values[:, :0])
-        )
-        index = rows.to(keys.device)  # layers may live on different GPUs (n_devices > 1)
-        entries.append(type(entry)(past_keys=keys[index], past_values=values[index]))
-    from transformer_lens import TransformerLensKeyValueCache
-
-    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=attention_mask)
-
-
 class HookedWalk(PromptWalk):
     """A clean prompt pass walked block by block, keeping each layer's hidden state and the
     keys/values of the blocks run so far, which resumed rows share (``HookedRows``)."""
@@ -436,9 +414,10 @@ class HookedRows(ResumedRows):
         for block in range(self.layer + 1, layer + 1):
             self.walk.hidden(block)  # the clean keys/values of this block
             clean = self.walk.cache.entries[block]
+            base = self.base.to(clean.past_keys.device)  # blocks may live on other GPUs
             entry = type(clean)(
-                past_keys=clean.past_keys[self.base, : self.from_column],
-                past_values=clean.past_values[self.base, : self.from_column],
+                past_keys=clean.past_keys[base, : self.from_column],
+                past_values=clean.past_values[base, : self.from_column],
             )
             cache = TransformerLensKeyValueCache(
                 entries=[entry] * len(self.walk.cache.entries), previous_attention_mask=mask
@@ -453,8 +432,9 @@ class HookedRows(ResumedRows):
             self.kv[block] = (entry.past_keys, entry.past_values)
         self.layer = layer
 
-    def _decoding_cache(self) -> TransformerLensKeyValueCache:
-        """Every row's keys/values: its own for the blocks it ran, the clean ones below."""
+    def _decoding_cache(self, rows: torch.Tensor) -> TransformerLensKeyValueCache:
+        """The keys/values of joined rows ``rows`` (ascending): each row's own for the blocks
+        it ran, the clean ones below."""
         from transformer_lens import TransformerLensKeyValueCache
 
         walk = self.walk
@@ -463,11 +443,13 @@ class HookedRows(ResumedRows):
         for block, clean in enumerate(walk.cache.entries):
             ran = self.kv.get(block)
             n = 0 if ran is None else len(ran[0])  # rows joined below `block` come first
-            keys, values = clean.past_keys[self.base[n:]], clean.past_values[self.base[n:]]
-            if ran is not None:
-                keys, values = torch.cat([ran[0], keys]), torch.cat([ran[1], values])
+            index = rows.to(clean.past_keys.device)  # blocks may live on other GPUs
+            own, shared = index[index < n], self.base.to(index.device)[index[index >= n]]
+            keys, values = clean.past_keys[shared], clean.past_values[shared]
+            if ran is not None and len(own):
+                keys, values = torch.cat([ran[0][own], keys]), torch.cat([ran[1][own], values])
             entries.append(type(clean)(past_keys=keys, past_values=values))
-        mask = walk.attention_mask[self.base]
+        mask = walk.attention_mask[self.base[rows.to(self.base.device)]]
         return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
 
     @torch.no_grad()
@@ -482,15 +464,14 @@ class HookedRows(ResumedRows):
         model = self.walk.model
         self._run_up_to(model.n_layers - 1)
         logits = model._unembed(self.resid[:, -1:])[:, 0]
-        cache = self._decoding_cache()
         choose = sampler or argmax
         if keep is None:
-            return model.decode_loop(logits, model._cached_step(cache), max_new_tokens, choose)
-        mask = cache.previous_attention_mask
+            every = torch.arange(len(self.base), device=logits.device)
+            step = model._cached_step(self._decoding_cache(every))
+            return model.decode_loop(logits, step, max_new_tokens, choose)
 
         def decode(kept: torch.Tensor) -> torch.Tensor:
-            sub = select_cache(cache, kept, len(cache.entries), mask[kept])
-            step = model._cached_step(sub)
+            step = model._cached_step(self._decoding_cache(kept))
             return model.decode_loop(logits[kept], step, max_new_tokens, choose).tokens
 
         return screened(model.pad_id, logits, max_new_tokens, keep, decode)

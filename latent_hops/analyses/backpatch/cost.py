@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from latent_hops.analyses.backpatch.cells import BackpatchConfig, all_cells
+from latent_hops.analyses.backpatch.engine import sweep
 from latent_hops.backend import Model
 from latent_hops.backend.work import WorkCount
 from latent_hops.cases import Case
@@ -104,8 +105,6 @@ def estimate(
     all positions) of the first case, after a one-cell warm-up, and scales to the whole
     sweep. The sample runs in smaller batches than the sweep will, so the estimate errs
     long (measured: 2x on the toy demo, 1.1x on SmolLM2's full grid)."""
-    from latent_hops.analyses.backpatch.engine import sweep
-
     cells = all_cells(model, config)
     step = max(1, len(cells) // max(1, sample // len(config.positions)))
     trial = replace(config, cells=tuple(cells[::step]), progress=False)
