@@ -125,6 +125,12 @@ def case_batches(
     """The batching every analysis starts with: batches of ``cases`` of similar ``lengths``
     (default: characters), tokenised, with the columns of ``positions`` in the padded batch."""
     lengths = [len(c.prompt) for c in cases] if lengths is None else lengths
+    unprepared = [c.id for c in cases if not set(positions) <= set(c.positions)]
+    if unprepared:
+        raise InputError(
+            f"cases {unprepared[:5]} have no token position for some of {list(positions)}: "
+            "prepare the cases with the positions (or config) of the analysis that uses them"
+        )
     for idx in length_batches(lengths, batch_size):
         batch = [cases[i] for i in idx]
         tok = tokenize_prompts(model, [c.prompt for c in batch])

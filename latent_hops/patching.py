@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from latent_hops.backend import Edit, GreedyOutput, Model, PromptWalk, Sampler, Site
+from latent_hops.backend import Decoding, Edit, GreedyOutput, Model, PromptWalk, Sampler, Site
 
 
 def write_positions(
@@ -87,6 +87,7 @@ def generate_with_patches(
     sampler: Sampler | None = None,
     keep: Callable[[Sequence[PatchRow], torch.Tensor], torch.Tensor] | None = None,
     walk: PromptWalk | None = None,
+    stop: Callable[[Sequence[PatchRow], torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Greedy generation for many single-position patches of one prompt batch, fast.
 
@@ -102,9 +103,10 @@ def generate_with_patches(
     (one call per batch of rows); decoding is greedy unless a ``sampler`` is given, and then
     each layer's rows are decoded apart, in chunks of ``max_rows``, so that the draws do not
     depend on the other layers' rows. ``keep(chunk, first_logits)`` screens rows after the
-    prompt pass (``PromptWalk.resume``). ``walk``: the batch's walk, if the caller has
-    already read clean states off it (it must reach the rows' layers). Equivalent to one
-    ``patch_edit`` generation per row (tests check it).
+    prompt pass, and ``stop(rows, tokens_so_far)`` ends the decoding of rows whose outcome
+    is decided (``Decoding``); both get the rows they judge. ``walk``: the batch's walk, if
+    the caller has already read clean states off it (it must reach the rows' layers).
+    Equivalent to one ``patch_edit`` generation per row (tests check it).
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
@@ -112,6 +114,18 @@ def generate_with_patches(
     if not layers:
         return
     walk = walk or model.walk_prompt(tokens, attention_mask, max(layers))
+
+    def decoding(chunk: Sequence[PatchRow]) -> Decoding:
+        def rows_of(index: torch.Tensor) -> list[PatchRow]:
+            return [chunk[i] for i in index.tolist()]
+
+        return Decoding(
+            max_new_tokens,
+            sampler,
+            keep=None if keep is None else lambda r, lg: keep(rows_of(r), lg),
+            stop=None if stop is None else lambda r, t: stop(rows_of(r), t),
+        )
+
     last = tokens.shape[1] - 1
     for part in ([r for r in rows if r.position == last], [r for r in rows if r.position != last]):
         if not part:
@@ -122,8 +136,7 @@ def generate_with_patches(
         def flush() -> None:
             nonlocal group, pending
             if pending:
-                screen = None if keep is None else (lambda lg, c=pending: keep(c, lg))
-                on_output(pending, group.finish(max_new_tokens, sampler, screen))
+                on_output(pending, group.finish(decoding(pending)))
                 group, pending = walk.resumed(start), []
 
         by_layer: dict[int, list[PatchRow]] = {}

@@ -9,8 +9,11 @@ workload and engine, so that every ratio is read side by side.
         --cases 64 --no-count
 
 Workloads: ``--workload NAME key=value ...`` (keys: cases, layers, positions, kinds;
-naive=yes / baseline=no to add or leave out those engines; repeatable), else one from ``--cases``,
-``--layers``, ``--positions`` and ``--kinds``. Engines: the fast engine (``sweep``);
+naive=yes / stop=yes / baseline=no to add or leave out those engines; repeatable), else one
+from ``--cases``, ``--layers``, ``--positions`` and ``--kinds``. Engines: the fast engine
+(``sweep``);
+with ``--stop`` the fast engine again with ``stop_when_decided`` (its successes, ranks and
+screen must equal the fast engine's: ``identical`` counts those, and the run fails otherwise);
 with ``--baseline REF`` the fast engine of git commit REF, run in a subprocess
 (``time_sweep.py`` with that commit's package) on the same workload, timed only; with
 ``--naive`` the reference, whose generations must equal the fast engine's (exactly in
@@ -49,7 +52,7 @@ from latent_hops.analyses.backpatch.cost import minimum_work
 from latent_hops.backend.work import WorkCount, matmul_flops_per_s
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = {"cases", "layers", "positions", "kinds", "baseline", "naive"}
+KEYS = {"cases", "layers", "positions", "kinds", "baseline", "naive", "stop"}
 
 
 def workloads(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
@@ -64,7 +67,7 @@ def workloads(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
             raise SystemExit(f"--workload {name}: unknown keys {sorted(unknown)}; use {KEYS}")
         if "cases" in settings:
             settings["cases"] = int(settings["cases"])  # type: ignore[assignment]
-        for flag in ("naive", "baseline"):  # per workload: naive=yes, baseline=no
+        for flag in ("naive", "stop", "baseline"):  # per workload: naive=yes, baseline=no
             if flag in settings:
                 on = settings.pop(flag) == "yes"
                 settings[flag] = (args.baseline if on else None) if flag == "baseline" else on
@@ -89,6 +92,29 @@ def timed(fn, model, cases, config, repeats: int):
         synchronize()
         best = min(best, time.perf_counter() - start)
     return result, best
+
+
+def stopped(
+    model, cases, config, row: dict, fast: pd.DataFrame, peak: float, no_count: bool
+) -> dict:
+    """The fast engine with ``stop_when_decided``: timed, its work counted; ``identical``:
+    the cells whose success, rank and screen equal the fast engine's."""
+    config = replace(config, stop_when_decided=True)
+    work = WorkCount()
+    if no_count:
+        table, seconds = timed(sweep, model, cases, config, 1)
+    else:
+        with model.count_work() as work:
+            table, seconds = timed(sweep, model, cases, config, 1)
+    executed = work.flops(model.shape)
+    keys = ["alias_match", "e3_rank", "screened"]
+    same = int((table[keys].fillna(-1) == fast[keys].fillna(-1)).all(axis=1).sum())
+    n = len(fast)
+    return {**row, "engine": "fast+stop", "seconds": seconds, "cells/s": n / seconds,
+            "ms/cell": 1000 * seconds / n, "executed TFLOP": executed / 1e12 if executed else None,
+            "work efficiency": None, "GFLOP/s": executed / seconds / 1e9 if executed else None,
+            "MFU": executed / seconds / peak if executed else None, "peak MB": peak_memory_mb(),
+            "identical": f"{same}/{n}"}  # fmt: skip
 
 
 def baseline(ref: str, args: argparse.Namespace, tree: Path) -> dict:
@@ -118,6 +144,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timings per engine (best)")
     parser.add_argument("--baseline", default=None, help="a git commit whose engine to time too")
     parser.add_argument("--naive", action="store_true", help="run the reference and compare")
+    parser.add_argument(
+        "--stop", action="store_true", help="also run the fast engine with stop_when_decided"
+    )
     parser.add_argument(
         "--backend",
         default="auto",
@@ -188,6 +217,8 @@ def main() -> None:
                              "work efficiency": None, "GFLOP/s": None, "MFU": None,
                              "peak MB": peak_memory_mb(), "identical": f"{same}/{n}"})  # fmt: skip
                 row["identical"] = f"{same}/{n}"
+            if wl.stop:
+                rows.append(stopped(model, cases, config, row, fast, peak, args.no_count))
             for other in other_models.values():
                 other_cases = workload_cases(other, wl, config)
                 sweep(other, other_cases[:1], one_cell)  # warm-up
@@ -213,6 +244,14 @@ def main() -> None:
     if len(fast_rows) > 1:
         per_cell = fast_rows["ms/cell"]
         print(f"cost per cell, dearest / cheapest workload: {per_cell.max() / per_cell.min():.2f}x")
+    for name in table[table.engine == "fast+stop"].workload:
+        t = table[table.workload == name].set_index("engine")
+        saved = 1 - t.loc["fast+stop", "seconds"] / t.loc["fast", "seconds"]
+        print(f"{name}: stopping decided cells saves {saved:.1%} of the time", end="")
+        if t.loc["fast", "executed TFLOP"] and t.loc["fast+stop", "executed TFLOP"]:
+            work = 1 - t.loc["fast+stop", "executed TFLOP"] / t.loc["fast", "executed TFLOP"]
+            print(f" and {work:.1%} of the work", end="")
+        print()
     if args.baseline:
         for name in fast_rows.workload:
             t = table[table.workload == name].set_index("engine")["seconds"]

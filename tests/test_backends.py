@@ -23,7 +23,7 @@ from latent_hops.analyses.backpatch import BackpatchConfig, prepare_cases, sweep
 from latent_hops.analyses.knockout import KnockoutConfig, attention_knockout
 from latent_hops.analyses.logit_lens import logit_lens
 from latent_hops.analyses.patchscopes import PatchscopeConfig, patchscope
-from latent_hops.backend import Site
+from latent_hops.backend import Decoding, Site
 from latent_hops.backend.tl import hook_name
 from latent_hops.cli import main
 from latent_hops.errors import InputError
@@ -115,6 +115,28 @@ def test_bridge_decodes_without_the_cache_where_the_cache_is_wrong(models):
     assert torch.equal(fallback, cached)
 
 
+def test_stopped_rows_get_the_tokens_they_had_so_far(models):
+    """Rows that a ``stop`` ends leave the batch (the KV cache, or the recomputed sequence,
+    drops them): every row's tokens are its full generation's, cut where it was decided."""
+    name, loaded, _ = models
+    for b, model in loaded.items():
+        tok = tokenize_prompts(model, _prompts(name, model))
+        walk = model.walk_prompt(tok.tokens, tok.attention_mask, 1)
+        rows = torch.arange(len(tok.tokens)).repeat(2)  # twice, so that rows of both kinds decode together
+        resid = walk.hidden(1)[rows]
+        full = walk.resume(rows, resid, 1, Decoding(6)).tokens
+
+        def stop(r, t):  # decided: arbitrary, but a function of the row and its tokens only
+            return (t[:, -1] + r) % 2 == 0
+
+        cut = walk.resume(rows, resid, 1, Decoding(6, stop=stop)).tokens
+        for r, (c, f) in enumerate(zip(cut.tolist(), full.tolist())):
+            eos = model.tokenizer.eos_token_id
+            ended = next((i for i, x in enumerate(f) if (x + r) % 2 == 0 or x == eos), len(f) - 1)
+            assert c == f[: ended + 1] + [model.pad_id] * (len(f) - ended - 1), (b, r)
+        assert (cut == model.pad_id).sum() > (full == model.pad_id).sum()  # some row was cut
+
+
 def _backpatch_tables(name: str, loaded: dict) -> dict[str, pd.DataFrame]:
     config = BackpatchConfig(positions=("t1", "t2"), kinds=("back", "forward", "random"),
                              source_layers=(1, 2), target_layers=(0, 1), include_embeddings=True, batch_rows=4)
@@ -140,6 +162,25 @@ def test_backpatching_fast_engine_equals_naive_and_agrees_across_backends(models
         pd.testing.assert_frame_equal(a.drop(columns="e3_logprob"), b.drop(columns="e3_logprob"))
         torch.testing.assert_close(torch.tensor(a.e3_logprob.values), torch.tensor(b.e3_logprob.values),
                                    equal_nan=True, **LOGPROB)
+
+
+@both
+@pytest.mark.parametrize("models", ["toy", "llama"], indirect=True)
+def test_screened_and_stopped_sweeps_agree_across_backends(models):
+    """The screen and early stop see each row by its place in the batch on both backends
+    (the bridge resumes each join on its own, so its rows are renumbered per join)."""
+    name, loaded, _ = models
+    table = load_dataset("toy").iloc[:4] if name.startswith("toy") else queries_to_table(QUERIES)
+    config = BackpatchConfig(source_layers=(1, 2), target_layers=(0, 1), include_embeddings=True, batch_rows=7)
+    cases, _ = prepare_cases(loaded["hooked"], table, config)
+    median = int(sweep(loaded["hooked"], cases, config).e3_rank.median())  # screens about half
+    config = dataclasses.replace(config, screen=median, stop_when_decided=True)
+    tables = {}
+    for b, model in loaded.items():
+        cases, _ = prepare_cases(model, table, config)
+        tables[b] = sweep(model, cases, config)
+    assert tables["hooked"].screened.any() and not tables["hooked"].screened.all()
+    _assert_tables_agree(tables)
 
 
 def _assert_tables_agree(tables: dict[str, pd.DataFrame]) -> None:

@@ -17,6 +17,7 @@ from latent_hops.analyses.backpatch import (
     sweep_naive,
     with_labels,
 )
+from latent_hops.errors import InputError
 from latent_hops.generation import generate
 from latent_hops.patching import patch_edit
 from latent_hops.positions import tokenize_prompts
@@ -155,6 +156,40 @@ def test_first_token_screen_keeps_the_oracle_when_it_covers_every_success(toy):
     assert tighter.screened.sum() >= screened.screened.sum()
     with pytest.raises(ValueError, match="fast engine"):
         sweep_naive(toy, cases[:1], BackpatchConfig(screen=3))
+
+
+def test_stopping_decided_cells_keeps_every_success_and_rank(toy):
+    """With --stop-when-decided a cell's decoding ends once an e3 alias has appeared (and its
+    row leaves the batch): the same successes, ranks and screen; a success's generation is
+    the full one cut after the alias, every other generation is the full one."""
+    data = load_dataset("toy")
+    cases = _cases(toy, data[data.split == "test_id"].iloc[:12])
+    for screen in (None, 3):
+        with toy.count_work() as work_full:
+            full = sweep(toy, cases, BackpatchConfig(batch_rows=64, screen=screen))
+        with toy.count_work() as work_cut:
+            cut = sweep(toy, cases, BackpatchConfig(batch_rows=64, screen=screen, stop_when_decided=True))
+        same = ["id", "position", "source_layer", "target_layer", "kind", "alias_match", "e3_rank", "screened"]
+        pd.testing.assert_frame_equal(cut[same], full[same])
+        torch.testing.assert_close(torch.tensor(cut.e3_logprob.values), torch.tensor(full.e3_logprob.values),
+                                   atol=1e-5, rtol=0, equal_nan=True)
+        won = full.alias_match.to_numpy(dtype=bool)
+        assert won.sum() > 50
+        assert cut.generation[~won].tolist() == full.generation[~won].tolist()
+        pairs = list(zip(cut.generation[won], full.generation[won]))
+        assert all(f.startswith(c) for c, f in pairs)
+        # the toy answers with one word, then EOS: a success's step that would give the EOS is
+        # not run, and rows that ended leave the batch; less work, the same table
+        assert work_cut.unembedded < 0.8 * work_full.unembedded
+        assert work_cut.block_tokens < work_full.block_tokens
+    with pytest.raises(ValueError, match="fast engine"):
+        sweep_naive(toy, cases[:1], BackpatchConfig(stop_when_decided=True))
+
+
+def test_cases_prepared_for_other_positions_are_refused(toy, toy_table):
+    cases = _cases(toy, toy_table, positions=("t2",))
+    with pytest.raises(InputError, match="prepare the cases"):
+        sweep(toy, cases, BackpatchConfig(positions=("t1",)))
 
 
 def test_success_samples_show_what_counted():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import save_tiny
 
 from latent_hops.analyses.backpatch import (
     BackpatchConfig,
@@ -21,8 +22,10 @@ from latent_hops.analyses.backpatch import (
     prepare_cases,
     sweep,
 )
+from latent_hops.backend import Decoding
 from latent_hops.backend.hooked import lay_out_weights
 from latent_hops.backend.work import ModelShape, WorkCount, matmul_flops_per_s
+from latent_hops.models import load_model
 from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import load_dataset
 
@@ -106,6 +109,30 @@ def test_weight_layout_changes_no_number_and_removes_the_copies(tiny_llama, tiny
     assert block.mlp.W_gate.T.is_contiguous() and tiny_llama.tl.W_U.T.is_contiguous()
 
 
+@pytest.mark.parametrize("soft_cap", [None, 5.0])
+def test_shared_key_value_heads_change_no_number(tmp_path, soft_cap):
+    """Grouped-query attention without TL's per-query-head copies of keys and values: the
+    logits, and what its hooks see, equal TL's own GQA bit for bit (with Gemma 2's score
+    soft-cap too), in a prompt pass and in cached decoding."""
+    path = save_tiny("llama", tmp_path / "gqa", style="sentencepiece", kv_heads=2)
+    model = load_model(path, device="cpu")
+    if soft_cap:
+        model.tl.cfg.attn_scores_soft_cap = soft_cap
+    plain = copy.deepcopy(model.tl)
+    for block in plain.blocks:  # TL's own methods again
+        del block.attn.calculate_attention_scores, block.attn.calculate_z_scores
+    assert "calculate_z_scores" in vars(model.tl.blocks[0].attn)  # ours is in use
+    tokens, names = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]), ("pattern", "z", "attn_scores")
+    with torch.no_grad():
+        (ours, ours_cache), (theirs, their_cache) = (
+            m.run_with_cache(tokens, names_filter=lambda n: n.endswith(names)) for m in (model.tl, plain)
+        )
+        assert torch.equal(ours, theirs)
+        assert all(torch.equal(ours_cache[k], their_cache[k]) for k in their_cache)
+        generated = [m.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False) for m in (model.tl, plain)]
+    assert torch.equal(*generated)
+
+
 def test_rows_join_in_order_of_layers(tiny_llama):
     tokens = torch.tensor([[5, 6, 7, 8]])
     walk = tiny_llama.walk_prompt(tokens, torch.ones_like(tokens), 2)
@@ -126,8 +153,8 @@ def test_rows_of_many_layers_share_passes_and_equal_rows_resumed_alone(tiny_llam
         resid = walk.hidden(layer)[[row]].clone()
         resid[0, column] = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(layer + 2))
         group.join(torch.tensor([row]), resid, layer)
-        alone.append(tiny_llama.walk_prompt(tokens, mask, 2).resume(torch.tensor([row]), resid, layer, 4))
-    together = group.finish(4)
+        alone.append(tiny_llama.walk_prompt(tokens, mask, 2).resume(torch.tensor([row]), resid, layer, Decoding(4)))
+    together = group.finish(Decoding(4))
     assert len(group) == 4
     assert torch.equal(together.tokens, torch.cat([o.tokens for o in alone]))
     torch.testing.assert_close(together.first_logits, torch.cat([o.first_logits for o in alone]))

@@ -29,7 +29,7 @@ from latent_hops.backend.base import (
     tokenizer_adds_bos,
 )
 from latent_hops.backend.bridge import BridgeBackend
-from latent_hops.backend.decoding import GreedyOutput, Sampler
+from latent_hops.backend.decoding import Decoding, GreedyOutput, Sampler
 from latent_hops.backend.hooked import HookedBackend
 from latent_hops.backend.tl import hidden_state_hook, hook_name
 from latent_hops.errors import InputError
@@ -58,6 +58,7 @@ __all__ = [
     "PromptWalk",
     "ResumedRows",
     "Sampler",
+    "Decoding",
     "Site",
     "UnsupportedArchitecture",
     "free_memory_mb",

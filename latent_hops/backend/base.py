@@ -29,7 +29,14 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Bool, Float, Int
 
-from latent_hops.backend.decoding import GreedyOutput, Sampler, Step, argmax, greedy_loop
+from latent_hops.backend.decoding import (
+    Decoding,
+    GreedyOutput,
+    Step,
+    Stop,
+    argmax,
+    greedy_loop,
+)
 from latent_hops.backend.work import ModelShape, WorkCount
 from latent_hops.errors import InputError
 
@@ -95,14 +102,11 @@ class PromptWalk(abc.ABC):
         rows: Int[torch.Tensor, " rows"],
         resid: Float[torch.Tensor, "rows pos d_model"],
         layer: int,
-        max_new_tokens: int,
-        sampler: Sampler | None = None,
-        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decoding: Decoding,
     ) -> GreedyOutput:
         """Rows ``rows`` of the batch with the hidden state of ``layer`` replaced by
-        ``resid``: the prompt pass finished from block ``layer + 1``, then decoded (greedy
-        unless ``sampler``). ``keep(first_logits) -> bool[rows]`` screens rows after the
-        prompt pass: only kept rows are decoded, the others get padding only."""
+        ``resid``: the prompt pass finished from block ``layer + 1``, then decoded as
+        ``decoding`` says (screened, stopped early)."""
 
     def resumed(self, from_column: int = 0) -> ResumedRows:
         """A batch of patched rows that share their passes (``ResumedRows``); here each join
@@ -135,14 +139,9 @@ class ResumedRows(abc.ABC):
         ``resid`` (``layer`` never below an earlier join's)."""
 
     @abc.abstractmethod
-    def finish(
-        self,
-        max_new_tokens: int,
-        sampler: Sampler | None = None,
-        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> GreedyOutput:
-        """Every joined row, in join order: its prompt pass finished, then decoded (greedy
-        unless ``sampler``); ``keep`` screens rows as in ``PromptWalk.resume``."""
+    def finish(self, decoding: Decoding) -> GreedyOutput:
+        """Every joined row, in join order: its prompt pass finished, then decoded as
+        ``decoding`` says (as in ``PromptWalk.resume``)."""
 
 
 class RowsResumedOneByOne(ResumedRows):
@@ -165,16 +164,12 @@ class RowsResumedOneByOne(ResumedRows):
     ) -> None:
         self.joins.append((rows, resid, layer))
 
-    def finish(
-        self,
-        max_new_tokens: int,
-        sampler: Sampler | None = None,
-        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> GreedyOutput:
-        outs = [
-            self.walk.resume(rows, resid, layer, max_new_tokens, sampler, keep)
-            for rows, resid, layer in self.joins
-        ]
+    def finish(self, decoding: Decoding) -> GreedyOutput:
+        outs, start = [], 0
+        for rows, resid, layer in self.joins:
+            these = torch.arange(start, start + len(rows))  # the join's rows in the batch
+            outs.append(self.walk.resume(rows, resid, layer, decoding.of_rows(these)))
+            start += len(rows)
         return GreedyOutput(
             torch.cat([o.tokens for o in outs]), torch.cat([o.first_logits for o in outs])
         )
@@ -260,11 +255,12 @@ class Backend(abc.ABC):
         step: Step,
         max_new_tokens: int,
         choose: Callable[[torch.Tensor], torch.Tensor] = argmax,
+        stop: Stop | None = None,
     ) -> GreedyOutput:
         """Decoding from a prompt pass's last logits with ``step`` (``decoding.greedy_loop``),
-        stopping rows at this tokenizer's EOS."""
+        stopping rows at this tokenizer's EOS (and, with ``stop``, once decided)."""
         eos = self.tokenizer.eos_token_id
-        return greedy_loop(eos, self.pad_id, logits, step, max_new_tokens, choose)
+        return greedy_loop(eos, self.pad_id, logits, step, max_new_tokens, choose, stop)
 
     # ------------------------------------------------------------------ reads
 

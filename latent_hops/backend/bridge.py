@@ -31,10 +31,9 @@ from jaxtyping import Float, Int
 
 from latent_hops.backend.base import Capabilities, Edit, PromptWalk, Site, tokenizer_adds_bos
 from latent_hops.backend.decoding import (
+    Decoding,
     GreedyOutput,
-    Sampler,
     Step,
-    argmax,
     probe_tokens,
     recompute_step,
     screened,
@@ -227,7 +226,10 @@ class BridgeBackend(TransformerLensBackend):
             )
         state = [attention_mask, cache]
 
-        def step(nxt: torch.Tensor) -> torch.Tensor:
+        def step(nxt: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+            if kept is not None:
+                state[0] = state[0][kept]
+                state[1].batch_select_indices(kept)
             state[0] = torch.cat([state[0], torch.ones_like(nxt[:, None])], 1)
             out, state[1] = self.tl(
                 nxt[:, None],
@@ -246,8 +248,7 @@ class BridgeBackend(TransformerLensBackend):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor,
         edits: Sequence[Edit],
-        max_new_tokens: int,
-        choose: Callable[[torch.Tensor], torch.Tensor] = argmax,
+        decoding: Decoding,
         use_kv_cache: bool = True,
     ) -> GreedyOutput:
         """Prompt pass with ``edits``, then decoding: cached when the cache is exact, else by
@@ -259,7 +260,8 @@ class BridgeBackend(TransformerLensBackend):
             step = recompute_step(
                 tokens, attention_mask, lambda t, m: self.last_logits(t, m, edits)
             )
-        return self.decode_loop(logits, step, max_new_tokens, choose)
+        choose, stop = decoding.choose, decoding.stop
+        return self.decode_loop(logits, step, decoding.max_new_tokens, choose, stop)
 
     def greedy_generate(
         self,
@@ -269,7 +271,7 @@ class BridgeBackend(TransformerLensBackend):
         edits: Sequence[Edit] = (),
         use_kv_cache: bool = True,
     ) -> GreedyOutput:
-        return self._decode(tokens, attention_mask, edits, max_new_tokens, argmax, use_kv_cache)
+        return self._decode(tokens, attention_mask, edits, Decoding(max_new_tokens), use_kv_cache)
 
     @torch.no_grad()
     def walk_prompt(
@@ -322,14 +324,12 @@ class BridgeWalk(PromptWalk):
         rows: Int[torch.Tensor, " rows"],
         resid: Float[torch.Tensor, "rows pos d_model"],
         layer: int,
-        max_new_tokens: int,
-        sampler: Sampler | None = None,
-        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decoding: Decoding,
     ) -> GreedyOutput:
         """The layers below ``layer`` compute exactly what the clean pass did, so their
-        keys/values are the clean ones; ``keep``'s kept rows are decoded again from their
-        prompt."""
-        model, choose = self.model, sampler or argmax
+        keys/values are the clean ones; ``decoding.keep``'s kept rows are decoded again from
+        their prompt."""
+        model = self.model
         index = rows.to(self.tokens.device)
         tokens, mask = self.tokens[index], self.attention_mask[index]
 
@@ -340,14 +340,11 @@ class BridgeWalk(PromptWalk):
 
             return [Edit(Site("resid", layer), write)]
 
-        if keep is None:
-            return model._decode(tokens, mask, replace(resid), max_new_tokens, choose)
+        if decoding.keep is None:
+            return model._decode(tokens, mask, replace(resid), decoding)
         logits = model.last_logits(tokens, mask, replace(resid))
 
-        def decode(kept: torch.Tensor) -> torch.Tensor:
-            out = model._decode(
-                tokens[kept], mask[kept], replace(resid[kept]), max_new_tokens, choose
-            )
-            return out.tokens
+        def decode(kept: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+            return model._decode(tokens[kept], mask[kept], replace(resid[kept]), decoding).tokens
 
-        return screened(model.pad_id, logits, max_new_tokens, keep, decode)
+        return screened(model.pad_id, logits, decoding, decode)

@@ -8,8 +8,9 @@ patch are never recomputed.
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,10 +32,9 @@ from latent_hops.backend.base import (
     tokenizer_adds_bos,
 )
 from latent_hops.backend.decoding import (
+    Decoding,
     GreedyOutput,
-    Sampler,
     Step,
-    argmax,
     recompute_step,
     screened,
 )
@@ -107,6 +107,52 @@ def lay_out_weights(model: HookedTransformer) -> None:
     _store_as(model.unembed.W_U, (1, 0))
 
 
+def _grouped_scores(
+    attn: Any,
+    q: Float[torch.Tensor, "batch query head d_head"],
+    k: Float[torch.Tensor, "batch key kv_head d_head"],
+) -> Float[torch.Tensor, "batch head query key"]:
+    """``GroupedQueryAttention.calculate_attention_scores`` without copying each key/value
+    head once per query head it serves: the query heads of a key head are stacked as extra
+    query rows of one product."""
+    b, n_q, n_heads, d = q.shape
+    kv = k.shape[2]
+    grouped = q.reshape(b, n_q, kv, n_heads // kv, d).permute(0, 2, 3, 1, 4)
+    scores = grouped.reshape(b, kv, -1, d) @ k.permute(0, 2, 3, 1)  # [b, kv, group*query, key]
+    scores = scores.reshape(b, n_heads, n_q, -1) / attn.attn_scale
+    cap = attn.cfg.attn_scores_soft_cap
+    return cap * torch.tanh(scores / cap) if cap and cap > 0 else scores
+
+
+def _grouped_z(
+    attn: Any,
+    v: Float[torch.Tensor, "batch key kv_head d_head"],
+    pattern: Float[torch.Tensor, "batch head query key"],
+) -> Float[torch.Tensor, "batch query head d_head"]:
+    """``GroupedQueryAttention.calculate_z_scores`` without expanding the values (as above)."""
+    b, n_heads, n_q, n_k = pattern.shape
+    kv = v.shape[2]
+    z = pattern.reshape(b, kv, -1, n_k) @ v.permute(0, 2, 1, 3)  # [b, kv, group*query, d]
+    return attn.hook_z(z.reshape(b, n_heads, n_q, -1).permute(0, 2, 1, 3))
+
+
+def share_key_value_heads(model: HookedTransformer) -> None:
+    """Grouped-query attention without TL 3.9's ``repeat_interleave`` of keys and values to
+    every query head (a strided copy of the whole KV cache per block and decoding step: a
+    third of a SmolLM2 sweep's time). The same products on the same operands, with the same
+    hooks (``hook_attn_scores``, ``hook_pattern``, ``hook_z``) where they were."""
+    from transformer_lens.components import GroupedQueryAttention
+
+    for block in model.blocks:
+        attn = block.attn
+        if (
+            isinstance(attn, GroupedQueryAttention)
+            and not model.cfg.ungroup_grouped_query_attention
+        ):
+            attn.calculate_attention_scores = types.MethodType(_grouped_scores, attn)
+            attn.calculate_z_scores = types.MethodType(_grouped_z, attn)
+
+
 class HookedBackend(TransformerLensBackend):
     """TransformerLens' ``HookedTransformer``: resumes from any layer without recomputing the
     layers below (TL's own KV cache)."""
@@ -118,6 +164,7 @@ class HookedBackend(TransformerLensBackend):
     def __init__(self, tl: HookedTransformer, tokenizer: Any, spec: str):
         super().__init__(tl, tokenizer, spec)
         lay_out_weights(tl)
+        share_key_value_heads(tl)
 
     # ------------------------------------------------------------------ loading
 
@@ -279,7 +326,10 @@ class HookedBackend(TransformerLensBackend):
         return TransformerLensKeyValueCache.init_cache(self.tl.cfg, self.tl.cfg.device, batch)
 
     def _cached_step(self, cache: TransformerLensKeyValueCache) -> Step:
-        def step(nxt: torch.Tensor) -> torch.Tensor:
+        def step(nxt: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+            nonlocal cache
+            if kept is not None:
+                cache = _cache_rows(cache, kept)
             ones = torch.ones((nxt.shape[0], 1), dtype=torch.long, device=nxt.device)
             return self._logits(nxt[:, None], attention_mask=ones, past_kv_cache=cache)
 
@@ -360,13 +410,11 @@ class HookedWalk(PromptWalk):
         rows: Int[torch.Tensor, " rows"],
         resid: Float[torch.Tensor, "rows pos d_model"],
         layer: int,
-        max_new_tokens: int,
-        sampler: Sampler | None = None,
-        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decoding: Decoding,
     ) -> GreedyOutput:
         group = self.resumed()
         group.join(rows, resid, layer)
-        return group.finish(max_new_tokens, sampler, keep)
+        return group.finish(decoding)
 
 
 class HookedRows(ResumedRows):
@@ -453,25 +501,30 @@ class HookedRows(ResumedRows):
         return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
 
     @torch.no_grad()
-    def finish(
-        self,
-        max_new_tokens: int,
-        sampler: Sampler | None = None,
-        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> GreedyOutput:
+    def finish(self, decoding: Decoding) -> GreedyOutput:
         if self.resid is None:
             raise ValueError("no rows joined")
         model = self.walk.model
         self._run_up_to(model.n_layers - 1)
         logits = model._unembed(self.resid[:, -1:])[:, 0]
-        choose = sampler or argmax
-        if keep is None:
-            every = torch.arange(len(self.base), device=logits.device)
-            step = model._cached_step(self._decoding_cache(every))
-            return model.decode_loop(logits, step, max_new_tokens, choose)
 
-        def decode(kept: torch.Tensor) -> torch.Tensor:
-            step = model._cached_step(self._decoding_cache(kept))
-            return model.decode_loop(logits[kept], step, max_new_tokens, choose).tokens
+        def decode(rows: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+            step = model._cached_step(self._decoding_cache(rows))
+            max_new, choose, stop = decoding.max_new_tokens, decoding.choose, decoding.stop
+            return model.decode_loop(logits[rows], step, max_new, choose, stop).tokens
 
-        return screened(model.pad_id, logits, max_new_tokens, keep, decode)
+        return screened(model.pad_id, logits, decoding, decode)
+
+
+def _cache_rows(
+    cache: TransformerLensKeyValueCache, rows: Int[torch.Tensor, " kept"]
+) -> TransformerLensKeyValueCache:
+    """The keys/values (and attention mask) of ``rows`` of a cache's batch."""
+    entries = []
+    for entry in cache.entries:
+        index = rows.to(entry.past_keys.device)  # blocks may live on other GPUs
+        entries.append(
+            type(entry)(past_keys=entry.past_keys[index], past_values=entry.past_values[index])
+        )
+    mask = cache.previous_attention_mask[rows.to(cache.previous_attention_mask.device)]
+    return type(cache)(entries=entries, previous_attention_mask=mask)

@@ -49,7 +49,10 @@ TABLE = TableSchema(
             "back (s > t), forward (s < t, control) or random (s > t, a random direction with "
             "the source state's norm, control)",
         ),
-        GENERATION.described("greedy generation of the patched run (null: screened)"),
+        GENERATION.described(
+            "greedy generation of the patched run (null: screened; with --stop-when-decided, "
+            "cut after the token that completed an e3 alias)"
+        ),
         ALIAS_MATCH.renamed("alias_match").described(
             "an e3 alias is in the generation (false when screened: a screened cell counts as "
             "no success)"
@@ -106,6 +109,11 @@ class BackpatchConfig:
         None,
         "decode only cells whose first-step e3 rank is <= K (the rest: screened, not successes)",
         minimum=0,
+    )
+    stop_when_decided: bool = option(
+        False,
+        "end a cell's generation once an e3 alias has appeared: the same successes and ranks, "
+        "faster; the generation column ends there",
     )
     suffix: str = PROMPT_SUFFIX
     progress: bool = runtime(False)

@@ -109,9 +109,10 @@ def sweep_naive(
 ) -> pd.DataFrame:
     """The reference: one generation per query, position and cell, the patch an edit."""
     config = config or BackpatchConfig()
-    if config.screen is not None:
+    if config.screen is not None or config.stop_when_decided:
         raise InputError(
-            "the first-token screen is a feature of the fast engine (sweep), not of the reference"
+            "the first-token screen and stopping decided cells are features of the fast engine "
+            "(sweep), not of the reference"
         )
     cells = all_cells(model, config)
     records = []
@@ -223,6 +224,14 @@ def sweep(
                 device=logits.device,
             )
 
+        def decided(chunk: Sequence[PatchRow], tokens: torch.Tensor) -> torch.Tensor:
+            """An e3 alias has appeared: a substring stays one as the generation grows."""
+            texts = [decode(model, ids) for ids in tokens.tolist()]
+            return torch.tensor(
+                [alias_match(t, batch[r.base].e3_names) for t, r in zip(texts, chunk)],
+                dtype=torch.bool,
+            )
+
         generate_with_patches(
             model,
             tok.tokens,
@@ -234,6 +243,7 @@ def sweep(
             max_rows,
             keep=None if config.screen is None else keep,
             walk=walk,
+            stop=decided if config.stop_when_decided else None,
         )
     bar.close()
     order = {c.id: i for i, c in enumerate(cases)}
