@@ -149,8 +149,9 @@ def share_key_value_heads(model: HookedTransformer) -> None:
             isinstance(attn, GroupedQueryAttention)
             and not model.cfg.ungroup_grouped_query_attention
         ):
-            attn.calculate_attention_scores = types.MethodType(_grouped_scores, attn)
-            attn.calculate_z_scores = types.MethodType(_grouped_z, attn)
+            # instance attributes, in front of the class's methods (the hooked forward calls them)
+            attn.calculate_attention_scores = types.MethodType(_grouped_scores, attn)  # type: ignore[method-assign]
+            attn.calculate_z_scores = types.MethodType(_grouped_z, attn)  # type: ignore[method-assign]
 
 
 class HookedBackend(TransformerLensBackend):
