@@ -3,6 +3,7 @@ forward passes of known shape, the engine's executed work against the protocol's
 plus its known overhead, the weight layout that leaves every number unchanged, rows that
 share passes across layers, the pre-sweep estimate and the benchmark script."""
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -109,28 +110,53 @@ def test_weight_layout_changes_no_number_and_removes_the_copies(tiny_llama, tiny
     assert block.mlp.W_gate.T.is_contiguous() and tiny_llama.tl.W_U.T.is_contiguous()
 
 
+OVERRIDES = ("calculate_attention_scores", "calculate_z_scores", "forward", "apply_rotary")
+
+
+@contextlib.contextmanager
+def tl_own_attention(model):
+    """The model's attention as TransformerLens wrote it: the backend's shortcuts (shared
+    key/value heads, keys rotated once) taken off for the duration."""
+    saved = [{k: vars(b.attn).pop(k) for k in OVERRIDES if k in vars(b.attn)} for b in model.tl.blocks]
+    try:
+        yield
+    finally:
+        for block, methods in zip(model.tl.blocks, saved):
+            vars(block.attn).update(methods)
+
+
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
-def test_shared_key_value_heads_change_no_number(tmp_path, soft_cap):
-    """Grouped-query attention without TL's per-query-head copies of keys and values: the
-    logits, and what its hooks see, equal TL's own GQA bit for bit (with Gemma 2's score
-    soft-cap too), in a prompt pass and in cached decoding."""
+def test_attention_shortcuts_change_no_number(tmp_path, soft_cap):
+    """Grouped-query attention without TL's per-query-head copies of keys and values, and
+    cached keys rotated once: the logits, what the attention hooks see, and generations
+    (left-padded, cached, rows leaving the batch) equal TL's own attention bit for bit, with
+    Gemma 2's score soft-cap too."""
     path = save_tiny("llama", tmp_path / "gqa", style="sentencepiece", kv_heads=2)
     model = load_model(path, device="cpu")
     if soft_cap:
         model.tl.cfg.attn_scores_soft_cap = soft_cap
-    plain = copy.deepcopy(model.tl)
-    for block in plain.blocks:  # TL's own methods again
-        del block.attn.calculate_attention_scores, block.attn.calculate_z_scores
-    assert "calculate_z_scores" in vars(model.tl.blocks[0].attn)  # ours is in use
-    tokens, names = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]), ("pattern", "z", "attn_scores")
-    with torch.no_grad():
-        (ours, ours_cache), (theirs, their_cache) = (
-            m.run_with_cache(tokens, names_filter=lambda n: n.endswith(names)) for m in (model.tl, plain)
-        )
-        assert torch.equal(ours, theirs)
-        assert all(torch.equal(ours_cache[k], their_cache[k]) for k in their_cache)
-        generated = [m.generate(tokens, max_new_tokens=4, do_sample=False, verbose=False) for m in (model.tl, plain)]
-    assert torch.equal(*generated)
+    assert {"calculate_z_scores", "apply_rotary"} <= set(vars(model.tl.blocks[0].attn))  # in use
+    tok = tokenize_prompts(model, ["Paris is the capital of", "Rome", "the spouse of the performer of"])
+    names = ("pattern", "z", "attn_scores", "rot_k")
+
+    def stop(rows, tokens):  # rows leave the batch at different steps
+        return (tokens[:, -1] + rows) % 3 == 0
+
+    def outputs():
+        with torch.no_grad():
+            logits, cache = model.tl.run_with_cache(tok.tokens, attention_mask=tok.attention_mask,
+                                                     names_filter=lambda n: n.endswith(names))
+        generated = model.greedy_generate(tok.tokens, tok.attention_mask, 6)
+        walk = model.walk_prompt(tok.tokens, tok.attention_mask, 1)
+        rows = torch.tensor([0, 1, 2, 0, 1, 2])
+        resumed = walk.resume(rows, walk.hidden(1)[rows], 1, Decoding(6, stop=stop))
+        return [logits, *cache.values(), generated.tokens, generated.first_logits, resumed.tokens]
+
+    ours = outputs()
+    with tl_own_attention(model):
+        theirs = outputs()
+    assert len(ours) == len(theirs) == 1 + model.n_layers * len(names) + 3
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def test_rows_join_in_order_of_layers(tiny_llama):
