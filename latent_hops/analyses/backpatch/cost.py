@@ -104,7 +104,7 @@ def estimate(
     """Times the fast engine on about ``sample`` rows (cells evenly spread over the sweep's,
     all positions) of the first case, after a one-cell warm-up, and scales to the whole
     sweep. The sample runs in smaller batches than the sweep will, so the estimate errs
-    long (measured: 2x on the toy demo, 1.1x on SmolLM2's full grid)."""
+    long (measured: 2x on the toy demo, 1.1-1.2x on SmolLM2's full grid)."""
     cells = all_cells(model, config)
     step = max(1, len(cells) // max(1, sample // len(config.positions)))
     trial = replace(config, cells=tuple(cells[::step]), progress=False)
