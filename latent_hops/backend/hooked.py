@@ -309,6 +309,16 @@ class HookedBackend(TransformerLensBackend):
             attention_edits=True, exact_kv_cache=True, resume_skips_lower_layers=True
         )
 
+    def bytes_per_patched_row(self, seq_len: int, new_tokens: int) -> int:
+        """As for any TransformerLens model, plus the keys that ``reuse_rotated_keys`` keeps
+        rotated beside the cache on a rotary model."""
+        row = super().bytes_per_patched_row(seq_len, new_tokens)
+        cfg = self.tl.cfg
+        if cfg.positional_embedding_type != "rotary":
+            return row
+        keys = cfg.n_layers * (seq_len + new_tokens) * (cfg.n_key_value_heads or cfg.n_heads)
+        return row + keys * cfg.d_head * torch.finfo(cfg.dtype).bits // 8
+
     @contextlib.contextmanager
     def count_work(self) -> Iterator[WorkCount]:
         """Counts every block's queries and (query, key) pairs at its attention scores
