@@ -144,7 +144,9 @@ def screened(
     ``decode(rows, their decoding) -> tokens``; the others get padding only. Without a
     screen, every row is decoded."""
     every = torch.arange(logits.shape[0], device=logits.device)
-    kept = every if decoding.keep is None else decoding.keep(every, logits).nonzero()[:, 0]
+    if decoding.keep is None:
+        return GreedyOutput(decode(every, decoding), logits.float())
+    kept = decoding.keep(every, logits).nonzero()[:, 0]
     padding = torch.full(
         (logits.shape[0], decoding.max_new_tokens), pad, dtype=torch.long, device=logits.device
     )

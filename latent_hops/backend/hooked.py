@@ -193,6 +193,13 @@ def _rotate_new_keys(
     return rotated
 
 
+def _keep_rotated_keys(entry: Any, rows_entry: Any, index: torch.Tensor) -> None:
+    """``rows_entry`` holds rows ``index`` of ``entry``: it takes their rotated keys along."""
+    source, rotated = getattr(entry, "rotated_keys", (None, None))
+    if source is entry.past_keys and rotated is not None:
+        rows_entry.rotated_keys = (rows_entry.past_keys, rotated[index])
+
+
 def reuse_rotated_keys(model: HookedTransformer) -> None:
     """Rotary attention that rotates each cached key once (``_rotate_new_keys``) instead of at
     every decoding step (5-15% of a SmolLM2 sweep's time), its numbers bitwise the same.
@@ -588,9 +595,7 @@ def _cache_rows(
     for entry in cache.entries:
         index = rows.to(entry.past_keys.device)  # blocks may live on other GPUs
         kept = type(entry)(past_keys=entry.past_keys[index], past_values=entry.past_values[index])
-        source, rotated = getattr(entry, "rotated_keys", (None, None))
-        if source is entry.past_keys and rotated is not None:  # reuse_rotated_keys' rotations
-            kept.rotated_keys = (kept.past_keys, rotated[index])  # type: ignore[attr-defined]
+        _keep_rotated_keys(entry, kept, index)
         entries.append(kept)
     mask = cache.previous_attention_mask[rows.to(cache.previous_attention_mask.device)]
     return type(cache)(entries=entries, previous_attention_mask=mask)
