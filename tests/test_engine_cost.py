@@ -115,14 +115,31 @@ OVERRIDES = ("calculate_attention_scores", "calculate_z_scores", "forward", "app
 
 @contextlib.contextmanager
 def tl_own_attention(model):
-    """The model's attention as TransformerLens wrote it: the backend's shortcuts (shared
-    key/value heads, keys rotated once) taken off for the duration."""
+    """The model's attention and KV cache as TransformerLens wrote them: the backend's
+    shortcuts (shared key/value heads, keys rotated once, entries with room laid out for the
+    products) taken off for the duration."""
     saved = [{k: vars(b.attn).pop(k) for k in OVERRIDES if k in vars(b.attn)} for b in model.tl.blocks]
+    model.kv_entries = False
     try:
         yield
     finally:
+        del model.kv_entries
         for block, methods in zip(model.tl.blocks, saved):
             vars(block.attn).update(methods)
+
+
+def step_logits(model, tokens, mask):
+    """The logits of a cached prompt pass and of four decoding steps fed fixed tokens; of
+    several rows, all but the last leave the batch after two steps, one by one."""
+    cache = model._new_cache(len(tokens), tokens.shape[1] + 5)
+    with torch.no_grad():
+        out = [model._logits(tokens, attention_mask=mask, past_kv_cache=cache)]
+        step, rows = model._cached_step(cache), len(tokens)
+        for i in range(4):
+            kept = torch.arange(1, rows) if i >= 2 and rows > 1 else None
+            rows = rows if kept is None else len(kept)
+            out.append(step(torch.full((rows,), 5 + i), kept))
+    return out
 
 
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
@@ -147,15 +164,18 @@ def test_attention_shortcuts_change_no_number(tmp_path, soft_cap):
             logits, cache = model.tl.run_with_cache(tok.tokens, attention_mask=tok.attention_mask,
                                                      names_filter=lambda n: n.endswith(names))
         generated = model.greedy_generate(tok.tokens, tok.attention_mask, 6)
+        steps = [*step_logits(model, tok.tokens, tok.attention_mask),
+                 *step_logits(model, tok.tokens[2:], tok.attention_mask[2:])]  # fmt: skip
         walk = model.walk_prompt(tok.tokens, tok.attention_mask, 1)
         rows = torch.tensor([0, 1, 2, 0, 1, 2])
         resumed = walk.resume(rows, walk.hidden(1)[rows], 1, Decoding(6, stop=stop))
-        return [logits, *cache.values(), generated.tokens, generated.first_logits, resumed.tokens]
+        return [logits, *cache.values(), generated.tokens, generated.first_logits, *steps,
+                resumed.tokens]  # fmt: skip
 
     ours = outputs()
     with tl_own_attention(model):
         theirs = outputs()
-    assert len(ours) == len(theirs) == 1 + model.n_layers * len(names) + 3
+    assert len(ours) == len(theirs) == 1 + model.n_layers * len(names) + 3 + 2 * 5
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 

@@ -38,6 +38,7 @@ from latent_hops.backend.decoding import (
     recompute_step,
     screened,
 )
+from latent_hops.backend.hooked_cache import KVEntry, cache_rows, reuse_rotated_keys
 from latent_hops.backend.tl import Hook, TransformerLensBackend, as_hooks, hook_name
 from latent_hops.backend.work import WorkCount
 
@@ -113,12 +114,13 @@ def _grouped_scores(
     k: Float[torch.Tensor, "batch key kv_head d_head"],
 ) -> Float[torch.Tensor, "batch head query key"]:
     """``GroupedQueryAttention.calculate_attention_scores`` without copying each key/value
-    head once per query head it serves: the query heads of a key head are stacked as extra
-    query rows of one product."""
+    head once per query head it serves: one product per place in a group of query heads,
+    each reading the key heads in place (TL's own products, head by head)."""
     b, n_q, n_heads, d = q.shape
     kv = k.shape[2]
-    grouped = q.reshape(b, n_q, kv, n_heads // kv, d).permute(0, 2, 3, 1, 4)
-    scores = grouped.reshape(b, kv, -1, d) @ k.permute(0, 2, 3, 1)  # [b, kv, group*query, key]
+    grouped = q.reshape(b, n_q, kv, n_heads // kv, d).permute(3, 0, 2, 1, 4)  # [group, b, kv, q, d]
+    keys = k.permute(0, 2, 3, 1)  # [b, kv, d_head, key]
+    scores = torch.stack([member @ keys for member in grouped], dim=2)  # [b, kv, group, q, key]
     scores = scores.reshape(b, n_heads, n_q, -1) / attn.attn_scale
     cap = attn.cfg.attn_scores_soft_cap
     return cap * torch.tanh(scores / cap) if cap and cap > 0 else scores
@@ -132,15 +134,19 @@ def _grouped_z(
     """``GroupedQueryAttention.calculate_z_scores`` without expanding the values (as above)."""
     b, n_heads, n_q, n_k = pattern.shape
     kv = v.shape[2]
-    z = pattern.reshape(b, kv, -1, n_k) @ v.permute(0, 2, 1, 3)  # [b, kv, group*query, d]
+    grouped = pattern.reshape(b, kv, -1, n_q, n_k)  # [b, kv, group, query, key]
+    values = v.permute(0, 2, 1, 3)  # [b, kv, key, d_head]
+    z = torch.stack([grouped[:, :, j] @ values for j in range(grouped.shape[2])], dim=2)
     return attn.hook_z(z.reshape(b, n_heads, n_q, -1).permute(0, 2, 1, 3))
 
 
 def share_key_value_heads(model: HookedTransformer) -> None:
     """Grouped-query attention without TL 3.9's ``repeat_interleave`` of keys and values to
     every query head (a strided copy of the whole KV cache per block and decoding step: up
-    to a third of a SmolLM2 sweep's time). The same products on the same operands, with the same
-    hooks (``hook_attn_scores``, ``hook_pattern``, ``hook_z``) where they were."""
+    to a third of a SmolLM2 sweep's time). The same products on the same operands, head by
+    head (one product holding a group's query heads together would change the last bits of
+    a one-row decoding step: BLAS runs a different kernel), with the same hooks
+    (``hook_attn_scores``, ``hook_pattern``, ``hook_z``) where they were."""
     from transformer_lens.components import GroupedQueryAttention
 
     for block in model.blocks:
@@ -152,65 +158,6 @@ def share_key_value_heads(model: HookedTransformer) -> None:
             # instance attributes, in front of the class's methods (the hooked forward calls them)
             attn.calculate_attention_scores = types.MethodType(_grouped_scores, attn)  # type: ignore[method-assign]
             attn.calculate_z_scores = types.MethodType(_grouped_z, attn)  # type: ignore[method-assign]
-
-
-def _forward_noting_cache(attn: Any, *args: Any, **kwargs: Any) -> Any:
-    """The attention's forward, with the KV cache entry it appends to, and that entry's keys
-    before the append, at hand for ``_rotate_new_keys`` while it runs."""
-    entry = kwargs.get("past_kv_cache_entry")
-    attn._appending = None if entry is None else (entry, entry.past_keys)
-    try:
-        return type(attn).forward(attn, *args, **kwargs)
-    finally:
-        attn._appending = None
-
-
-def _rotate_new_keys(
-    attn: Any,
-    x: Float[torch.Tensor, "batch pos head d_head"],
-    past_kv_pos_offset: int = 0,
-    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-) -> Float[torch.Tensor, "batch pos head d_head"]:
-    """``apply_rotary`` that rotates only the keys a cached step appended. TL 3.9 caches keys
-    unrotated and rotates the whole cache at every decoding step; a key's rotation depends on
-    its own position only, so the rotated keys of the step before (kept on the cache entry,
-    valid while the entry's keys are the very tensor they were rotated from) are reused, and
-    the new ones are rotated at their positions: the same numbers, element by element."""
-    rotate = type(attn).apply_rotary
-    appending = attn._appending
-    if appending is None or past_kv_pos_offset != 0:  # queries, or no cache
-        return rotate(attn, x, past_kv_pos_offset, attention_mask)
-    entry, before = appending
-    if x is not entry.past_keys:  # not the keys this step appended to the cache (frozen)
-        return rotate(attn, x, 0, attention_mask)
-    source, done = getattr(entry, "rotated_keys", (None, None))
-    if source is before and done is not None and done.shape[1] < x.shape[1]:
-        n = done.shape[1]
-        rotated = torch.cat([done, rotate(attn, x[:, n:], n, attention_mask)], dim=1)
-    else:
-        rotated = rotate(attn, x, 0, attention_mask)
-    entry.rotated_keys = (x, rotated)
-    return rotated
-
-
-def _keep_rotated_keys(entry: Any, rows_entry: Any, index: torch.Tensor) -> None:
-    """``rows_entry`` holds rows ``index`` of ``entry``: it takes their rotated keys along."""
-    source, rotated = getattr(entry, "rotated_keys", (None, None))
-    if source is entry.past_keys and rotated is not None:
-        rows_entry.rotated_keys = (rows_entry.past_keys, rotated[index])
-
-
-def reuse_rotated_keys(model: HookedTransformer) -> None:
-    """Rotary attention that rotates each cached key once (``_rotate_new_keys``) instead of at
-    every decoding step (5-15% of a SmolLM2 sweep's time), its numbers bitwise the same.
-    One forward at a time per model, as with TL's hooks."""
-    if model.cfg.positional_embedding_type != "rotary":
-        return
-    for block in model.blocks:
-        attn = block.attn
-        vars(attn)["_appending"] = None  # a plain attribute (nn.Module types its own)
-        attn.forward = types.MethodType(_forward_noting_cache, attn)  # type: ignore[method-assign]
-        attn.apply_rotary = types.MethodType(_rotate_new_keys, attn)  # type: ignore[method-assign]
 
 
 class HookedBackend(TransformerLensBackend):
@@ -318,8 +265,8 @@ class HookedBackend(TransformerLensBackend):
         )
 
     def bytes_per_patched_row(self, seq_len: int, new_tokens: int) -> int:
-        """As for any TransformerLens model, plus the keys that ``reuse_rotated_keys`` keeps
-        rotated beside the cache on a rotary model."""
+        """As for any TransformerLens model, plus the rotated keys that a ``KVEntry`` keeps
+        beside the cache on a rotary model (``reuse_rotated_keys``)."""
         row = super().bytes_per_patched_row(seq_len, new_tokens)
         cfg = self.tl.cfg
         if cfg.positional_embedding_type != "rotary":
@@ -391,16 +338,36 @@ class HookedBackend(TransformerLensBackend):
 
     # ------------------------------------------------------------------ generation
 
-    def _new_cache(self, batch: int) -> TransformerLensKeyValueCache:
+    def _new_cache(self, batch: int, room: int | None = None) -> TransformerLensKeyValueCache:
+        """An empty cache; with ``room``, one for decoding: ``room`` positions (prompt and
+        new tokens) preallocated (``_entry``)."""
         from transformer_lens import TransformerLensKeyValueCache
 
-        return TransformerLensKeyValueCache.init_cache(self.tl.cfg, self.tl.cfg.device, batch)
+        cache = TransformerLensKeyValueCache.init_cache(self.tl.cfg, self.tl.cfg.device, batch)
+        if room is not None:
+            cache.entries = [
+                self._entry([e.past_keys], [e.past_values], room) for e in cache.entries
+            ]
+        return cache
+
+    kv_entries: bool = True
+    """Decoding caches of ``KVEntry`` (False: TL's own entries, the reference that tests
+    compare them with)."""
+
+    def _entry(self, keys: list[torch.Tensor], values: list[torch.Tensor], room: int) -> Any:
+        """A decoding cache entry holding the rows of ``keys`` and ``values`` in turn, with
+        room for ``room`` more positions."""
+        if self.kv_entries:
+            return KVEntry(keys, values, room)
+        from transformer_lens import TransformerLensKeyValueCacheEntry
+
+        return TransformerLensKeyValueCacheEntry(torch.cat(keys), torch.cat(values))
 
     def _cached_step(self, cache: TransformerLensKeyValueCache) -> Step:
         def step(nxt: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
             nonlocal cache
             if kept is not None:
-                cache = _cache_rows(cache, kept)
+                cache = cache_rows(cache, kept)
             ones = torch.ones((nxt.shape[0], 1), dtype=torch.long, device=nxt.device)
             return self._logits(nxt[:, None], attention_mask=ones, past_kv_cache=cache)
 
@@ -417,7 +384,7 @@ class HookedBackend(TransformerLensBackend):
     ) -> GreedyOutput:
         hooks = as_hooks(edits)
         if use_kv_cache:
-            cache = self._new_cache(tokens.shape[0])
+            cache = self._new_cache(tokens.shape[0], tokens.shape[1] + max_new_tokens)
             with self.tl.hooks(fwd_hooks=hooks):
                 logits = self._logits(tokens, attention_mask=attention_mask, past_kv_cache=cache)
             return self.decode_loop(logits, self._cached_step(cache), max_new_tokens)
@@ -551,9 +518,9 @@ class HookedRows(ResumedRows):
             self.kv[block] = (entry.past_keys, entry.past_values)
         self.layer = layer
 
-    def _decoding_cache(self, rows: torch.Tensor) -> TransformerLensKeyValueCache:
-        """The keys/values of joined rows ``rows`` (ascending): each row's own for the blocks
-        it ran, the clean ones below."""
+    def _decoding_cache(self, rows: torch.Tensor, room: int) -> TransformerLensKeyValueCache:
+        """The keys/values of joined rows ``rows`` (ascending), with room for ``room`` new
+        tokens: each row's own for the blocks it ran, the clean ones below."""
         from transformer_lens import TransformerLensKeyValueCache
 
         walk = self.walk
@@ -564,10 +531,10 @@ class HookedRows(ResumedRows):
             n = 0 if ran is None else len(ran[0])  # rows joined below `block` come first
             index = rows.to(clean.past_keys.device)  # blocks may live on other GPUs
             own, shared = index[index < n], self.base.to(index.device)[index[index >= n]]
-            keys, values = clean.past_keys[shared], clean.past_values[shared]
+            keys, values = [clean.past_keys[shared]], [clean.past_values[shared]]
             if ran is not None and len(own):
-                keys, values = torch.cat([ran[0][own], keys]), torch.cat([ran[1][own], values])
-            entries.append(type(clean)(past_keys=keys, past_values=values))
+                keys, values = [ran[0][own], *keys], [ran[1][own], *values]
+            entries.append(walk.model._entry(keys, values, room))
         mask = walk.attention_mask[self.base[rows.to(self.base.device)]]
         return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
 
@@ -580,22 +547,8 @@ class HookedRows(ResumedRows):
         logits = model._unembed(self.resid[:, -1:])[:, 0]
 
         def decode(rows: torch.Tensor, decoding: Decoding) -> torch.Tensor:
-            step = model._cached_step(self._decoding_cache(rows))
+            step = model._cached_step(self._decoding_cache(rows, decoding.max_new_tokens))
             max_new, choose, stop = decoding.max_new_tokens, decoding.choose, decoding.stop
             return model.decode_loop(logits[rows], step, max_new, choose, stop).tokens
 
         return screened(model.pad_id, logits, decoding, decode)
-
-
-def _cache_rows(
-    cache: TransformerLensKeyValueCache, rows: Int[torch.Tensor, " kept"]
-) -> TransformerLensKeyValueCache:
-    """The keys/values (and attention mask) of ``rows`` of a cache's batch."""
-    entries = []
-    for entry in cache.entries:
-        index = rows.to(entry.past_keys.device)  # blocks may live on other GPUs
-        kept = type(entry)(past_keys=entry.past_keys[index], past_values=entry.past_values[index])
-        _keep_rotated_keys(entry, kept, index)
-        entries.append(kept)
-    mask = cache.previous_attention_mask[rows.to(cache.previous_attention_mask.device)]
-    return type(cache)(entries=entries, previous_attention_mask=mask)
