@@ -24,7 +24,7 @@ from latent_hops.analyses.backpatch import (
     sweep,
 )
 from latent_hops.backend import Decoding
-from latent_hops.backend.hooked import lay_out_weights
+from latent_hops.backend.hooked import _unembed, lay_out_weights
 from latent_hops.backend.work import ModelShape, WorkCount, matmul_flops_per_s
 from latent_hops.models import load_model
 from latent_hops.positions import tokenize_prompts
@@ -108,6 +108,19 @@ def test_weight_layout_changes_no_number_and_removes_the_copies(tiny_llama, tiny
         assert torch.equal(laid_out, before) and torch.equal(after, before)
     block = tiny_llama.tl.blocks[0]
     assert block.mlp.W_gate.T.is_contiguous() and tiny_llama.tl.W_U.T.is_contiguous()
+
+
+def test_unembedding_skips_only_a_bias_of_zeros(tiny_llama_dir):
+    """Logits equal TL's unembedding's, hooks included: without its bias of zeros, and with
+    a bias where there is one."""
+    tl = load_model(tiny_llama_dir, device="cpu").tl
+    resid = torch.randn(6, 1, tl.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    seen = []
+    with torch.no_grad(), tl.hooks(fwd_hooks=[("unembed.hook_out", lambda x, hook: seen.append(x))]):
+        assert not tl.b_U.any() and torch.equal(_unembed(tl, resid), tl.unembed(resid))
+        tl.unembed.b_U += torch.linspace(-1, 1, tl.cfg.d_vocab)
+        assert torch.equal(_unembed(tl, resid), tl.unembed(resid))
+    assert len(seen) == 4
 
 
 OVERRIDES = ("calculate_attention_scores", "calculate_z_scores", "forward", "apply_rotary")
