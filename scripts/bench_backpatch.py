@@ -26,7 +26,11 @@ protocol's minimum (``backpatch.cost.minimum_work``); work efficiency = minimum 
 executed; achieved GFLOP/s (executed / seconds) and MFU = that / the device's matmul rate,
 measured in this process just before the workload (float32 on CPU, the model's dtype on
 CUDA; a shared CPU's rate varies from minute to minute, so it is measured each time and
-shown); peak memory (CUDA:
+shown); rows/product: the tokens per block call (the row count of the projections'
+products, counted while it runs) and MFU at its rows = the FLOP rate over that of a
+projection of the model's MLP shape at that row count, its weights cold as in a forward
+pass (how near the engine runs to what the device does on products of that size: small
+batches run far below its peak); peak memory (CUDA:
 torch's peak allocation in the run; CPU: the process's peak RSS so far).
 """
 
@@ -49,7 +53,7 @@ from time_sweep import add_workload_arguments, load, synchronize, workload_cases
 
 from latent_hops.analyses.backpatch import all_cells, sweep, sweep_naive
 from latent_hops.analyses.backpatch.cost import minimum_work
-from latent_hops.backend.work import WorkCount, matmul_flops_per_s
+from latent_hops.backend.work import WorkCount, matmul_flops_per_s, projection_flops_per_s
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"cases", "layers", "positions", "kinds", "baseline", "naive", "stop"}
@@ -189,6 +193,12 @@ def main() -> None:
                     seconds = min(seconds, timed(sweep, model, cases, config, args.repeats - 1)[1])
             memory = peak_memory_mb()
             executed = work.flops(shape)
+            rows_per_product = work.rows_per_product
+            at_rows = None  # the rate of the model's MLP product at the sweep's row count
+            if rows_per_product:
+                at_rows = projection_flops_per_s(
+                    round(rows_per_product), shape.d_model, shape.d_mlp, model.device, matmul_dtype
+                )
             minimum = minimum_work(model, cases, config, fast).flops(shape)
             n = len(fast)
             row = {
@@ -205,6 +215,8 @@ def main() -> None:
                 "GFLOP/s": executed / seconds / 1e9 if executed else None,
                 "MFU": executed / seconds / peak if executed else None,
                 "matmul GFLOP/s": peak / 1e9,
+                "rows/product": rows_per_product or None,
+                "MFU at its rows": executed / seconds / at_rows if at_rows else None,
                 "peak MB": memory,
                 "identical": None,
             }

@@ -25,7 +25,12 @@ from latent_hops.analyses.backpatch import (
 )
 from latent_hops.backend import Decoding
 from latent_hops.backend.hooked import _unembed, lay_out_weights
-from latent_hops.backend.work import ModelShape, WorkCount, matmul_flops_per_s
+from latent_hops.backend.work import (
+    ModelShape,
+    WorkCount,
+    matmul_flops_per_s,
+    projection_flops_per_s,
+)
 from latent_hops.models import load_model
 from latent_hops.positions import tokenize_prompts
 from latent_hops.queries import load_dataset
@@ -55,6 +60,7 @@ def test_count_work_on_a_prompt_pass_and_cached_decoding(tiny_llama):
     assert work.block_tokens == n * (10 + 2 + 2)
     assert work.attention_pairs == n * (2 * 25 + 2 * 6 + 2 * 7)
     assert work.unembedded == 2 + 2 + 2
+    assert work.block_calls == n * 3 and work.rows_per_product == 14 / 3  # 10, 2, 2 rows
     with tiny_llama.count_work() as work:  # counting stops with the context
         pass
     tiny_llama.last_logits(tokens, mask)
@@ -229,6 +235,7 @@ def test_estimate_counts_the_sweep_and_times_a_sample(toy, toy_cases):
 
 def test_matmul_rate_is_measured():
     assert 1e8 < matmul_flops_per_s("cpu", torch.float32, size=256, seconds=0.05) < 1e14
+    assert 1e7 < projection_flops_per_s(3, 64, 96, "cpu", torch.float32, seconds=0.05) < 1e14
 
 
 def test_bench_prints_one_table_with_every_engine(tmp_path):
@@ -244,4 +251,5 @@ def test_bench_prints_one_table_with_every_engine(tmp_path):
     assert table.loc["fast", "identical"] == "18/18"  # 1 case x 2 positions x 9 cells
     assert 0.5 < table.loc["fast", "work efficiency"] <= 1.0
     assert 0 < table.loc["fast", "MFU"] < 1
+    assert 0 < table.loc["fast", "rows/product"] and 0 < table.loc["fast", "MFU at its rows"]
     assert "fast@HEAD / fast" in out and "work efficiency" in out

@@ -283,6 +283,7 @@ class HookedBackend(TransformerLensBackend):
         def count(scores: torch.Tensor, hook: Any) -> None:  # [batch, head, query, key]
             batch, _, queries, keys = scores.shape
             work.block_tokens += batch * queries
+            work.block_calls += 1
             work.attention_pairs += batch * queries * keys
 
         hooks: list[Hook] = [

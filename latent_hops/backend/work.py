@@ -49,18 +49,27 @@ class ModelShape:
 class WorkCount:
     """Work done by forward passes: ``block_tokens`` = tokens through one block (summed over
     blocks and rows), ``attention_pairs`` = (query, key) pairs attended (summed likewise),
-    ``unembedded`` = positions read through the unembedding."""
+    ``unembedded`` = positions read through the unembedding, ``block_calls`` = forward
+    calls of a block (its products run once per call, on that call's tokens)."""
 
     block_tokens: int = 0
     attention_pairs: int = 0
     unembedded: int = 0
+    block_calls: int = 0
 
     def add(self, other: WorkCount) -> WorkCount:
         return WorkCount(
             self.block_tokens + other.block_tokens,
             self.attention_pairs + other.attention_pairs,
             self.unembedded + other.unembedded,
+            self.block_calls + other.block_calls,
         )
+
+    @property
+    def rows_per_product(self) -> float:
+        """Tokens per block call: the row count of the average projection's product, which
+        sets how fast BLAS runs it (small products run far below the device's peak)."""
+        return self.block_tokens / self.block_calls if self.block_calls else 0.0
 
     def flops(self, shape: ModelShape) -> int:
         return (
@@ -95,3 +104,41 @@ def matmul_flops_per_s(
         took = time.perf_counter() - start
         best, spent = min(best, took), spent + took
     return 2 * size**3 / best
+
+
+def projection_flops_per_s(
+    rows: int,
+    d_in: int,
+    d_out: int,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    seconds: float = 1.0,
+) -> float:
+    """The rate of a model's projection (``F.linear``, [rows, d_in] by [d_out, d_in]
+    weights) on ``rows`` rows, as a forward pass runs it: one weight after another, enough
+    distinct ones (256 MB) that none is still cached when its turn comes again. Best of the
+    rounds run in about ``seconds``; what the device does on products of this size."""
+    device = torch.device(device)
+    size = d_in * d_out * torch.finfo(dtype).bits // 8
+    weights = [
+        torch.randn(d_out, d_in, device=device, dtype=dtype)
+        for _ in range(min(64, max(2, -(-(2**28) // size))))
+    ]
+    x = torch.randn(rows, d_in, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    best, spent = float("inf"), 0.0
+    for w in weights:  # warm-up
+        torch.nn.functional.linear(x, w)
+    sync()
+    while spent < seconds or best == float("inf"):
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+        sync()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return 2 * rows * d_in * d_out * len(weights) / best
