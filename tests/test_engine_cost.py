@@ -116,16 +116,19 @@ def test_weight_layout_changes_no_number_and_removes_the_copies(tiny_llama, tiny
     assert block.mlp.W_gate.T.is_contiguous() and tiny_llama.tl.W_U.T.is_contiguous()
 
 
-def test_unembedding_skips_only_a_bias_of_zeros(tiny_llama_dir):
+@pytest.mark.parametrize("chunk", [16, 48, 10**6])
+def test_unembedding_skips_only_a_bias_of_zeros(tiny_llama_dir, chunk):
     """Logits equal TL's unembedding's, hooks included: without its bias of zeros, and with
-    a bias where there is one."""
+    a bias where there is one; in one product and in chunks of the vocabulary (160 rows:
+    ten chunks of 16, or 48, 48 and 64)."""
     tl = load_model(tiny_llama_dir, device="cpu").tl
+    assert tl.cfg.d_vocab == 160
     resid = torch.randn(6, 1, tl.cfg.d_model, generator=torch.Generator().manual_seed(0))
     seen = []
     with torch.no_grad(), tl.hooks(fwd_hooks=[("unembed.hook_out", lambda x, hook: seen.append(x))]):
-        assert not tl.b_U.any() and torch.equal(_unembed(tl, resid), tl.unembed(resid))
+        assert not tl.b_U.any() and torch.equal(_unembed(tl, resid, chunk), tl.unembed(resid))
         tl.unembed.b_U += torch.linspace(-1, 1, tl.cfg.d_vocab)
-        assert torch.equal(_unembed(tl, resid), tl.unembed(resid))
+        assert torch.equal(_unembed(tl, resid, chunk), tl.unembed(resid))
     assert len(seen) == 4
 
 

@@ -402,14 +402,32 @@ class HookedBackend(TransformerLensBackend):
         return HookedWalk(self, tokens, attention_mask, self._new_cache(tokens.shape[0]))
 
 
-def _unembed(tl: HookedTransformer, normed: torch.Tensor) -> torch.Tensor:
-    """``tl.unembed`` (its hooks included), without adding a bias of zeros (most models have
-    none, and TL's zeros cost a write of the whole logits tensor: 2% of a SmolLM2 sweep).
-    The same numbers: a product plus zero is the product."""
+UNEMBED_CHUNK = 2048
+"""Vocabulary rows per product of the unembedding on a CPU (``_unembed``)."""
+
+
+def _unembed(
+    tl: HookedTransformer, normed: torch.Tensor, chunk: int = UNEMBED_CHUNK
+) -> torch.Tensor:
+    """``tl.unembed`` (its hooks included), the same numbers, faster: without adding a bias
+    of zeros (most models have none, and TL's zeros cost a write of the whole logits tensor),
+    and on a CPU ``chunk`` vocabulary rows per product, whose logits stay in cache while
+    they are written (one product over SmolLM2's 49,152 rows runs 20-35% slower). Each
+    logit is the same dot product either way (BLAS runs a different kernel on products of
+    fewer than 16 rows: no chunk is shorter than ``chunk``)."""
     unembed = tl.unembed
     x = unembed.hook_in(normed)
+    weight = unembed.W_U.T.contiguous()  # [vocab, d_model]: no copy (lay_out_weights)
     bias = unembed.b_U if bool(unembed.b_U.any()) else None
-    return unembed.hook_out(torch.nn.functional.linear(x, unembed.W_U.T.contiguous(), bias))
+    if x.device.type != "cpu" or len(weight) <= chunk:
+        return unembed.hook_out(torch.nn.functional.linear(x, weight, bias))
+    logits = x.new_empty(*x.shape[:-1], len(weight))
+    starts = range(0, len(weight) - chunk + 1, chunk)  # the last chunk takes the remainder
+    for start, end in zip(starts, [*starts[1:], len(weight)]):
+        logits[..., start:end] = torch.nn.functional.linear(
+            x, weight[start:end], None if bias is None else bias[start:end]
+        )
+    return unembed.hook_out(logits)
 
 
 class HookedWalk(PromptWalk):
