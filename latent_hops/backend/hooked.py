@@ -144,9 +144,13 @@ def share_key_value_heads(model: HookedTransformer) -> None:
     """Grouped-query attention without TL 3.9's ``repeat_interleave`` of keys and values to
     every query head (a strided copy of the whole KV cache per block and decoding step: up
     to a third of a SmolLM2 sweep's time). The same products on the same operands, head by
-    head (one product holding a group's query heads together would change the last bits of
-    a one-row decoding step: BLAS runs a different kernel), with the same hooks
-    (``hook_attn_scores``, ``hook_pattern``, ``hook_z``) where they were."""
+    head, with the same hooks (``hook_attn_scores``, ``hook_pattern``, ``hook_z``) where they
+    were: TL's numbers bit for bit wherever BLAS runs the same kernel for both, as in every
+    shape the tests try. BLAS picks its kernel by the batch's shape, for TL's own attention
+    too, so a greedy token at a near-tie can differ: 1 of SmolLM2's 2,610 cells of a case
+    ends differently with TL's own attention alone and in a batch of hundreds, and in that batch
+    with TL's attention and with this one. (One product per group of query heads, as
+    before, differed from TL's in one-row decoding steps.)"""
     from transformer_lens.components import GroupedQueryAttention
 
     for block in model.blocks:

@@ -5,9 +5,9 @@ attention copies the cache into the layout of the score and value products at ev
 and rotary attention rotates every cached key again. ``KVEntry`` has room for the tokens to
 come (a step writes its keys and values in place), stores them in the layout the products
 read (no copy per step), and keeps its keys rotated (``reuse_rotated_keys``: each key is
-rotated once). The numbers are bitwise TL's own: every product sees operands that BLAS runs
+rotated once). The numbers are TL's entries' own: every product sees operands that BLAS runs
 with the same kernel as TL's copies (tests compare logits, hooks and generations with TL's
-entries and attention).
+entries and attention, bit for bit).
 """
 
 from __future__ import annotations
