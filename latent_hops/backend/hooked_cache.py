@@ -53,8 +53,9 @@ def _upto(buffer: Keys, end: int) -> Keys:
 
 class KVEntry:
     """One block's keys and values ([batch, pos, kv_head, d_head], as TL's
-    ``TransformerLensKeyValueCacheEntry``), with room for more positions; grows if it runs
-    out. ``parts``: the rows' keys (and values), in order of the batch."""
+    ``TransformerLensKeyValueCacheEntry``), with room for ``room`` more positions; grows if
+    it runs out. ``keys``/``values``: parts of the batch, their rows in turn; ``rotated``:
+    the rotated keys of the first positions, if already known."""
 
     frozen = False
 

@@ -9,6 +9,7 @@ scores and values, unembedding); norms, rotary and softmax are left out, as is u
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,28 @@ class WorkCount:
         )
 
 
+def _best_rate(
+    run: Callable[[], object], flops: int, device: torch.device, seconds: float
+) -> float:
+    """``flops`` over the best time of ``run`` (after a warm-up), repeated for about
+    ``seconds``."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    best, spent = float("inf"), 0.0
+    run()  # warm-up
+    sync()
+    while spent < seconds or best == float("inf"):
+        start = time.perf_counter()
+        run()
+        sync()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return flops / best
+
+
 def matmul_flops_per_s(
     device: str | torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 1.0
 ) -> float:
@@ -89,21 +112,7 @@ def matmul_flops_per_s(
     size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    best, spent = float("inf"), 0.0
-    torch.mm(a, b)  # warm-up
-    sync()
-    while spent < seconds or best == float("inf"):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        took = time.perf_counter() - start
-        best, spent = min(best, took), spent + took
-    return 2 * size**3 / best
+    return _best_rate(lambda: torch.mm(a, b), 2 * size**3, device, seconds)
 
 
 def projection_flops_per_s(
@@ -126,19 +135,8 @@ def projection_flops_per_s(
     ]
     x = torch.randn(rows, d_in, device=device, dtype=dtype)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    best, spent = float("inf"), 0.0
-    for w in weights:  # warm-up
-        torch.nn.functional.linear(x, w)
-    sync()
-    while spent < seconds or best == float("inf"):
-        start = time.perf_counter()
+    def run() -> None:
         for w in weights:
             torch.nn.functional.linear(x, w)
-        sync()
-        took = time.perf_counter() - start
-        best, spent = min(best, took), spent + took
-    return 2 * rows * d_in * d_out * len(weights) / best
+
+    return _best_rate(run, 2 * rows * d_in * d_out * len(weights), device, seconds)
