@@ -20,18 +20,19 @@ with ``--baseline REF`` the fast engine of git commit REF, run in a subprocess
 float32: the run fails otherwise); with ``--backend hooked,bridge`` the fast engine on each
 backend (the first measured in full), generations compared with the first's.
 
-Columns: generations; seconds (best of ``--repeats``); cells/s; ms per cell; executed
-TFLOP (counted while the fast engine runs: tokens actually run, padding included); the
-protocol's minimum (``backpatch.cost.minimum_work``); work efficiency = minimum /
-executed; achieved GFLOP/s (executed / seconds) and MFU = that / the device's matmul rate,
+Columns: generations; seconds (best of ``--repeats``); cells/s; ms per cell; executed TFLOP
+(counted while the fast engine runs: tokens actually run, padding included); the protocol's
+minimum (``backpatch.cost.minimum_work``; with ``--random``, whose tokens the borrowed toy
+tokenizer cannot spell, every row counts all its decoding steps); work efficiency = minimum
+/ executed; achieved GFLOP/s (executed / seconds) and MFU = that / the device's matmul rate,
 measured in this process just before the workload (float32 on CPU, the model's dtype on
 CUDA; a shared CPU's rate varies from minute to minute, so it is measured each time and
-shown); rows/product: the tokens per block call (the row count of the projections'
-products, counted while it runs) and MFU at its rows = the FLOP rate over that of a
-projection of the model's MLP shape at that row count, its weights cold as in a forward
-pass (how near the engine runs to what the device does on products of that size: small
-batches run far below its peak); peak memory (CUDA:
-torch's peak allocation in the run; CPU: the process's peak RSS so far).
+shown); rows/product: the tokens per block call (the row count of the projections' products,
+counted while it runs) and MFU at its rows = the FLOP rate over that of a projection of the
+model's MLP shape at that row count, its weights cold as in a forward pass (how near the
+engine runs to what the device does on products of that size: small batches run far below
+its peak); peak memory (CUDA: torch's peak allocation in the run; CPU: the process's peak
+RSS so far).
 """
 
 from __future__ import annotations
@@ -139,6 +140,21 @@ def baseline(ref: str, args: argparse.Namespace, tree: Path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def measured(rows: list[dict], new: int, csv: str | None) -> None:
+    """The rows from ``new`` on, as soon as a workload is measured: one line each, and the CSV
+    so far (a run stopped by a time limit keeps the workloads it finished)."""
+    for r in rows[new:]:
+        mfu = f", MFU {r['MFU']:.1%}" if r["MFU"] else ""
+        same = f", identical {r['identical']}" if r["identical"] else ""
+        print(
+            f"measured {r['workload']} {r['engine']}: {r['generations']} generations in "
+            f"{r['seconds']:.3g} s, {r['cells/s']:,.1f} cells/s{mfu}{same}",
+            flush=True,
+        )
+    if csv:
+        pd.DataFrame(rows).to_csv(csv, index=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,6 +191,7 @@ def main() -> None:
     cuda = torch.device(model.device).type == "cuda"
     matmul_dtype = model.dtype if cuda else torch.float32
     shape, rows = model.shape, []
+    first_of_workload = 0
     with tempfile.TemporaryDirectory(prefix="baseline-") as tree:
         for name, wl in workloads(args):
             config = workload_config(model, wl)
@@ -199,7 +216,9 @@ def main() -> None:
                 at_rows = projection_flops_per_s(
                     round(rows_per_product), shape.d_model, shape.d_mlp, model.device, matmul_dtype
                 )
-            minimum = minimum_work(model, cases, config, fast).flops(shape)
+            # a random model's tokens mostly lie beyond the toy tokenizer it borrows: their
+            # text does not say how many steps a row needed, so every row counts them all
+            minimum = minimum_work(model, cases, config, None if wl.random else fast).flops(shape)
             n = len(fast)
             row = {
                 "workload": name,
@@ -247,9 +266,9 @@ def main() -> None:
                              "ms/cell": 1000 * old["seconds"] / old["generations"],
                              "executed TFLOP": None, "work efficiency": None, "GFLOP/s": None,
                              "MFU": None, "peak MB": None, "identical": None})  # fmt: skip
+            measured(rows, first_of_workload, args.csv)
+            first_of_workload = len(rows)
     table = pd.DataFrame(rows)
-    if args.csv:
-        table.to_csv(args.csv, index=False)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(table.to_string(index=False, float_format=lambda x: f"{x:,.3g}"))
     fast_rows = table[table.engine == "fast"]

@@ -16,8 +16,18 @@ from dataclasses import replace
 import torch
 from transformers import AutoTokenizer, LlamaConfig
 
-# published shapes (Llama-2-7B, Llama-3-8B, Llama-3.2-1B), for --random
+# published shapes (Llama-2-7B, Llama-3-8B, Llama-3.2-1B), for --random; llama-tiny (4 layers,
+# grouped-query attention, the toy tokenizer's vocabulary) checks the --random path anywhere
 SHAPES = {
+    "llama-tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    ),
     "llama-7b": dict(
         hidden_size=4096,
         intermediate_size=11008,
@@ -54,7 +64,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def load(args: argparse.Namespace, backend_name: str = "auto"):
     """The model of ``--model`` or ``--random`` (a randomly initialised published shape, built
     on the device: the toy tokenizer supplies the prompts' tokens)."""
-    from latent_hops import backend, load_model
+    from latent_hops import load_model
+    from latent_hops.backend import BACKENDS, resolve_backend
     from latent_hops.models import toy_checkpoint_dir
 
     if args.random is None:
@@ -63,7 +74,7 @@ def load(args: argparse.Namespace, backend_name: str = "auto"):
     tokenizer = AutoTokenizer.from_pretrained(toy_checkpoint_dir("toy"))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or "float32"]
-    return backend.random_model(hf_config, tokenizer, dtype, device, backend=backend_name)
+    return BACKENDS[resolve_backend(backend_name)].random(hf_config, tokenizer, dtype, device)
 
 
 def workload_cases(model, args: argparse.Namespace, config):

@@ -256,3 +256,18 @@ def test_bench_prints_one_table_with_every_engine(tmp_path):
     assert 0 < table.loc["fast", "MFU"] < 1
     assert 0 < table.loc["fast", "rows/product"] and 0 < table.loc["fast", "MFU at its rows"]
     assert "fast@HEAD / fast" in out and "work efficiency" in out
+
+
+def test_bench_on_a_random_shape_builds_one_network_for_both_backends(tmp_path):
+    """``--random`` (the GPU target's path, gpu_checks.sh): a seeded HF model of a published
+    shape's kind, loaded by each backend as any HF model is, so the bridge's generations
+    equal the hooked engine's, and the naive reference's, cell by cell."""
+    subprocess.run(
+        [sys.executable, "scripts/bench_backpatch.py", "--random", "llama-tiny", "--device", "cpu",
+         "--threads", "1", "--cases", "1", "--layers", "0,3", "--naive", "--no-count",
+         "--backend", "hooked,bridge", "--csv", str(tmp_path / "t.csv")],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    table = pd.read_csv(tmp_path / "t.csv").set_index("engine")
+    assert list(table.index) == ["fast", "naive", "fast[bridge]"]
+    assert set(table["identical"]) == {"6/6"}  # 1 case x 2 positions x (1 back + 2 controls)

@@ -394,9 +394,12 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
 
 
 def free_memory_mb(device: str | torch.device) -> float | None:
-    """Free memory of a CUDA device in MiB (None on CPU, where a fixed budget applies)."""
+    """Free memory of a CUDA device in MiB (None on CPU, where a fixed budget applies),
+    counting what torch's allocator holds unused (say, a converted model's source weights,
+    freed but cached) as free: torch gives it back to whatever allocates next."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return free / 2**20
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) / 2**20

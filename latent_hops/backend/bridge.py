@@ -94,18 +94,6 @@ class BridgeBackend(TransformerLensBackend):
         hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         return cls.from_hf(hf_model, tokenizer, dtype, device, spec, n_devices=n_devices)
 
-    @classmethod
-    def random(
-        cls, hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0
-    ) -> BridgeBackend:
-        """A randomly initialised HF model of ``hf_config``'s shape, wrapped (benchmarks)."""
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(seed)
-        with torch.device(device):
-            hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        return cls.from_hf(hf_model, tokenizer, dtype, device, "random")
-
     @staticmethod
     def known_names() -> list[str] | None:
         return None  # any hub name

@@ -202,7 +202,8 @@ class HookedBackend(TransformerLensBackend):
         cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
         cfg.n_devices = n_devices
         state_dict = family(cfg.original_architecture or "").convert(hf_model, cfg)
-        model = _new_hooked(cfg, tokenizer)
+        with torch.device(device) if n_devices == 1 else contextlib.nullcontext():
+            model = _new_hooked(cfg, tokenizer)  # on the device: no copy of the weights on the CPU
         model.load_and_process_state_dict(
             state_dict,
             fold_ln=False,
@@ -230,20 +231,6 @@ class HookedBackend(TransformerLensBackend):
                 name, dtype=dtype, device=device, n_devices=n_devices
             )
         return cls(model.eval(), model.tokenizer, spec)
-
-    @classmethod
-    def random(
-        cls, hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0
-    ) -> HookedBackend:
-        """A randomly initialised model of an HF config's shape, built directly on ``device``
-        (e.g. a 7B-shaped Llama in bf16 on a GPU, to time the engine without downloading)."""
-        cfg = tl_config_from_hf(
-            hf_config, dtype, device, seed=seed, init_weights=True, model_name="random"
-        )
-        cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
-        with torch.device(device):
-            model = _new_hooked(cfg, tokenizer)
-        return cls(model.eval(), tokenizer, "random")
 
     @staticmethod
     def known_names() -> list[str] | None:

@@ -9,8 +9,9 @@ from a layer) is in ``hooked.py`` and ``bridge.py``.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import torch
 from jaxtyping import Float, Int
@@ -54,6 +55,35 @@ def as_hooks(edits: Iterable[Edit]) -> list[Hook]:
 
 class TransformerLensBackend(Backend):
     """A backend over a TransformerLens model (``cfg``, hook points, ``run_with_hooks``)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_hf(
+        cls,
+        hf_model: Any,
+        tokenizer: Any,
+        dtype: torch.dtype,
+        device: str,
+        spec: str,
+        max_context: int | None = None,
+        n_devices: int = 1,
+    ) -> Self:
+        """This backend over a loaded Hugging Face causal LM."""
+
+    @classmethod
+    def random(
+        cls, hf_config: Any, tokenizer: Any, dtype: torch.dtype, device: str, seed: int = 0
+    ) -> Self:
+        """A Hugging Face model of ``hf_config``'s shape, its weights drawn from ``seed``, built
+        on ``device`` and loaded as any HF model is (``from_hf``): the same network under
+        every backend. Benchmarks time the engine on a published shape (a 7B Llama in bf16 on
+        a GPU) without downloading it."""
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        with torch.device(device):
+            hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        return cls.from_hf(hf_model, tokenizer, dtype, device, "random")
 
     @property
     def n_layers(self) -> int:
