@@ -55,21 +55,17 @@ def tl_config_from_hf(
     dtype: torch.dtype,
     device: str,
     max_context: int | None = DEFAULT_MAX_CONTEXT,
-    **overrides: Any,
 ) -> HookedTransformerConfig:
     """TransformerLens config for a Hugging Face config, read from the config itself (see
     ``architectures``); ``n_ctx`` is capped at ``max_context`` (None: the model's own)."""
-    fields = dict(
-        init_weights=False,
-        model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0],
-    )
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
         **tl_config_fields(hf_config, max_context),
         dtype=dtype,
         device=device,
-        **{**fields, **overrides},
+        init_weights=False,  # the weights come from the HF model
+        model_name=getattr(hf_config, "_name_or_path", "") or hf_config.architectures[0],
     )
 
 
