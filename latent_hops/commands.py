@@ -25,6 +25,7 @@ import sys
 import time
 import tomllib
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,8 +203,22 @@ def _add_options(
                 )
             else:
                 parser.add_argument(
-                    opt.flag, dest=opt.dest, default=default, type=opt.parse, help=text
+                    opt.flag, dest=opt.dest, default=default, type=_argument_type(opt), help=text
                 )
+
+
+def _argument_type(opt: Option) -> Callable[[str], Any]:
+    """``opt.parse`` for argparse: its error says what is wrong ("argument --screen: must be
+    >= 0, got -1"), where argparse would say only "invalid parse value"."""
+
+    def parse(text: str) -> Any:
+        try:
+            return opt.parse(text)
+        except InputError as error:
+            said = str(error).removeprefix(f"{opt.flag}:").removeprefix(opt.flag).strip()
+            raise argparse.ArgumentTypeError(said) from None
+
+    return parse
 
 
 # ---------------------------------------------------------------------------- from flags

@@ -131,6 +131,13 @@ class Option:
     def is_flag(self) -> bool:
         return self.kind is bool
 
+    @property
+    def is_layer_grid(self) -> bool:
+        """A layer grid (``tuple[int, ...] | str | None``): checked against the model's layers
+        once the model is loaded (``Run``), before anything runs."""
+        args = typing.get_args(self.kind)
+        return str in args and any(typing.get_origin(a) is tuple for a in args)
+
     def parse(self, text: Any) -> Any:
         """The field's value from the option's text (or a config file's value), checked
         against the field's minimum."""
@@ -142,7 +149,7 @@ class Option:
 def check_minimum(flag: str, value: Any, minimum: int | None) -> None:
     """A count below its minimum is an input error (``--max-cases -1`` is not pandas'
     ``head(-1)``)."""
-    if minimum is not None and isinstance(value, (int, float)) and value < minimum:
+    if minimum is not None and isinstance(value, (int, float)) and not value >= minimum:  # NaN too
         raise InputError(f"{flag} must be >= {minimum}, got {value}")
 
 

@@ -30,6 +30,19 @@ Span = tuple[int, int]
 GRID_HELP = "layer grid: all (default), '0,3,7', a range 'a:b:k', or 'every:k' (+ the last layer)"
 
 
+def _spans(layers: Sequence[int]) -> str:
+    """``layer 9`` / ``layers 8..98`` / ``layers -3, 8..10``: runs of consecutive layers as
+    ranges (a grid '0:99' on an 8-layer model names two numbers, not ninety-one)."""
+    runs: list[list[int]] = []
+    for x in sorted(set(layers)):
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
+    return f"layer {text}" if len(runs) == 1 and len(runs[0]) == 1 else f"layers {text}"
+
+
 def parse_layers(spec, n_layers: int, first: int = 0) -> tuple[int, ...] | None:
     """A layer grid: ``None``/``"all"`` (every layer), a list, ``"a:b:k"`` (Python range), or
     ``"every:k"`` (every k-th layer from ``first``, plus the last layer, whose state holds
@@ -69,7 +82,8 @@ def parse_layers(spec, n_layers: int, first: int = 0) -> tuple[int, ...] | None:
     bad = [x for x in layers if not EMBEDDINGS <= x < n_layers]
     if bad:
         raise InputError(
-            f"layer grid {spec!r}: layers {bad} out of range -1 (embeddings) to {n_layers - 1}"
+            f"layer grid {spec!r}: {_spans(bad)} out of range: this model has layers "
+            f"-1 (embeddings) to {n_layers - 1}"
         )
     return tuple(sorted(set(layers)))
 

@@ -30,9 +30,10 @@ from latent_hops._version import __version__
 from latent_hops.analysis import Analysis, Context, Results, analyses, get
 from latent_hops.backend import DEFAULT_MAX_CONTEXT, Model
 from latent_hops.cases import prepare_cases
-from latent_hops.config import check_minimum, config_from_dict, provenance_config
+from latent_hops.config import check_minimum, config_from_dict, options, provenance_config
 from latent_hops.errors import InputError, RunDirError
 from latent_hops.evaluation import EvaluationConfig, evaluate, summarize
+from latent_hops.positions import parse_layers
 from latent_hops.queries import (
     SHIPPED_DATASETS,
     DatasetError,
@@ -181,6 +182,19 @@ class RunSettings:
         return cls(**values)
 
 
+def check_layer_grids(configs: Mapping[str, Any], n_layers: int) -> None:
+    """Every layer grid of a run's configs against its model's layers, as soon as the model
+    is known: a grid that names a layer the model lacks is an error before the evaluation
+    runs (minutes on a real model), not after it."""
+    for name, config in configs.items():
+        for opt in options(type(config)):
+            if opt.is_layer_grid:
+                try:
+                    parse_layers(getattr(config, opt.field), n_layers)
+                except InputError as error:
+                    raise InputError(f"{name} {opt.flag}: {error}") from None
+
+
 def dataset_path(spec: str) -> Path:
     return shipped_dataset_path(spec) if spec in SHIPPED_DATASETS else Path(spec)
 
@@ -254,6 +268,7 @@ class Run:
             check_run_dir(self.out)
         self.selection = selection or Selection()
         self.configs: dict[str, Any] = dict(configs or {})
+        check_layer_grids(self.configs, model.n_layers)
         self.batch_size, self.chunk_cases, self.progress = batch_size, chunk_cases, progress
         self.identity = {
             "model": model.spec,

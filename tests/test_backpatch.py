@@ -95,6 +95,9 @@ def test_bad_layers_positions_and_kinds(tiny_gpt2):
         prepare_cases(tiny_gpt2, queries_to_table(QUERIES), BackpatchConfig(positions=("t3",)))
     with pytest.raises(ValueError, match="unknown patch kinds"):
         sweep(tiny_gpt2, cases, BackpatchConfig(kinds=("sideways",)))
+    for budget in (0.0, -5.0, float("nan")):  # not one row per forward, silently
+        with pytest.raises(InputError, match="memory_budget_mb must be > 0"):
+            sweep(tiny_gpt2, cases, BackpatchConfig(memory_budget_mb=budget))
 
 
 def test_no_queries_make_no_cases(tiny_gpt2):

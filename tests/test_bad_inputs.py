@@ -150,7 +150,7 @@ FLAGS = {
     "negative count": (["--max-cases", "-1"], "--max-cases must be >= 0"),
     "bad shard": (["--shard", "3/2"], "--shard"),
     "zero batch": (["--batch-size", "0"], "--batch-size must be >= 1"),
-    "layer out of range": (["--source-layers", "0:99"], "out of range"),
+    "layer out of range": (["--source-layers", "0:99"], "--source-layers: layer grid '0:99': layers 8..98 out of range"),
     "unknown dtype": (["--dtype", "float8"], "unknown dtype"),
     "unknown model": (["--model", "no-such-model"], "'no-such-model' is neither"),
 }
@@ -160,6 +160,19 @@ FLAGS = {
 def test_bad_flags(tmp_path, capsys, kind):
     flags, message = FLAGS[kind]
     fails(capsys, ["backpatch", "--out", str(tmp_path / "run"), "--limit", "4", *flags], message)
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("backpatch", ["--target-layers=-3,2,9"], "backpatch --target-layers: layer grid '-3,2,9': layers -3, 9 out"),
+    ("patchscope", ["--patchscope-source-layers", "8"], "patchscope --patchscope-source-layers: layer grid '8': layer 8 out"),
+    ("causal_tracing", ["--trace-layers", "every:2,"], "causal_tracing --trace-layers: layer grid 'every:2,': use 'all'"),
+])
+def test_layer_grids_are_checked_before_the_evaluation(tmp_path, capsys, monkeypatch, command, flags, message):
+    """A grid naming a layer the model lacks fails once the model is loaded, before the
+    evaluation (minutes on a real model) runs, and leaves no run directory behind."""
+    monkeypatch.setattr(run, "evaluate", lambda *a, **k: pytest.fail("evaluated before the grid was checked"))
+    fails(capsys, [command, "--out", str(tmp_path / "run"), "--device", "cpu", *flags], message)
+    assert not (tmp_path / "run").exists()
 
 
 def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -86,12 +86,32 @@ def test_parse_layers():
             assert "layer grid" in str(err)
         else:
             raise AssertionError(bad)
+    for grid, named in (("0:99", "layers 8..98"), ("-3,9", "layers -3, 9"), ("8", "layer 8"), ("-4,-2,9,10", "layers -4, -2, 9..10")):
+        with pytest.raises(ValueError, match=f"'{grid}': {named} out of range: this model has layers -1 "):
+            parse_layers(grid, 8)
 
 
 def test_count_flags_are_validated(tmp_path, capsys):
     for flag, value in (("--max-cases", "-1"), ("--batch-size", "0"), ("--limit", "0"), ("--chunk-cases", "0")):
         assert main(["backpatch", "--out", str(tmp_path / "run"), flag, value, "--device", "cpu"]) == 2
         assert f"{flag} must be >=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--screen", "-1", "argument --screen: must be >= 0, got -1"),
+    ("--memory-budget-mb", "-5", "argument --memory-budget-mb: must be >= 1, got -5.0"),
+    ("--memory-budget-mb", "nan", "argument --memory-budget-mb: must be >= 1, got nan"),
+    ("--kinds", "back,bogus", "argument --kinds: choose from back, forward, random, got 'bogus'"),
+    ("--max-new-tokens", "x", "argument --max-new-tokens: expects int, got 'x'"),
+    ("--noise-scale=-1", None, "argument --noise-scale: must be >= 0, got -1.0"),
+])
+def test_config_options_say_what_is_wrong(tmp_path, capsys, flag, value, said):
+    """An analysis option's bad value is refused by the parser with the reason, not argparse's
+    bare "invalid parse value"."""
+    with pytest.raises(SystemExit) as exit:
+        command = "causal_tracing" if flag.startswith("--noise") else "backpatch"
+        main([command, "--out", str(tmp_path / "run"), flag, *([] if value is None else [value])])
+    assert exit.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_a_failed_re_evaluation_keeps_the_old_table(tmp_path, monkeypatch):

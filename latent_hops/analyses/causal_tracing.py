@@ -117,7 +117,9 @@ class CausalTracingConfig:
         None, "layers (window centres) restored: " + GRID_HELP
     )
     trace_window: int = option(10, "blocks per mlp_out / attn_out window", minimum=1)
-    noise_scale: float = option(3.0, "noise std in units of e1's embedding std (ROME: 3)")
+    noise_scale: float = option(
+        3.0, "noise std in units of e1's embedding std (ROME: 3; 0: no corruption)", minimum=0
+    )
     noise_samples: int = option(3, "noise draws per case, averaged", minimum=1)
     seed: int = 0
     batch_rows: int = runtime(128)  # restorations per forward pass

@@ -97,6 +97,7 @@ class BackpatchConfig:
         None,
         "memory for the fast engine's batches (default: half the free CUDA memory; 1024 on CPU)",
         runtime=True,
+        minimum=1,
     )
     batch_rows: int | None = option(
         None,

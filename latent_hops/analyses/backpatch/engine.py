@@ -145,6 +145,8 @@ def rows_per_batch(model: Model, seq_len: int, config: BackpatchConfig) -> int:
         return config.batch_rows
     bytes_per_row = model.bytes_per_patched_row(seq_len, config.max_new_tokens)
     budget = config.memory_budget_mb
+    if budget is not None and not budget > 0:  # NaN too
+        raise InputError(f"memory_budget_mb must be > 0, got {budget}")
     if budget is None:
         free = free_memory_mb(model.device)
         budget = CPU_MEMORY_BUDGET_MB if free is None else free / 2
