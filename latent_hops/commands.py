@@ -529,6 +529,15 @@ def _show_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _end_progress_bars() -> None:
+    """Closes the progress bars an error left open, so that what is printed next starts on a
+    line of its own (not after a half-drawn bar)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     _show_logs()
     parser = build_parser()
@@ -542,16 +551,19 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except InputError as err:  # the user can fix it: one line, naming the input
         status = None  # refused: nothing to record
+        _end_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"latent-hops: error: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         status = "interrupted"
+        _end_progress_bars()
         print(f"\nlatent-hops: interrupted; {_what_was_saved(args, started)}", file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001 -- our bug, not the user's input: show it whole
         status = "failed"
+        _end_progress_bars()
         traceback.print_exc()
         print(
             "latent-hops: internal error: this is a bug in latent_hops, not in your input; "

@@ -262,6 +262,11 @@ def normalize_table(raw: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
                 raise DatasetError(f"{source}: row id {row}: {template} {value!r}: {problem}")
     for column in LABEL_COLUMNS:  # " Imagine " would put t1 on the wrong token
         table[column] = [" ".join(str(v).split()) for v in table[column]]
+        empty = table["id"][table[column] == ""].tolist()
+        if empty:  # its prompts would ask about nothing ("the spouse of  is")
+            raise DatasetError(
+                f"{source}: {column} is empty in {len(empty)} rows (ids: {', '.join(empty[:5])})"
+            )
     for column in ALIAS_COLUMNS:
         table[column] = [[" ".join(a.split()) for a in aliases] for aliases in table[column]]
     for column in QUERY_COLUMNS:

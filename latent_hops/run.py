@@ -192,7 +192,7 @@ def check_layer_grids(configs: Mapping[str, Any], n_layers: int) -> None:
                 try:
                     parse_layers(getattr(config, opt.field), n_layers)
                 except InputError as error:
-                    raise InputError(f"{name} {opt.flag}: {error}") from None
+                    raise InputError(f"{name} {opt.field} ({opt.flag}): {error}") from None
 
 
 def dataset_path(spec: str) -> Path:

@@ -52,8 +52,28 @@ def in_shard(query_id: str, shard: tuple[int, int]) -> bool:
     return zlib.crc32(str(query_id).encode()) % n == i
 
 
+class UnreadableTable(RunDirError):
+    """A file of the run directory that is not a Parquet table (truncated by a full disk or a
+    copy, edited by hand): our own writes are atomic, so this is damage from outside."""
+
+    def __init__(self, path: Path, error: Exception):
+        self.reason = str(error)
+        super().__init__(
+            f"{path}: not a readable Parquet table ({error}): truncated or damaged (a full "
+            "disk, a partial copy?); delete it and run again to remake it"
+        )
+
+
+def _read(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """``pd.read_parquet``, a damaged file being an ``UnreadableTable`` (not a crash)."""
+    try:
+        return pd.read_parquet(path, columns=None if columns is None else list(columns))
+    except (pa.ArrowException, OSError) as error:
+        raise UnreadableTable(path, error) from None
+
+
 def _part_ids(path: Path) -> set[str]:
-    return set(pd.read_parquet(path, columns=["id"])["id"])
+    return set(_read(path, columns=["id"])["id"])
 
 
 def done_ids(folder: Path) -> set[str]:
@@ -127,7 +147,10 @@ def write_text(path: Path, text: str) -> Path:
 
 def made_by_of(path: Path) -> dict | None:
     """The provenance a table was written with (None: written without one)."""
-    meta = pq.read_schema(path).metadata or {}
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as error:
+        raise UnreadableTable(path, error) from None
     return json.loads(meta[MADE_BY_KEY]) if MADE_BY_KEY in meta else None
 
 
@@ -139,7 +162,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: no such table", code="run-dir")
     made_by = made_by_of(path)
     check_schema(made_by, path)
-    table = pd.read_parquet(path)
+    table = _read(path)
     table.attrs["made_by"] = made_by
     return table
 
@@ -180,13 +203,20 @@ def reusable_table(path: Path, made_by: dict, ids: set[str] | None = None) -> pd
     schema is refused (``check_schema``)."""
     if not Path(path).is_file():
         return None
-    recorded = made_by_of(path)
-    check_schema(recorded, path)
-    differ = differences(recorded, made_by)
-    if differ:
-        logger.info("not reusing %s: made differently (%s); recomputing", path, "; ".join(differ))
+    try:
+        recorded = made_by_of(path)
+        check_schema(recorded, path)
+        differ = differences(recorded, made_by)
+        if differ:
+            said = "; ".join(differ)
+            logger.info("not reusing %s: made differently (%s); recomputing", path, said)
+            return None
+        table = _read(path)
+    except UnreadableTable as error:  # remade, and the damaged file replaced
+        logger.warning(
+            "not reusing %s: not a readable Parquet table (%s); recomputing", path, error.reason
+        )
         return None
-    table = pd.read_parquet(path)
     if ids is None:
         return table
     if not ids <= set(table["id"]):
@@ -247,7 +277,7 @@ def merge_parts(
     folder: Path, order: Sequence[str] | None = None, sort_by: Sequence[str] = ()
 ) -> pd.DataFrame:
     """All parts of ``folder`` as one table; rows of the same case keep their order."""
-    parts = [pd.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))]
+    parts = [_read(p) for p in sorted(folder.glob("part-*.parquet"))]
     if not parts:
         raise InputError(f"no result parts in {folder}")
     frame = pd.concat(parts, ignore_index=True)

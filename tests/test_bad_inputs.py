@@ -61,6 +61,8 @@ DATASETS = {
     "two slots": (lambda p: toy_csv(p, _set("r2_template", "the {} of {}")), "exactly one '{}' slot"),
     "lone brace": (lambda p: toy_csv(p, _set("r2_template", "the { of {}")), "not a valid template"),
     "missing column": (lambda p: toy_csv(p, lambda t: t.drop(columns=["e2_label"], inplace=True)), "e2_label"),
+    "empty label": (lambda p: toy_csv(p, _set("e2_label", "  ", row=3)),
+                    f"e2_label is empty in 1 rows (ids: {load_dataset('toy').id.iloc[3]})"),
     "duplicate ids": (lambda p: toy_csv(p, _set("id", load_dataset("toy").id.iloc[1])), "duplicate query ids"),
     "bad alias literal": (lambda p: raw_csv(toy_csv(p), _set("e3_aliases", "['unclosed")), "e3_aliases"),
     "empty": (lambda p: toy_csv(p, lambda t: t.drop(t.index, inplace=True)), "empty"),
@@ -150,7 +152,7 @@ FLAGS = {
     "negative count": (["--max-cases", "-1"], "--max-cases must be >= 0"),
     "bad shard": (["--shard", "3/2"], "--shard"),
     "zero batch": (["--batch-size", "0"], "--batch-size must be >= 1"),
-    "layer out of range": (["--source-layers", "0:99"], "--source-layers: layer grid '0:99': layers 8..98 out of range"),
+    "layer out of range": (["--source-layers", "0:99"], "backpatch source_layers (--source-layers): layer grid '0:99': layers 8..98 out of range"),
     "unknown dtype": (["--dtype", "float8"], "unknown dtype"),
     "unknown model": (["--model", "no-such-model"], "'no-such-model' is neither"),
 }
@@ -163,9 +165,9 @@ def test_bad_flags(tmp_path, capsys, kind):
 
 
 @pytest.mark.parametrize("command, flags, message", [
-    ("backpatch", ["--target-layers=-3,2,9"], "backpatch --target-layers: layer grid '-3,2,9': layers -3, 9 out"),
-    ("patchscope", ["--patchscope-source-layers", "8"], "patchscope --patchscope-source-layers: layer grid '8': layer 8 out"),
-    ("causal_tracing", ["--trace-layers", "every:2,"], "causal_tracing --trace-layers: layer grid 'every:2,': use 'all'"),
+    ("backpatch", ["--target-layers=-3,2,9"], "backpatch target_layers (--target-layers): layer grid '-3,2,9': layers -3, 9 out"),
+    ("patchscope", ["--patchscope-source-layers", "8"], "patchscope source_layers (--patchscope-source-layers): layer grid '8': layer 8 out"),
+    ("causal_tracing", ["--trace-layers", "every:2,"], "causal_tracing trace_layers (--trace-layers): layer grid 'every:2,': use 'all'"),
 ])
 def test_layer_grids_are_checked_before_the_evaluation(tmp_path, capsys, monkeypatch, command, flags, message):
     """A grid naming a layer the model lacks fails once the model is loaded, before the
@@ -207,6 +209,29 @@ def test_config_lists_are_comma_separated_flags(tmp_path):
     assert main(["backpatch", "--config", str(config), "--device", "cpu"]) == 0
     table = pd.read_parquet(tmp_path / "run" / "backpatch.parquet")
     assert set(table.position) == {"t1"} and set(table.kind) == {"back"} and set(table.source_layer) == {5, 7}
+
+
+def _damage(path):
+    path.write_bytes(path.read_bytes()[:100])  # a truncated copy, a full disk
+
+
+def test_damaged_tables_are_remade_or_named(tmp_path, capsys, caplog):
+    """A run directory's damaged Parquet file is never an internal error: a table that would
+    be reused is recomputed (and replaced), one that must be read is named."""
+    out = tmp_path / "run"
+    sweep = ["backpatch", "--out", str(out), "--limit", "12", "--positions", "t2", "--kinds", "back",
+             "--device", "cpu"]
+    assert main(sweep) == 0
+    table = pd.read_parquet(out / "backpatch.parquet")
+    _damage(out / "evaluation.parquet")
+    assert main(sweep) == 0  # the evaluation is remade; the parts are reused
+    assert "not reusing" in caplog.text and "not a readable Parquet table" in caplog.text
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "backpatch.parquet"), table)
+    assert len(pd.read_parquet(out / "evaluation.parquet")) == 12
+    _damage(next((out / "backpatch").glob("part-*.parquet")))
+    fails(capsys, sweep, "part-")
+    _damage(out / "backpatch.parquet")
+    fails(capsys, ["report", str(out)], "backpatch.parquet: not a readable Parquet table")
 
 
 def test_merge_and_report_on_a_missing_run(tmp_path, capsys):
