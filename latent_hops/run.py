@@ -99,7 +99,7 @@ class Selection:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subsets", parse_subsets(self.subsets))
-        check_minimum("--max-cases", self.max_cases, 0)
+        check_minimum("--max-cases", self.max_cases, 1)  # 0 would analyse nothing
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):
             raise InputError(f"--shard {i}/{n}: need 0 <= i < n", code="shard")
@@ -380,6 +380,13 @@ class Run:
         there are none."""
         evaluation = self.evaluation()
         chosen = self.selection.choose(evaluation)
+        if chosen.empty and evaluation["subset"].isin(self.selection.subsets).any():
+            i, n = self.selection.shard
+            raise NoCasesError(
+                f"--shard {i}/{n} holds none of the chosen cases (shards split them by a hash "
+                "of their ids): use fewer shards",
+                evaluation,
+            )
         if chosen.empty:
             counts = evaluation["subset"].value_counts().to_dict()
             raise NoCasesError(

@@ -149,7 +149,8 @@ def test_bad_checkpoints(tmp_path, capsys, kind):
 FLAGS = {
     "device tpu": (["--device", "tpu"], "unknown device 'tpu'"),
     "too many GPUs": (["--device", "cpu", "--n-devices", "4"], "n_devices=4 needs"),
-    "negative count": (["--max-cases", "-1"], "--max-cases must be >= 0"),
+    "negative count": (["--max-cases", "-1"], "--max-cases must be >= 1"),
+    "no cases": (["--max-cases", "0"], "--max-cases must be >= 1, got 0"),
     "bad shard": (["--shard", "3/2"], "--shard"),
     "zero batch": (["--batch-size", "0"], "--batch-size must be >= 1"),
     "layer out of range": (["--source-layers", "0:99"], "backpatch source_layers (--source-layers): layer grid '0:99': layers 8..98 out of range"),
@@ -232,6 +233,22 @@ def test_damaged_tables_are_remade_or_named(tmp_path, capsys, caplog):
     fails(capsys, sweep, "part-")
     _damage(out / "backpatch.parquet")
     fails(capsys, ["report", str(out)], "backpatch.parquet: not a readable Parquet table")
+
+
+def test_an_empty_shard_says_so(tmp_path, capsys):
+    """A shard that the hash gives none of the chosen cases is told so, not that no query is in
+    the subsets."""
+    from latent_hops.run import ANALYSED_SUBSETS
+    from latent_hops.rundir import in_shard
+
+    out = tmp_path / "run"
+    assert main(["evaluate", "--out", str(out), "--limit", "6", "--device", "cpu"]) == 0
+    evaluation = pd.read_parquet(out / "evaluation.parquet")
+    chosen = evaluation[evaluation.subset.isin(ANALYSED_SUBSETS)].id
+    assert len(chosen)
+    empty = next(k for k in range(50) if not any(in_shard(i, (k, 50)) for i in chosen))
+    fails(capsys, ["backpatch", "--out", str(out), "--limit", "6", "--device", "cpu", "--shard", f"{empty}/50"],
+          f"--shard {empty}/50 holds none of the chosen cases")
 
 
 def test_merge_and_report_on_a_missing_run(tmp_path, capsys):
