@@ -377,16 +377,11 @@ class Run:
 
     def chosen(self) -> pd.DataFrame:
         """The evaluation rows of the analysed cases (``Selection.choose``); an error when
-        there are none."""
+        there are none (a shard may hold none of them: then empty)."""
         evaluation = self.evaluation()
         chosen = self.selection.choose(evaluation)
-        if chosen.empty and evaluation["subset"].isin(self.selection.subsets).any():
-            i, n = self.selection.shard
-            raise NoCasesError(
-                f"--shard {i}/{n} holds none of the chosen cases (shards split them by a hash "
-                "of their ids): use fewer shards",
-                evaluation,
-            )
+        if chosen.empty and self.selection.sharded and self.in_subsets():
+            return chosen  # the hash gave this shard none: nothing to do (``analyse``)
         if chosen.empty:
             counts = evaluation["subset"].value_counts().to_dict()
             raise NoCasesError(
@@ -396,6 +391,10 @@ class Run:
                 evaluation,
             )
         return chosen
+
+    def in_subsets(self) -> int:
+        """How many evaluated queries are in the chosen subsets (every shard's cases)."""
+        return int(self.evaluation()["subset"].isin(self.selection.subsets).sum())
 
     def cases(self, positions: Sequence[str] = ("t1", "t2")) -> tuple[list, pd.DataFrame]:
         """Prepared cases of the chosen queries (once per positions) and the skipped ones."""
@@ -443,6 +442,17 @@ class Run:
     def analyse(self, name: str) -> Outcome:
         """Run analysis ``name`` afresh (a shard writes its parts only), with its summary."""
         analysis = get(name)
+        if self.selection.sharded and self.chosen().empty:
+            i, n = self.selection.shard
+            logger.info(
+                "%s: shard %d/%d holds none of the %d chosen cases (shards split them by a "
+                "hash of their ids); nothing to do",
+                analysis.name,
+                i,
+                n,
+                self.in_subsets(),
+            )
+            return Outcome(analysis.name, pd.DataFrame(), sharded=True, path=self.out)
         context = self.context(analysis.name)
         config = context.config(analysis.name)
         start = time.time()
