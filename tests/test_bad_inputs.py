@@ -236,22 +236,32 @@ def test_damaged_tables_are_remade_or_named(tmp_path, capsys, caplog):
 
 
 def test_a_shard_without_cases_has_nothing_to_do(tmp_path, capsys):
-    """The hash can leave a shard none of the chosen cases (more workers than cases): that
-    shard succeeds, writes nothing and says why; it is not a failed input."""
+    """The hash can leave a shard none of the chosen cases (more workers than cases: it failed
+    the whole sweep): that shard succeeds, writes nothing and says why, and the shards merged
+    give the unsharded table. (In this process: what each worker of an executor runs.)"""
     from latent_hops.run import ANALYSED_SUBSETS
     from latent_hops.rundir import in_shard
 
-    out = tmp_path / "run"
-    assert main(["evaluate", "--out", str(out), "--limit", "6", "--device", "cpu"]) == 0
+    queries = ["--limit", "6", "--device", "cpu"]
+    common = [*queries, "--positions", "t2", "--kinds", "back", "--source-layers", "7", "--target-layers", "0,3"]
+    one, out = tmp_path / "one", tmp_path / "run"
+    assert main(["backpatch", "--out", str(one), *common]) == 0
+    assert main(["evaluate", "--out", str(out), *queries]) == 0  # shards share one evaluation
     evaluation = pd.read_parquet(out / "evaluation.parquet")
     chosen = evaluation[evaluation.subset.isin(ANALYSED_SUBSETS)].id
-    assert len(chosen)
-    empty = next(k for k in range(50) if not any(in_shard(i, (k, 50)) for i in chosen))
-    capsys.readouterr()
-    assert main(["backpatch", "--out", str(out), "--limit", "6", "--device", "cpu", "--shard", f"{empty}/50"]) == 0
-    said = capsys.readouterr().out
-    assert f"shard {empty}/50 holds none of the {len(chosen)} chosen cases" in said and "nothing to do" in said
-    assert not list(out.glob("backpatch/part-*.parquet"))
+    n = 4
+    empty = [k for k in range(n) if not any(in_shard(i, (k, n)) for i in chosen)]
+    assert len(chosen) == 6 and empty  # the dataset's first six ids leave shard 1 of 4 empty
+    for k in range(n):
+        capsys.readouterr()
+        assert main(["backpatch", "--out", str(out), *common, "--shard", f"{k}/{n}"]) == 0
+        said = capsys.readouterr().out
+        assert (f"shard {k}/{n} holds none of the 6 chosen cases" in said) == (k in empty), said
+    assert main(["merge", str(out)]) == 0
+    merged, single = (pd.read_parquet(r / "backpatch.parquet") for r in (out, one))
+    exact = [c for c in single.columns if c != "e3_logprob"]  # generations, successes, ranks
+    pd.testing.assert_frame_equal(merged[exact], single[exact])
+    assert (merged.e3_logprob - single.e3_logprob).abs().max() < 1e-4  # other batches: float noise
 
 
 def test_merge_and_report_on_a_missing_run(tmp_path, capsys):
