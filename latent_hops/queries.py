@@ -347,11 +347,25 @@ def _check_delimiter(path: Path, raw: pd.DataFrame) -> None:
             )
 
 
+SAVED_FORMATS = (".parquet", ".pq", ".csv", ".jsonl")
+
+
 def save_dataset(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a query table to Parquet (the project's own format)."""
+    """Write a query table in the format its name says, each read back by ``load_dataset``:
+    Parquet (the project's own), CSV (the paper's layout: ``write_paper_csv``) or JSON lines.
+    (Parquet bytes under a ``.csv`` name, as this once wrote, could not be read back.)"""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAVED_FORMATS:
+        raise DatasetError(f"{path}: unknown format {suffix!r}; name it {', '.join(SAVED_FORMATS)}")
+    table = normalize_table(table, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    normalize_table(table, str(path)).to_parquet(path, index=False)
+    if suffix == ".csv":
+        return write_paper_csv(table, path)
+    if suffix == ".jsonl":
+        table.to_json(path, orient="records", lines=True, force_ascii=False)
+    else:
+        table.to_parquet(path, index=False)
     return path
 
 
