@@ -9,6 +9,7 @@ part exists, so nothing is recomputed, lost or duplicated. ``merge_parts`` reads
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -18,7 +19,7 @@ import socket
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,12 +65,18 @@ class UnreadableTable(RunDirError):
         )
 
 
-def _read(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """``pd.read_parquet``, a damaged file being an ``UnreadableTable`` (not a crash)."""
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Reading ``path`` inside: a damaged file is an ``UnreadableTable`` (not a crash)."""
     try:
-        return pd.read_parquet(path, columns=None if columns is None else list(columns))
+        yield
     except (pa.ArrowException, OSError) as error:
         raise UnreadableTable(path, error) from None
+
+
+def _read(path: Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    with _readable(path):
+        return pd.read_parquet(path, columns=None if columns is None else list(columns))
 
 
 def _part_ids(path: Path) -> set[str]:
@@ -147,10 +154,8 @@ def write_text(path: Path, text: str) -> Path:
 
 def made_by_of(path: Path) -> dict | None:
     """The provenance a table was written with (None: written without one)."""
-    try:
+    with _readable(path):
         meta = pq.read_schema(path).metadata or {}
-    except (pa.ArrowException, OSError) as error:
-        raise UnreadableTable(path, error) from None
     return json.loads(meta[MADE_BY_KEY]) if MADE_BY_KEY in meta else None
 
 

@@ -179,4 +179,3 @@ def test_a_worker_input_error_is_reported_as_one(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "a worker failed (shard 0/2)" in err and "out of range" in err
     assert not (tmp_path / "backpatch.parquet").exists()
-
