@@ -253,5 +253,6 @@ def _load(
     except OSError as err:  # transformers raises OSError when the hub cannot be reached
         raise ModelLoadError(
             f"could not download {spec!r} from the Hugging Face hub ({err.__class__.__name__}); "
-            "offline machines need a local checkpoint directory instead"
+            "offline machines need a local checkpoint directory instead (and HF_HUB_OFFLINE=1 "
+            "fails at once, without the hub client's retries)"
         ) from None

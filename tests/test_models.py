@@ -63,7 +63,9 @@ def test_dtype_by_name(tiny_gpt2_dir):
     ("not-a-model-name", "neither a shipped model .*smollm2-135m.*nor a TransformerLens model name"
      if backend.hooked_available() else "could not download 'not-a-model-name'"),  # the bridge takes hub names
 ])
-def test_bad_specs(spec, message):
+def test_bad_specs(spec, message, monkeypatch):
+    # offline, as this machine is: the hub client would retry a name for ~45 s before failing
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match=message):
         load_model(spec, device="cpu")
 
