@@ -5,7 +5,7 @@ torch, transformers and TransformerLens before doing a second of work. Here one 
 imports them once and forks a child per command; the child takes the caller's stdin, stdout,
 stderr (passed over a Unix socket), working directory, environment and arguments, runs
 ``latent_hops.cli.main`` -- what the console script runs -- and sends back its exit status.
-The command-line entry point itself is tested as a real process in test_cli.py.
+test_examples.py checks that it answers as the console script does in a process of its own.
 
     python tests/warm_cli.py serve SOCKET   # prints "ready" once its imports are done
     python tests/warm_cli.py call SOCKET ARGS...   # what the ``latent-hops`` shim runs
