@@ -182,12 +182,16 @@ class RunSettings:
         return cls(**values)
 
 
-def check_layer_grids(configs: Mapping[str, Any], n_layers: int) -> None:
-    """Every layer grid of a run's configs against its model's layers, as soon as the model
-    is known: a grid that names a layer the model lacks is an error before the evaluation
-    runs (minutes on a real model), not after it."""
+def check_configs(configs: Mapping[str, Any], n_layers: int) -> None:
+    """Every option of a run's configs, however they were made (flags, a config file, Python),
+    as soon as the model is known: a count below its minimum, or a layer grid that names a
+    layer the model lacks, is an error before the evaluation runs (minutes on a real model),
+    not a crash or an empty table after it."""
     for name, config in configs.items():
         for opt in options(type(config)):
+            check_minimum(
+                f"{name} {opt.field} ({opt.flag})", getattr(config, opt.field), opt.minimum
+            )
             if opt.is_layer_grid:
                 try:
                     parse_layers(getattr(config, opt.field), n_layers)
@@ -268,7 +272,7 @@ class Run:
             check_run_dir(self.out)
         self.selection = selection or Selection()
         self.configs: dict[str, Any] = dict(configs or {})
-        check_layer_grids(self.configs, model.n_layers)
+        check_configs(self.configs, model.n_layers)
         self.batch_size, self.chunk_cases, self.progress = batch_size, chunk_cases, progress
         self.identity = {
             "model": model.spec,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pandas as pd
@@ -176,6 +177,21 @@ def test_layer_grids_are_checked_before_the_evaluation(tmp_path, capsys, monkeyp
     monkeypatch.setattr(run, "evaluate", lambda *a, **k: pytest.fail("evaluated before the grid was checked"))
     fails(capsys, [command, "--out", str(tmp_path / "run"), "--device", "cpu", *flags], message)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name, fields, message", [
+    ("causal_tracing", {"trace_window": 0}, "causal_tracing trace_window (--trace-window) must be >= 1, got 0"),
+    ("backpatch", {"memory_budget_mb": float("nan")}, "backpatch memory_budget_mb (--memory-budget-mb) must be >= 1, got nan"),
+    ("backpatch", {"source_layers": (0, 12)}, "backpatch source_layers (--source-layers): layer grid (0, 12): layer 12 out"),
+])
+def test_configs_made_in_python_are_checked_as_flags_are(toy, monkeypatch, name, fields, message):
+    """A Run's configs built in Python meet the options' minimums and layer ranges that flags
+    and config files do, before anything is evaluated."""
+    from latent_hops.analysis import get
+
+    monkeypatch.setattr(run, "evaluate", lambda *a, **k: pytest.fail("evaluated before the configs were checked"))
+    with pytest.raises(run.InputError, match=re.escape(message)):
+        run.Run(toy, load_dataset("toy").iloc[:4], configs={name: get(name).config(**fields)})
 
 
 def test_out_is_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
