@@ -31,8 +31,10 @@ shown); rows/product: the tokens per block call (the row count of the projection
 counted while it runs) and MFU at its rows = the FLOP rate over that of a projection of the
 model's MLP shape at that row count, its weights cold as in a forward pass (how near the
 engine runs to what the device does on products of that size: small batches run far below
-its peak); peak memory (CUDA: torch's peak allocation in the run; CPU: the process's peak
-RSS so far).
+its peak), and that rate itself (GFLOP/s at its rows); peak memory (CUDA: torch's peak
+allocation in the run; CPU: the process's peak RSS so far). With several workloads, the
+dearest one's cost per cell over the cheapest's, split into its factors: the work per cell,
+the device's own product rate at the two row counts, and the engine's share.
 """
 
 from __future__ import annotations
@@ -155,6 +157,28 @@ def measured(rows: list[dict], new: int, csv: str | None) -> None:
         pd.DataFrame(rows).to_csv(csv, index=False)
 
 
+def shape_ratio(fast: pd.DataFrame) -> str:
+    """The dearest workload's cost per cell over the cheapest's, and (where the work was
+    counted) its three factors: the work per cell, the device's own product rate at the
+    two workloads' row counts (small products run slower, whatever runs them), and the
+    engine's share (its MFU at its rows)."""
+    dear, cheap = fast.loc[fast["ms/cell"].idxmax()], fast.loc[fast["ms/cell"].idxmin()]
+    ratio = f"{dear['ms/cell'] / cheap['ms/cell']:.2f}x"
+    if pd.isna(dear["GFLOP/s at its rows"]) or pd.isna(cheap["GFLOP/s at its rows"]):
+        return ratio
+    work = (dear["executed TFLOP"] / dear["generations"]) / (
+        cheap["executed TFLOP"] / cheap["generations"]
+    )
+    device = cheap["GFLOP/s at its rows"] / dear["GFLOP/s at its rows"]
+    engine = cheap["MFU at its rows"] / dear["MFU at its rows"]
+    return (
+        f"{ratio} ({dear.workload} / {cheap.workload}) = {work:.2f}x the work per cell "
+        f"x {device:.2f}x this device's product rate at {dear['rows/product']:.0f} vs "
+        f"{cheap['rows/product']:.0f} rows x {engine:.2f}x the engine's own (MFU at its rows "
+        f"{dear['MFU at its rows']:.0%} vs {cheap['MFU at its rows']:.0%})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -236,6 +260,7 @@ def main() -> None:
                 "matmul GFLOP/s": peak / 1e9,
                 "rows/product": rows_per_product or None,
                 "MFU at its rows": executed / seconds / at_rows if at_rows else None,
+                "GFLOP/s at its rows": at_rows / 1e9 if at_rows else None,
                 "peak MB": memory,
                 "identical": None,
             }
@@ -273,8 +298,7 @@ def main() -> None:
         print(table.to_string(index=False, float_format=lambda x: f"{x:,.3g}"))
     fast_rows = table[table.engine == "fast"]
     if len(fast_rows) > 1:
-        per_cell = fast_rows["ms/cell"]
-        print(f"cost per cell, dearest / cheapest workload: {per_cell.max() / per_cell.min():.2f}x")
+        print(f"cost per cell, dearest / cheapest workload: {shape_ratio(fast_rows)}")
     for name in table[table.engine == "fast+stop"].workload:
         t = table[table.workload == name].set_index("engine")
         saved = 1 - t.loc["fast+stop", "seconds"] / t.loc["fast", "seconds"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import load_script, save_tiny
 
 from latent_hops.analyses.backpatch import (
     BackpatchConfig,
@@ -256,6 +256,36 @@ def test_bench_prints_one_table_with_every_engine(tmp_path):
     assert 0 < table.loc["fast", "MFU"] < 1
     assert 0 < table.loc["fast", "rows/product"] and 0 < table.loc["fast", "MFU at its rows"]
     assert "fast@HEAD / fast" in out and "work efficiency" in out
+
+
+def test_bench_splits_the_shape_ratio_into_work_device_and_engine(monkeypatch):
+    """The dearest workload's cost per cell over the cheapest's is the product of its three
+    factors (work per cell, the device's product rate at the two row counts, the engine's
+    MFU at its rows), each read off the table."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    bench = load_script("bench_backpatch")
+    executed, generations = [0.171, 7.3], [55, 2610]
+    rate, mfu = [120.0, 170.0], [0.62, 0.65]  # the device's GFLOP/s at the rows, the engine's share
+    ms = [1e3 * e * 1e12 / g / (m * r * 1e9) for e, g, r, m in zip(executed, generations, rate, mfu)]
+    fast = pd.DataFrame(
+        {
+            "workload": ["small", "full"],
+            "generations": generations,
+            "ms/cell": ms,
+            "executed TFLOP": executed,
+            "rows/product": [60.0, 347.0],
+            "GFLOP/s at its rows": rate,
+            "MFU at its rows": mfu,
+        }
+    )
+    line = bench.shape_ratio(fast)
+    work = (0.171 / 55) / (7.3 / 2610)
+    device, engine = 170.0 / 120.0, 0.65 / 0.62
+    assert line.startswith(f"{ms[0] / ms[1]:.2f}x (small / full) = {work:.2f}x the work per cell")
+    assert f"x {device:.2f}x this device's product rate at 60 vs 347 rows" in line
+    assert f"x {engine:.2f}x the engine's own (MFU at its rows 62% vs 65%)" in line
+    uncounted = fast.assign(**{"GFLOP/s at its rows": [None, None]})
+    assert bench.shape_ratio(uncounted) == f"{ms[0] / ms[1]:.2f}x"
 
 
 def test_bench_on_a_random_shape_builds_one_network_for_both_backends(tmp_path):
